@@ -1,0 +1,292 @@
+"""Benchmark of pdiff's hot paths, run by hand (not a test). Takes a few minutes on 2 CPU cores.
+
+    python bench_pdiff.py                       # full run; table on stderr, JSON on stdout
+    python bench_pdiff.py --quick --json b.json # smaller sizes; JSON into b.json
+    python bench_pdiff.py --device cuda
+    python bench_pdiff.py --only evaluate --n-test 128 --threads 1   # one part, other sizes
+
+Everything is measured side by side in one run, after a warm-up, with time.perf_counter (synchronised on
+CUDA); "median" means the median of --repeat timings. Random data come from torch with fixed seeds.
+
+1. evaluate: n=64 BN-subset parameter sets of a CIFAR-shaped resnet18 (layer4.1.bn1 + bn2, D=2048) on
+   a random 3x32x32 uint8 test set with 100 classes (size printed; small so the loop stays short), labelled
+   with the unperturbed net's own predictions; sets = the net's vector + N(0, 0.05^2) noise.
+   batched = pdiff.evaluate (frozen front once, vmapped tail), loop = pdiff.evaluate_loop (one full forward
+   per set), floor = one front pass over the test set + 64 x one tail pass for a single set.
+   Goals: batched / floor <= 1.25, loop / batched >= 9. The batched and loop masks must be identical.
+2. sampling: the digits quick start (collect, fit, sample, as subprocesses of pdiff.py into a temporary
+   run folder); "sample -n 50" with DDPM (1000 steps) and DDIM (50 steps). generate = the seconds the
+   sample JSON reports for generation alone; accuracy best/mean/median/min of the 50 generated models.
+   Goal: DDPM / DDIM generate time >= 15.
+3. quick start: wall seconds of each subprocess (collect, fit, sample ddpm, sample ddim), same runs as 2.
+4. collect stage 2: resnet18 on 512 random CIFAR-shaped images, batch 64, k snapshots, epochs 0;
+   seconds per snapshot with shortcut=True (frozen front under no_grad, gradients only through the
+   tail) vs shortcut=False (gradients through the whole network). Per snapshot = median interval
+   between snapshot ticks; collect's final evaluation of the K snapshots (16 test images) is outside
+   those intervals, and is timed separately. Both paths must give the same snapshots.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import pdiff  # noqa: E402
+
+err = Console(stderr=True)
+
+
+def hardware(dev: torch.device) -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor() or "unknown") if Path("/proc/cpuinfo").exists() else platform.processor()
+    hw = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "device": str(dev), "python": platform.python_version(),
+          "pdiff_sha256": hashlib.sha256((HERE / "pdiff.py").read_bytes()).hexdigest()[:12]}
+    if dev.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(dev)
+    return hw
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, dev, repeat=1):
+    """(median seconds, all timings, last result) of fn() called `repeat` times (warm up before calling)."""
+    times, out = [], None
+    for _ in range(repeat):
+        sync(dev)
+        t = time.perf_counter()
+        out = fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
+def cifar_like(n: int, seed: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(dev), torch.randint(0, 100, (n,), generator=g).to(dev)
+
+
+def resnet(dev):
+    torch.manual_seed(0)
+    net, ch, size = pdiff.build_net("resnet18", 3, 32, 100)
+    net = net.to(dev)
+    return net, pdiff.select_params(net, "norm"), pdiff.Prep([0.5] * 3, [0.25] * 3, ch, size).to(dev)
+
+
+# ---------------------------------------------------------------------------------------------------- 1
+
+
+def bench_evaluate(dev, n_test: int, n_sets: int, repeat: int, noise: float = 0.05) -> dict:
+    net, layout, prep = resnet(dev)
+    net.eval()
+    x, _ = cifar_like(n_test, 1, dev)
+    with torch.no_grad():
+        y = net(prep(x)).argmax(1)  # the net's own predictions: the masks then mix right and wrong
+    g = torch.Generator().manual_seed(2)
+    sets = layout.flatten(net).cpu() + noise * torch.randn(n_sets, layout.D, generator=g)  # (n, D)
+    err.print(f"[1] evaluate: resnet18, {layout.D} generated parameters ({', '.join(layout.names)}), "
+              f"{n_sets} sets, test set of {n_test} random images")
+    front, tail = pdiff.split_net(net, prep, layout)
+    one = layout.unflatten(sets[0].to(dev))
+    with torch.no_grad(), pdiff.autocast(dev):
+        h = front(x)  # warm-up
+        pdiff.run_tail(tail, one, h)
+        t_front, _, h = timed(lambda: front(x), dev, repeat)
+        t_tail, _, _ = timed(lambda: pdiff.run_tail(tail, one, h), dev, max(3, repeat))
+    floor = t_front + n_sets * t_tail
+    pdiff.evaluate(net, prep, layout, sets[:2], x, y)  # warm-up (vmap, allocator)
+    pdiff.evaluate_loop(net, prep, layout, sets[:1], x, y)
+    t_batched, tb, mask_b = timed(lambda: pdiff.evaluate(net, prep, layout, sets, x, y), dev, repeat)
+    t_loop, _, mask_l = timed(lambda: pdiff.evaluate_loop(net, prep, layout, sets, x, y), dev, 1)  # the slow one: once
+    diff = int((mask_b != mask_l).sum())
+    err.print(f"    masks batched vs loop: {'identical' if diff == 0 else f'[red]{diff} entries differ[/red]'} "
+              f"(accuracy {pdiff.accuracy(mask_b).mean():.2f}% mean over sets)")
+    return {"n_sets": n_sets, "n_test": n_test, "noise": noise, "D": layout.D, "params": layout.names,
+            "front_s": t_front, "tail_one_set_s": t_tail, "floor_s": floor, "batched_s": t_batched,
+            "batched_runs_s": tb, "loop_s": t_loop, "batched_over_floor": t_batched / floor,
+            "loop_over_batched": t_loop / t_batched, "masks_identical": diff == 0, "masks_differing": diff}
+
+
+# ---------------------------------------------------------------------------------------------------- 2, 3
+
+
+def pdiff_cli(args: list, run: Path, device: str, log: Path) -> tuple[float, dict]:
+    """Run `python pdiff.py ARGS --run RUN --json`; (wall seconds, its JSON)."""
+    cmd = [sys.executable, str(HERE / "pdiff.py"), *args, "--run", str(run), "--device", device, "--json"]
+    t = time.perf_counter()
+    with open(log, "ab") as f:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed with code {p.returncode}; see {log}:\n"
+                         + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    return wall, json.loads(p.stdout)
+
+
+def bench_quickstart(device: str, quick: bool, keep: bool) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="pdiff-bench-"))
+    run, log = tmp / "run", tmp / "stderr.log"
+    fit_args = ["--ae-steps", "300", "--ddpm-steps", "600"] if quick else []
+    err.print(f"[2,3] digits quick start in {run} (stderr of the stages in {log})" + (f"; fit {' '.join(fit_args)}" if quick else ""))
+    wall, out = {}, {}
+    for stage, args in [("collect", ["collect"]), ("fit", ["fit", *fit_args]),
+                        ("sample_ddpm", ["sample", "-n", "50"]), ("sample_ddim", ["sample", "-n", "50", "--sampler", "ddim"])]:
+        wall[stage], out[stage] = pdiff_cli(args, run, device, log)
+        err.print(f"    {stage}: {wall[stage]:.1f} s")
+    samplers = {s: {"steps": out[f"sample_{s}"]["steps"], "seconds": out[f"sample_{s}"]["seconds"],
+                    "generated": {k: out[f"sample_{s}"]["generated"][k] for k in ("best", "mean", "median", "min")}}
+                for s in ("ddpm", "ddim")}
+    res = {"wall_s": wall, "samplers": samplers, "original": out["sample_ddpm"]["original"],
+           "ddpm_over_ddim_generate": samplers["ddpm"]["seconds"]["generate"] / samplers["ddim"]["seconds"]["generate"],
+           "fit_args": fit_args, "snapshots": out["collect"]["snapshots"], "roundtrip": out["fit"]["decoded"]}
+    if not keep:
+        for p in sorted(tmp.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        tmp.rmdir()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- 4
+
+
+class Ticks:
+    """Stands in for pdiff's rich Progress: records when each snapshot tick arrives."""
+
+    def __init__(self):
+        self.t: list[float] = []
+
+    def add_task(self, description, total=None, completed=0):
+        if description == "snapshots":
+            self.t = [time.perf_counter()]
+        return description
+
+    def advance(self, task):
+        if task == "snapshots":
+            self.t.append(time.perf_counter())
+
+
+def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
+    x_tr, y_tr = cifar_like(n_train, 3, dev)
+    x_te, y_te = cifar_like(n_test, 4, dev)
+    data = pdiff.Data(x_tr, y_tr, x_te, y_te, classes=100, mean=[0.5] * 3, std=[0.25] * 3, augment=True)
+    err.print(f"[4] collect stage 2: resnet18, {n_train} train images, batch 64, k={k}, epochs 0, test set {n_test}")
+
+    def one(shortcut: bool, k: int):
+        net, layout, prep = resnet(dev)
+        cfg = pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9)
+        ticks = Ticks()
+        sync(dev)
+        t = time.perf_counter()
+        snaps, correct = pdiff.collect(cfg, data, net, prep, layout, shortcut=shortcut, prog=ticks)
+        sync(dev)
+        total = time.perf_counter() - t
+        t_eval, _, _ = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, x_te, y_te), dev, 1)
+        steps = [b - a for a, b in zip(ticks.t, ticks.t[1:])]
+        return snaps, {"total_s": total, "eval_s": t_eval, "snapshot_s": steps,
+                       "per_snapshot_s": statistics.median(steps) if len(steps) == k else (total - t_eval) / k}
+
+    res = {"k": k, "n_train": n_train, "n_test": n_test, "batch": 64}
+    one(True, 1), one(False, 1)  # warm-up of both paths
+    (s_short, res["shortcut"]), (s_naive, res["naive"]) = one(True, k), one(False, k)
+    res["snapshots_max_abs_diff"] = float((s_short - s_naive).abs().max())
+    res["naive_over_shortcut"] = res["naive"]["per_snapshot_s"] / res["shortcut"]["per_snapshot_s"]
+    err.print(f"    shortcut {res['shortcut']['per_snapshot_s']:.3f} s/snapshot, naive {res['naive']['per_snapshot_s']:.3f} s/snapshot, "
+              f"snapshots differ by at most {res['snapshots_max_abs_diff']:.2e}")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def report_table(r: dict) -> Table:
+    tb = Table(title=f"pdiff benchmark: {r['hardware']['cpu']}, {r['hardware']['threads']} threads, "
+                     f"torch {r['hardware']['torch']}, {r['hardware']['device']}", title_justify="left")
+    for c, j in (("measurement", "left"), ("value", "right"), ("goal", "right"), ("", "left")):
+        tb.add_column(c, justify=j)
+    ok = lambda good: "[green]ok[/green]" if good else "[red]MISSED[/red]"
+    if e := r.get("evaluate"):
+        n = f"n={e['n_sets']}, {e['n_test']} imgs"
+        tb.add_row(f"evaluate batched ({n})", f"{e['batched_s']:.2f} s", "", "")
+        tb.add_row(f"evaluate loop ({n})", f"{e['loop_s']:.2f} s", "", "")
+        tb.add_row(f"floor: front {e['front_s']:.3f} s + {e['n_sets']} x tail {e['tail_one_set_s']:.4f} s", f"{e['floor_s']:.2f} s", "", "")
+        tb.add_row("batched / floor", f"{e['batched_over_floor']:.2f}x", "<= 1.25", ok(e["batched_over_floor"] <= 1.25))
+        tb.add_row("loop / batched", f"{e['loop_over_batched']:.1f}x", ">= 9", ok(e["loop_over_batched"] >= 9))
+        tb.add_row("batched mask == loop mask", str(e["masks_identical"]), "True", ok(e["masks_identical"]), end_section=True)
+    if q := r.get("quickstart"):
+        for s in ("ddpm", "ddim"):
+            d = q["samplers"][s]
+            g = d["generated"]
+            tb.add_row(f"{s} ({d['steps']} steps) generate n=50", f"{d['seconds']['generate']:.2f} s", "", "")
+            tb.add_row(f"{s} accuracy best/mean/median/min", f"{g['best']:.1f}/{g['mean']:.1f}/{g['median']:.1f}/{g['min']:.1f} %", "", "")
+        o = q["original"]
+        tb.add_row("originals best/mean/median/min", f"{o['best']:.1f}/{o['mean']:.1f}/{o['median']:.1f}/{o['min']:.1f} %", "", "")
+        tb.add_row("ddpm / ddim generate", f"{q['ddpm_over_ddim_generate']:.1f}x", ">= 15", ok(q["ddpm_over_ddim_generate"] >= 15), end_section=True)
+        for s, w in q["wall_s"].items():
+            tb.add_row(f"quick start wall: {s}", f"{w:.1f} s", "", "")
+        tb.add_row("quick start wall: total", f"{sum(q['wall_s'].values()):.1f} s", "", "", end_section=True)
+    if c := r.get("collect"):
+        for p in ("shortcut", "naive"):
+            tb.add_row(f"collect stage 2 {p} (k={c['k']})", f"{c[p]['per_snapshot_s']:.3f} s/snap", "", "")
+        tb.add_row("naive / shortcut", f"{c['naive_over_shortcut']:.1f}x", "", "")
+        tb.add_row("final eval of K snapshots (excluded)", f"{c['shortcut']['eval_s']:.3f} s", "", "")
+        tb.add_row("snapshots shortcut vs naive, max |diff|", f"{c['snapshots_max_abs_diff']:.1e}", "", "")
+    tb.add_row("benchmark wall", f"{r['seconds']:.0f} s", "", "")
+    return tb
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats, shorter fit")
+    ap.add_argument("--json", type=Path, help="write the JSON here instead of stdout")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (also passed to the pdiff CLI)")
+    ap.add_argument("--n-test", type=int, help="test images for [1] (default 48; 16 with --quick)")
+    ap.add_argument("--repeat", type=int, help="timings per median (default 3; 1 with --quick)")
+    ap.add_argument("--only", default="evaluate,quickstart,collect", help="comma-separated subset of evaluate,quickstart,collect")
+    ap.add_argument("--keep", action="store_true", help="keep the quick start's temporary run folder")
+    ap.add_argument("--threads", type=int, help="torch threads here and OMP_NUM_THREADS of the pdiff subprocesses")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    dev = pdiff.pick_device(a.device)
+    only = set(a.only.split(","))
+    repeat = a.repeat or (1 if a.quick else 3)
+    t0 = time.perf_counter()
+    r = {"quick": a.quick, "hardware": hardware(dev), "loadavg_before": os.getloadavg()}
+    if "evaluate" in only:
+        r["evaluate"] = bench_evaluate(dev, a.n_test or (16 if a.quick else 48), 64, repeat)
+    if "quickstart" in only:
+        r["quickstart"] = bench_quickstart(a.device, a.quick, a.keep)
+    if "collect" in only:
+        r["collect"] = bench_collect(dev, k=4 if a.quick else 8)
+    r["loadavg_after"], r["seconds"] = os.getloadavg(), time.perf_counter() - t0
+    err.print(report_table(r))
+    if r["loadavg_before"][0] > 0.5 * (os.cpu_count() or 1):
+        err.print(f"[yellow]note: load average {r['loadavg_before'][0]:.1f} before the run: other processes shared the CPUs[/yellow]")
+    doc = json.dumps(r, indent=2)
+    a.json.write_text(doc + "\n") if a.json else print(doc)
+    if "evaluate" in r and not r["evaluate"]["masks_identical"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""pdiff tests: CPU only, real data (scikit-learn's digits, tiny MNIST files read by torchvision), real code paths.
+
+    python -m pytest -q test_pdiff.py
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import pdiff
+
+HERE = Path(__file__).resolve().parent
+runner = CliRunner()
+FAST_FIT = ["--ae-steps", "400", "--ddpm-steps", "800"]  # the suite's shorter fit; defaults are 1500 / 3000
+
+
+def cli(*args):
+    return runner.invoke(pdiff.app, [str(a) for a in args])
+
+
+def folder_state(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())} if path.exists() else {}
+
+
+def read(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """The offline quick start through the CLI: mlp3 on digits, K=200 snapshots, a shorter fit."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    r = cli("collect", "--run", run)
+    assert r.exit_code == 0, r.output
+    r = cli("fit", "--run", run, *FAST_FIT)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture(scope="session")
+def sampled(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    r = cli("sample", "--run", digits_run, "-n", 50, "--json", "--save", out / "gen.safetensors", "--plot", out / "plot.png")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout), out
+
+
+# ---------------------------------------------------------------------------------------------------- units
+
+
+def test_wrong_iou_hand_checked():
+    # model a gets examples 1, 2 wrong; model b gets 1, 3 wrong: intersection {1}, union {1, 2, 3}
+    a = torch.tensor([[True, False, False, True]])
+    b = torch.tensor([[True, False, True, False]])
+    assert pdiff.wrong_iou(a, b).item() == pytest.approx(1 / 3)
+    assert pdiff.wrong_iou(a, a).item() == 1.0
+    assert pdiff.wrong_iou(torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)).item() == 1.0
+
+
+def test_layout_round_trip_and_strict_false_load():
+    net, _, _ = pdiff.build_net("resnet18", 3, 32, 10)
+    layout = pdiff.select_params(net, "norm")
+    assert layout.names == ["layer4.1.bn1.weight", "layer4.1.bn1.bias", "layer4.1.bn2.weight", "layer4.1.bn2.bias"]
+    assert layout.D == 2048
+    vec = torch.randn(layout.D)
+    fresh, _, _ = pdiff.build_net("resnet18", 3, 32, 10)
+    missing, unexpected = fresh.load_state_dict(layout.unflatten(vec), strict=False)
+    assert unexpected == [] and missing and not set(layout.names) & set(missing)
+    assert torch.equal(layout.flatten(fresh), vec)
+    assert pdiff.select_params(net, "fc.*").names == ["fc.weight", "fc.bias"]
+    with pytest.raises(pdiff.PdiffError):
+        pdiff.select_params(net, "nothing.*")
+
+
+@pytest.mark.parametrize("arch,size,params", [("mlp3", 8, "all"), ("convnet3", 8, "all"), ("resnet18", 16, "norm"),
+                                               ("resnet18", 16, "layer3.1.bn2.*,fc.*"), ("convnext_tiny", 32, "norm"),
+                                               ("vit_b_16", 16, "norm")])
+def test_batched_evaluation_equals_loop(arch, size, params):
+    torch.manual_seed(0)
+    net, ch, sz = pdiff.build_net(arch, 3, size, 10)
+    net.eval()
+    for m in net.modules():  # non-trivial running statistics, so eval-mode BN matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    layout = pdiff.select_params(net, params)
+    prep = pdiff.Prep([0.5] * 3, [0.25] * 3, ch, sz)
+    x = torch.randint(0, 256, (12, 3, size, size), dtype=torch.uint8)
+    y = torch.randint(0, 10, (12,))
+    base = layout.flatten(net)
+    sets = base + 0.5 * base.abs().mean() * torch.randn(5, layout.D)
+    sets[3, 0] = float("nan")  # a failed set: all wrong in both paths
+    fast = pdiff.evaluate(net, prep, layout, sets, x, y, batch=5, memory=1 << 16)  # tiny budget: several chunks
+    slow = pdiff.evaluate_loop(net, prep, layout, sets, x, y, batch=5)
+    assert fast.shape == (5, 12)
+    assert torch.equal(fast, slow)
+    assert not fast[3].any()
+    stages = pdiff.net_stages(net)
+    if stages is not None:  # the stage list composes to the network's own forward
+        h = prep(x)
+        for _, m in stages:
+            h = m(h)
+        torch.testing.assert_close(h, net(prep(x)))
+
+
+def test_ddim_and_ddpm_schedules():
+    d = pdiff.Diffusion(1000)
+    assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(2e-2)
+    assert d.alpha_bar[-1].item() < 1e-4  # x_T is pure noise
+    # a perfect denoiser for a point mass at c: eps = (x_t - sqrt(ab) c) / sqrt(1 - ab); DDIM must land on c
+    c = torch.linspace(-1, 1, 8)
+    oracle = lambda x, t: (x - d.alpha_bar[t][:, None].sqrt() * c) / (1 - d.alpha_bar[t][:, None]).sqrt()
+    out = d.sample(oracle, 4, 8, torch.Generator().manual_seed(0), sampler="ddim", steps=50)
+    torch.testing.assert_close(out, c.expand(4, 8), atol=1e-3, rtol=0)
+    out = d.sample(oracle, 4, 8, torch.Generator().manual_seed(0), sampler="ddpm")
+    torch.testing.assert_close(out, c.expand(4, 8), atol=1e-3, rtol=0)
+
+
+def test_pack_unpack_optimizer_state():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    t = {}
+    skel = json.loads(json.dumps(pdiff.pack(opt.state_dict(), t, "opt")))
+    back = pdiff.unpack(skel, t)
+    opt2 = torch.optim.AdamW(net.parameters(), lr=0.1)
+    opt2.load_state_dict(back)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def _summary(median, dist, iou=0.9, off_span=0.9):
+    return {"median": median, "nearest_distance": {"median": dist}, "max_iou": {"mean": iou}, "off_span": off_span}
+
+
+def test_verdict_rule_each_label():
+    orig = _summary(90.0, 10.0)
+    base = {"noise": _summary(90.0, 0.5, iou=0.99), "average": _summary(89.0, 6.0), "gaussian": _summary(20.0, 40.0)}
+    assert pdiff.verdict(orig, _summary(70.0, 12.0), base, k=200)["label"] == "inferior"
+    assert pdiff.verdict(orig, _summary(90.0, 0.3), base, k=200)["label"] == "memorised"
+    assert pdiff.verdict(orig, _summary(90.0, 5.0), base, k=200)["label"] == "interpolating"  # closer than originals
+    assert pdiff.verdict(orig, _summary(90.0, 12.0, off_span=0.1), base, k=200)["label"] == "interpolating"  # in span
+    assert pdiff.verdict(orig, _summary(90.0, 12.0, iou=0.995), base, k=200)["label"] == "interpolating"  # same errors
+    assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=200)["label"] == "novel"
+    assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=2)["label"] != "novel"  # too few snapshots
+
+
+def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
+    net, prep, layout, ccfg, _, net_id = pdiff.open_network(digits_run, torch.device("cpu"))
+    snaps, correct_o, snap_id = pdiff.open_snapshots(digits_run, net_id, layout)
+    model, _, _ = pdiff.open_model(digits_run, snap_id, layout.D, torch.device("cpu"))
+    d = pdiff.load_data("digits")
+    cfg = pdiff.SampleConfig(n=8, sampler="ddim", steps=10, noise_std=0.0)
+    rep = pdiff.sample(cfg, model, snaps, correct_o, net, prep, layout, d.x_test, d.y_test)
+    noise = rep["baselines"]["noise"]
+    assert noise["nearest_distance"]["median"] == 0.0 and noise["nearest_distance"]["min"] == 0.0
+    assert noise["max_iou"]["mean"] == 1.0
+    assert rep["baselines"]["average"]["off_span"] < 1e-3  # averages lie in the originals' span
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def test_quick_start_quality_bar(digits_run, sampled):
+    rep, _ = sampled
+    orig, gen = rep["original"], rep["generated"]
+    assert orig["count"] == 200 and gen["count"] == 50 and len(gen["accuracies"]) == 50
+    assert orig["median"] > 90.0  # mlp3 really learned digits
+    assert gen["median"] >= orig["median"] - 0.5
+    assert gen["best"] >= orig["best"] - 1.0
+    assert rep["params"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    with safe_open(str(digits_run / "model.safetensors"), "pt") as f:  # fit's round trip, kept with the model
+        rt = json.loads(f.metadata()["roundtrip"])
+    assert rt["count"] == 200 and rt["median"] >= orig["median"] - 0.5
+
+
+def test_sample_json_keys_and_plot(sampled):
+    rep, out = sampled
+    for key in ("run", "arch", "data", "params", "device", "seed", "original", "generated", "seconds",
+                "novelty", "baselines", "verdict"):
+        assert key in rep
+    assert set(rep["baselines"]) == {"noise", "average", "gaussian"}
+    for b in rep["baselines"].values():
+        assert {"count", "best", "mean", "median", "min", "max_iou", "nearest_distance", "pairwise_iou"} <= set(b)
+    assert rep["verdict"]["label"] in ("memorised", "interpolating", "novel", "inferior")
+    assert set(rep["seconds"]) >= {"generate", "evaluate", "total"}
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    w, h = struct.unpack(">II", png[16:24])
+    assert w > 600 and h > 300
+
+
+def test_snapshot_and_generated_files_load_into_fresh_model(digits_run, sampled):
+    rep, out = sampled
+    net_t = read(digits_run / "network.safetensors")
+    snaps = read(digits_run / "snapshots.safetensors")["snapshots"]
+    gen = read(out / "gen.safetensors")
+    assert snaps.shape == (200, rep["params"]) and gen["samples"].shape == (50, rep["params"])
+    assert torch.allclose(gen["accuracies"], torch.tensor(rep["generated"]["accuracies"]), atol=1e-3)
+    net, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
+    net.load_state_dict(net_t)
+    layout = pdiff.select_params(net, "all")
+    d = pdiff.load_data("digits")
+    prep = pdiff.Prep(d.mean, d.std, 1, 8)
+    for vec, acc in ((snaps[7], None), (gen["samples"][3], gen["accuracies"][3])):
+        fresh, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
+        missing, unexpected = fresh.load_state_dict(pdiff.Layout.unflatten(layout, vec), strict=False)
+        assert missing == [] and unexpected == []
+        fresh.eval()
+        with torch.no_grad():
+            a = (fresh(prep(d.x_test)).argmax(1) == d.y_test).float().mean().item() * 100
+        if acc is not None:
+            assert a == pytest.approx(acc.item(), abs=1e-3)
+
+
+def test_same_seed_same_json(tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        assert cli("collect", "--run", run, "--epochs", 3, "-k", 20).exit_code == 0
+        assert cli("fit", "--run", run, "--ae-steps", 40, "--ddpm-steps", 40).exit_code == 0
+        r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--steps", 20)
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.stdout)
+        rep.pop("seconds"), rep.pop("run")
+        reports.append(rep)
+    assert reports[0] == reports[1]
+
+
+def test_two_snapshots_never_novel(tmp_path):
+    run = tmp_path / "k2"
+    assert cli("collect", "--run", run, "--epochs", 5, "-k", 2).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 100, "--ddpm-steps", 200).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 20, "--json", "--sampler", "ddim")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["verdict"]["label"] != "novel"
+
+
+def write_idx(path: Path, array: torch.Tensor):
+    """torchvision's MNIST on-disk format (IDX): magic 0x0000 08 ndim, big-endian dims, uint8 data."""
+    path.write_bytes(struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_mnist_from_torchvision_files(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 96), ("t10k", 32)):
+        y = torch.arange(n) % 10
+        x = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        for i in range(n):  # class c: a bright bar at row 2c, so the task is learnable
+            x[i, 2 * y[i]:2 * y[i] + 3, 4:24] = 255
+        x = (x.int() + torch.randint(0, 40, x.shape, generator=g)).clamp(max=255)
+        write_idx(raw / f"{split}-images-idx3-ubyte", x)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+    d = pdiff.load_data("mnist", str(tmp_path / "data"))
+    assert d.x_train.shape == (96, 1, 28, 28) and d.x_test.shape == (32, 1, 28, 28) and d.classes == 10
+    run = tmp_path / "run"
+    r = cli("collect", "--run", run, "--data", "mnist", "--data-dir", tmp_path / "data", "--epochs", 10,
+            "--batch-size", 32, "-k", 5, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["snapshots"]["count"] == 5 and rep["snapshots"]["median"] > 50.0  # well above chance (10%)
+    assert read(run / "snapshots.safetensors")["snapshots"].shape == (5, 784 * 32 + 32 + 32 * 32 + 32 + 330)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("args,code", [
+    (["collect", "--arch", "nope"], 2), (["collect", "--data", "nope"], 2), (["collect", "--device", "nope"], 2),
+    (["collect", "-k", "0"], 2), (["sample", "-n", "0"], 2), (["sample", "--sampler", "euler"], 2),
+    (["collect", "--params", "zzz*"], 2), (["collect", "--data", "mnist"], 1),
+    (["fit"], 1), (["sample"], 1),
+])
+def test_errors_are_one_line(tmp_path, args, code):
+    run = tmp_path / "empty-run"
+    r = cli(*args, "--run", run, "--data-dir", tmp_path / "nodata") if args[0] == "collect" else cli(*args, "--run", run)
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pdiff: error:"), r.stderr
+    assert not run.exists()  # nothing written on failure
+    if "mnist" in args:
+        assert "--download" in lines[0]
+
+
+def test_sample_before_fit_and_existing_run(tmp_path):
+    run = tmp_path / "r"
+    assert cli("collect", "--run", run, "--epochs", 1, "-k", 3).exit_code == 0
+    before = folder_state(run)
+    r = cli("sample", "--run", run)
+    assert r.exit_code == 1 and "pdiff fit" in r.stderr
+    r = cli("collect", "--run", run)
+    assert r.exit_code == 1 and "--force" in r.stderr
+    assert folder_state(run) == before
+
+
+def test_bad_files_are_refused_and_nothing_changes(digits_run, tmp_path):
+    # a truncated model file
+    run = tmp_path / "trunc"
+    shutil.copytree(digits_run, run)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    before = folder_state(run)
+    r = cli("sample", "--run", run, "-n", 2)
+    assert r.exit_code == 1 and "model.safetensors" in r.stderr and "Traceback" not in r.output
+    assert folder_state(run) == before
+    # a file with the wrong format string: the network file put where the snapshots belong
+    run = tmp_path / "format"
+    shutil.copytree(digits_run, run)
+    shutil.copy(run / "network.safetensors", run / "snapshots.safetensors")
+    before = folder_state(run)
+    r = cli("fit", "--run", run)
+    assert r.exit_code == 1 and "not a pdiff snapshots file" in r.stderr
+    assert folder_state(run) == before
+    # a model from another run (different seed): names both files
+    other = tmp_path / "other"
+    assert cli("collect", "--run", other, "--epochs", 1, "-k", 3, "--seed", 1).exit_code == 0
+    assert cli("fit", "--run", other, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    run = tmp_path / "mixed"
+    shutil.copytree(digits_run, run)
+    shutil.copy(other / "model.safetensors", run / "model.safetensors")
+    before = folder_state(run)
+    r = cli("sample", "--run", run, "-n", 2)
+    assert r.exit_code == 1 and "model.safetensors" in r.stderr and "snapshots" in r.stderr
+    assert folder_state(run) == before
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def run_until(args, watch: Path, sig=signal.SIGKILL, after: Path | None = None):
+    """Start pdiff in a subprocess; send `sig` as soon as `watch` exists (and `after`, if given)."""
+    p = subprocess.Popen([sys.executable, str(HERE / "pdiff.py"), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while p.poll() is None and time.time() < deadline:
+        if watch.exists() and (after is None or after.exists()):
+            p.send_signal(sig)
+            break
+        time.sleep(0.005)
+    out, errs = p.communicate(timeout=120)
+    return p.returncode, errs
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
+    args = ["--epochs", 40, "-k", 300, "--checkpoint-every", 50] if stage == 1 else ["--epochs", 2, "-k", 400, "--checkpoint-every", 20]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert cli("collect", "--run", ref, *args).exit_code == 0
+    ck = run / "collect-checkpoint.safetensors"
+    code, _ = run_until(["collect", "--run", run, *args], ck, after=run / "network.safetensors" if stage == 2 else None)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ck.exists() and not (run / "snapshots.safetensors").exists()
+    assert (run / "network.safetensors").exists() == (stage == 2)
+    r = cli("collect", "--run", run, "--resume")
+    assert r.exit_code == 0, r.output
+    assert not ck.exists()
+    for f in ("network.safetensors", "snapshots.safetensors"):
+        a, b = read(ref / f), read(run / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_killed_and_resumed_equals_uninterrupted(digits_run, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    for d in (ref, run):
+        d.mkdir()
+        for f in ("network.safetensors", "snapshots.safetensors"):
+            shutil.copy(digits_run / f, d / f)
+    args = ["--ae-steps", 150, "--ddpm-steps", 300, "--checkpoint-every", 25]
+    assert cli("fit", "--run", ref, *args).exit_code == 0
+    ck = run / "fit-checkpoint.safetensors"
+    code, _ = run_until(["fit", "--run", run, *args], ck)
+    assert code == -signal.SIGKILL
+    assert not (run / "model.safetensors").exists()
+    r = cli("fit", "--run", run, "--resume")
+    assert r.exit_code == 0, r.output
+    a, b = read(ref / "model.safetensors"), read(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    ck = run / "collect-checkpoint.safetensors"
+    code, errs = run_until(["collect", "--run", run, "--epochs", 60, "--checkpoint-every", 100], ck, sig=signal.SIGINT)
+    assert code == 130, errs
+    assert "--resume" in errs and "Traceback" not in errs
+    assert ck.exists()
+    assert cli("collect", "--run", run, "--resume", "-k", 5).exit_code == 0  # -k comes from the checkpoint's config
+    assert read(run / "snapshots.safetensors")["snapshots"].shape[0] == 200

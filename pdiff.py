@@ -537,7 +537,7 @@ def run_tail(tail, params: dict, h: torch.Tensor) -> torch.Tensor:
 def _activation_bytes(tail, params: dict, h: torch.Tensor) -> int:
     """Bytes of activations one (parameter set, test example) pair needs in the tail: the largest module
     output, times 4 for the tensors alive beside it. Measured with hooks on one example."""
-    sizes = [h.numel()]
+    sizes = [h[:1].numel()]
     hook = lambda m, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0)
     handles = [sub.register_forward_hook(hook) for m, _ in tail for sub in m.modules()]
     try:
@@ -616,25 +616,26 @@ def novelty(correct: torch.Tensor, z: torch.Tensor, correct_o: torch.Tensor, z_o
     """Novelty of a group of models (correct masks (n, N), standardised vectors z (n, D)) against the
     originals. With originals=True the group is the originals themselves and each is compared with the
     *other* originals. Per-model values (for plots) under "per_model"."""
-    n = len(z)
     iou = wrong_iou(correct, correct_o)  # (n, K)
     dist = torch.cdist(z.double(), z_o.double())  # (n, K)
     if originals:
-        iou.fill_diagonal_(float("-inf"))
-        dist.fill_diagonal_(float("inf"))
-    r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
-    max_iou, nearest = iou.max(1).values, dist.min(1).values
-    pair = wrong_iou(correct, correct)
-    off = ~torch.eye(n, dtype=torch.bool)
-    outside = off_span(z, z_o)
-    ok = (max_iou > float("-inf")) if n else max_iou.bool()
+        iou.fill_diagonal_(float("nan"))
+        dist.fill_diagonal_(float("nan"))
+    max_iou = iou.nan_to_num(float("-inf")).max(1).values if iou.numel() else iou.new_zeros(len(z))
+    nearest = dist.nan_to_num(float("inf")).min(1).values if dist.numel() else dist.new_zeros(len(z))
+    pair = wrong_iou(correct, correct).fill_diagonal_(float("nan")).flatten()
+
+    def stat(v, f):  # over the finite values; None when there are none (one original, every set failed)
+        v = v[v.isfinite()].double()
+        return round(float(f(v)), 4) if len(v) else None
+
+    median = lambda v: v.quantile(0.5)
     return {
-        "max_iou": {"mean": r(max_iou[ok].mean().item()) if ok.any() else None, "max": r(max_iou[ok].max().item()) if ok.any() else None},
-        "pairwise_iou": r(pair[off].mean().item()) if n > 1 else None,
-        "nearest_distance": {"median": r(nearest.median().item()) if ok.any() else None,
-                             "min": r(nearest.min().item()) if ok.any() else None},
-        "off_span": r(outside.median().item()) if n else None,
-        "per_model": {"max_iou": [r(v) for v in max_iou.tolist()], "nearest_distance": [r(v) for v in nearest.tolist()]},
+        "max_iou": {"mean": stat(max_iou, torch.mean), "max": stat(max_iou, torch.max)},
+        "pairwise_iou": stat(pair, torch.mean),
+        "nearest_distance": {"median": stat(nearest, median), "min": stat(nearest, torch.min)},
+        "off_span": stat(off_span(z, z_o), median),
+        "per_model": {"max_iou": max_iou.tolist(), "nearest_distance": nearest.tolist()},
     }
 
 
@@ -943,6 +944,12 @@ class Model:
         return {**prefixed("ae", self.ae.state_dict()), **prefixed("denoiser", self.denoiser.state_dict()),
                 **{f"stats.{k}": getattr(self, k) for k in ("mean", "std", "z_mean", "z_std")}}
 
+    def rel_error(self, sets: torch.Tensor, decoded: torch.Tensor) -> float:
+        """Median over sets of |decoded - x| / |x - mean| in the standardised space: 0 is a perfect round
+        trip, 1 is no better than outputting the snapshots' mean."""
+        x, xr = ((t.to(self.mean.device) - self.mean) / self.std for t in (sets, decoded))
+        return round((xr - x).norm(dim=1).div(x.norm(dim=1).clamp_min(1e-12)).median().item(), 4)
+
     @torch.no_grad()
     def roundtrip(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D) through encoder and decoder
         self.ae.eval()
@@ -1056,18 +1063,16 @@ def sample(cfg: SampleConfig, model: Model, snaps: torch.Tensor, correct_o: torc
     t1 = time.perf_counter()
     mean, std = model.mean.cpu(), model.std.cpu()
     z_o = (snaps - mean) / std  # standardised originals (K, D)
-    groups = {"generated": (gen - mean) / std}
+    groups = {"generated": gen}
     if cfg.baselines:
-        groups.update(make_baselines(z_o, cfg.n, cfg))
-    raw = {k: v if k == "generated" else v * std + mean for k, v in groups.items()}
-    raw["generated"] = gen
-    correct = evaluate(net, prep, layout, torch.cat(list(raw.values())), x_test, y_test).split(cfg.n)  # one pass for all
+        groups.update({k: v * std + mean for k, v in make_baselines(z_o, cfg.n, cfg).items()})
+    correct = evaluate(net, prep, layout, torch.cat(list(groups.values())), x_test, y_test).split(cfg.n)  # one pass
     t2 = time.perf_counter()
     out, per_model = {}, {}
-    for (name, z), c, r in zip(groups.items(), correct, raw.values()):
-        ok = torch.isfinite(r).all(1)
+    for (name, sets), c in zip(groups.items(), correct):
+        ok = torch.isfinite(sets).all(1)
         acc = accuracy(c[ok])
-        nov = novelty(c[ok], z[ok], correct_o, z_o)
+        nov = novelty(c[ok], ((sets - mean) / std)[ok], correct_o, z_o)
         per_model[name] = {"accuracy": acc.tolist(), **nov.pop("per_model")}
         out[name] = {**summary(acc), "failed": int((~ok).sum()), **nov}
     acc_o = accuracy(correct_o)
@@ -1129,23 +1134,26 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue from the checkpoint an i
 
 
 def command(fn):
-    """Errors become one line on stderr and an exit code; signals a checkpoint and a resume hint."""
+    """Errors become one line on stderr and an exit code. In collect and fit, SIGINT/SIGTERM save a
+    checkpoint and print how to resume; elsewhere Ctrl-C stops at once."""
+    name = fn.__name__.removesuffix("_cmd")
+    resumable = name in ("collect", "fit")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with interruptible():
+            with interruptible() if resumable else nullcontext():
                 return fn(*args, **kwargs)
         except PdiffError as e:
             print(f"pdiff: error: {e}", file=sys.stderr)
             raise typer.Exit(e.code)
         except (Interrupted, KeyboardInterrupt) as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            saved = " (progress saved)" if isinstance(e, Interrupted) else ""
-            print(f"pdiff: interrupted{saved}; continue with: pdiff {fn.__name__.removesuffix('_cmd')} --resume --run {kwargs.get('run')}", file=sys.stderr)
-            raise typer.Exit(128 + signum)
+            saved = isinstance(e, Interrupted)
+            hint = f" (progress saved); continue with: pdiff {name} --resume --run {kwargs.get('run')}" if saved else ""
+            print(f"pdiff: interrupted{hint}", file=sys.stderr)
+            raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
 
-    return app.command(fn.__name__.removesuffix("_cmd"), help=fn.__doc__)(wrapper)
+    return app.command(name, help=fn.__doc__)(wrapper)
 
 
 def open_network(run: Path, device) -> tuple:
@@ -1360,13 +1368,16 @@ def fit_cmd(
     with progress() as prog:
         model = fit(cfg, snaps, layout, device=dev, resume=resume_from, save=save_ck, prog=prog)
     t1 = time.perf_counter()
-    rt = summary(accuracy(evaluate(net, prep, layout, model.roundtrip(snaps), d.x_test, d.y_test)))
+    decoded = model.roundtrip(snaps)
+    rt = {**summary(accuracy(evaluate(net, prep, layout, decoded, d.x_test, d.y_test))),
+          "rel_error": model.rel_error(snaps, decoded)}
     save_artifact(run / FILES["model"], "model", model.tensors(),
                   {"config": dataclasses.asdict(cfg), "D": layout.D, "parents": parents, "roundtrip": rt})
     ck_path.unlink(missing_ok=True)
     orig = summary(accuracy(correct_o))
     err.print(table(f"fit: autoencoder round trip on {len(snaps)} snapshots of {layout.D:,} parameters",
                     {"original": orig, "decoded": rt}))
+    err.print(f"decoded snapshots: relative error {rt['rel_error']:.3f} (0 = exact, 1 = no better than the mean)")
     err.print(f"wrote {run / FILES['model']} in {t1 - t0:.1f} s")
     emit({"run": str(run), "arch": ccfg.arch, "data": ccfg.data, "params": layout.D, "device": str(dev), "seed": cfg.seed,
           "original": orig, "decoded": rt, "seconds": {"fit": round(t1 - t0, 3), "total": round(time.perf_counter() - t0, 3)}}, json_out)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -1102,9 +1103,13 @@ def plot(per_model: dict, path: Path):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, d in per_model.items():
-        a.scatter(d["max_iou"], d["accuracy"], s=14, alpha=0.7, label=name)
-        b.hist(d["accuracy"], bins=20, alpha=0.5, label=name)
+    accs = [v for d in per_model.values() for v in d["accuracy"]]
+    bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
+    order = ["original"] + [k for k in per_model if k != "original"]  # originals underneath
+    for name in order:
+        d = per_model[name]
+        a.scatter(d["max_iou"], d["accuracy"], s=14, alpha=0.6, label=name)
+        b.hist(d["accuracy"], bins=bins, alpha=0.5, label=name)
     a.set(xlabel="max IoU of wrong predictions to any original", ylabel="test accuracy (%)", title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
     a.legend(fontsize=8)
@@ -1211,13 +1216,15 @@ def open_model(run: Path, snap_id: str, D: int, device) -> tuple:
 
 
 def table(title: str, rows: dict, extra: dict | None = None) -> Table:
-    tb = Table(title=title, title_justify="left")
-    cols = ["models", "count", "best", "mean", "median", "min"] + list((extra or {}).keys())
+    """Accuracy summary rows (percent), plus extra columns computed from each row; fits 80 columns."""
+    tb = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ["models", "n", "best", "mean", "median", "min"] + list((extra or {}).keys())
     for c in cols:
-        tb.add_column(c, justify="left" if c == "models" else "right")
+        tb.add_column(c, justify="left" if c == "models" else "right", no_wrap=True)
     f = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     for name, s in rows.items():
-        tb.add_row(name, *[f(s.get(c)) for c in cols[1:6]], *[f(fn(s)) for fn in (extra or {}).values()])
+        tb.add_row(name, *[f(s.get(c)) for c in ("count", "best", "mean", "median", "min")],
+                   *[f(fn(s)) for fn in (extra or {}).values()])
     return tb
 
 
@@ -1427,12 +1434,16 @@ def sample_cmd(
     g = rep["generated"]
     rows = {"original": {**rep["original"], **rep["novelty"]["original"]}, "generated": {**g, **rep["novelty"]["generated"]},
             **rep["baselines"]}
-    err.print(table(f"sample: {n} generated with {rep['sampler']} ({rep['steps']} steps), accuracy in %", rows, {
-        "failed": lambda s: s.get("failed", 0),
-        "max IoU to orig.": lambda s: s["max_iou"]["mean"],
-        "nearest orig. dist": lambda s: s["nearest_distance"]["median"],
-        "off span": lambda s: s["off_span"],
+    err.print(table(f"sample: {n} generated with {rep['sampler']} ({rep['steps']} steps); accuracy in %", rows, {
+        "max IoU": lambda s: s["max_iou"]["mean"],
+        "NN dist": lambda s: s["nearest_distance"]["median"],
+        "outside": lambda s: s["off_span"],
     }))
+    err.print("max IoU: mean over models of the max IoU of wrong predictions to an original; NN dist: median distance "
+              "to the nearest original; outside: median share of the deviation outside the originals' span", style="dim")
+    failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
+    if failed:
+        err.print(f"failed (NaN/Inf parameters, left out): {failed}")
     v = rep["verdict"]
     err.print(f"verdict: [bold]{v['label']}[/bold]: {v['text']}", highlight=False)
     s = rep["seconds"]

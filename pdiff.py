@@ -805,6 +805,14 @@ def ticker(prog: Optional[Progress], description: str, total: int, done: int = 0
     return lambda: prog.advance(task)
 
 
+@contextmanager
+def checkpoint_errors():
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise PdiffError(f"the checkpoint does not fit this run ({str(e).splitlines()[0]}); run the stage again without --resume") from None
+
+
 def stop_here(save):
     """Called after each step: on SIGINT/SIGTERM save a checkpoint and stop."""
     if STOP["signum"]:
@@ -850,9 +858,10 @@ def collect(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, lay
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
         if resume:
-            net.load_state_dict(strip("net", ck_t))
-            opt.load_state_dict(unpack(st["opt"], ck_t))
-            sched.load_state_dict(unpack(st["sched"], ck_t))
+            with checkpoint_errors():
+                net.load_state_dict(strip("net", ck_t))
+                opt.load_state_dict(unpack(st["opt"], ck_t))
+                sched.load_state_dict(unpack(st["sched"], ck_t))
         net.train()
         tick = ticker(prog, "train network", total, step)
         while step < total:
@@ -887,9 +896,10 @@ def collect(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, lay
     opt = torch.optim.SGD(selected, lr=cfg.snapshot_lr, momentum=0.9)
     snaps = []
     if stage == 2 and resume and "snapshots" in ck_t:
-        snaps = list(ck_t["snapshots"])
-        layout.load(net, snaps[-1].to(dev))
-        opt.load_state_dict(unpack(st["opt"], ck_t))
+        with checkpoint_errors():
+            snaps = list(ck_t["snapshots"])
+            layout.load(net, snaps[-1].to(dev))
+            opt.load_state_dict(unpack(st["opt"], ck_t))
     tick = ticker(prog, "snapshots", cfg.k, len(snaps))
     while len(snaps) < cfg.k:
         xb, yb = batch("snapshot", len(snaps))
@@ -984,8 +994,9 @@ def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, resume=N
     if resume:
         ck_t, st = resume
         phase, step = st["phase"], st["step"]
-        for name, obj in parts.items():
-            obj.load_state_dict(unpack(st[name], ck_t))
+        with checkpoint_errors():
+            for name, obj in parts.items():
+                obj.load_state_dict(unpack(st[name], ck_t))
 
     def checkpoint():
         t = {}
@@ -1152,6 +1163,9 @@ def command(fn):
         except PdiffError as e:
             print(f"pdiff: error: {e}", file=sys.stderr)
             raise typer.Exit(e.code)
+        except OSError as e:  # disk full, permissions, ...: still one line
+            print(f"pdiff: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+            raise typer.Exit(1)
         except (Interrupted, KeyboardInterrupt) as e:
             saved = isinstance(e, Interrupted)
             hint = f" (progress saved); continue with: pdiff {name} --resume --run {kwargs.get('run')}" if saved else ""

@@ -155,6 +155,8 @@ def test_verdict_rule_each_label():
     assert pdiff.verdict(orig, _summary(90.0, 12.0, iou=0.995), base, k=200)["label"] == "interpolating"  # same errors
     assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=200)["label"] == "novel"
     assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=2)["label"] != "novel"  # too few snapshots
+    assert pdiff.verdict(orig, _summary(89.5, 50.0), base, k=200)["label"] == "inferior"  # beyond the gaussian baseline
+    assert pdiff.verdict(orig, _summary(89.5, 12.0), {}, k=200)["label"] == "unknown"  # --no-baselines: no verdict
 
 
 def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
@@ -284,7 +286,8 @@ def test_mnist_from_torchvision_files(tmp_path):
     (["collect", "--arch", "nope"], 2), (["collect", "--data", "nope"], 2), (["collect", "--device", "nope"], 2),
     (["collect", "-k", "0"], 2), (["sample", "-n", "0"], 2), (["sample", "--sampler", "euler"], 2),
     (["collect", "--params", "zzz*"], 2), (["collect", "--data", "mnist"], 1),
-    (["fit"], 1), (["sample"], 1),
+    (["fit"], 1), (["sample"], 1), (["sample", "--eta", "0.5"], 2), (["sample", "--sampler", "ddim", "--steps", "5000"], 2),
+    (["sample", "--plot", "out.pdf"], 2),
 ])
 def test_errors_are_one_line(tmp_path, args, code):
     run = tmp_path / "empty-run"
@@ -296,6 +299,17 @@ def test_errors_are_one_line(tmp_path, args, code):
     assert not run.exists()  # nothing written on failure
     if "mnist" in args:
         assert "--download" in lines[0]
+
+
+def test_run_that_is_a_file_and_outputs_that_are_folders(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for cmd in ("collect", "fit", "sample"):
+        r = cli(cmd, "--run", f)
+        assert r.exit_code == 2 and "is a file" in r.stderr and "Traceback" not in r.output
+    r = cli("sample", "--run", tmp_path / "none", "--save", tmp_path)
+    assert r.exit_code == 2 and "is a folder" in r.stderr
+    assert f.read_text() == "x"
 
 
 def test_sample_before_fit_and_existing_run(tmp_path):
@@ -338,6 +352,9 @@ def test_bad_files_are_refused_and_nothing_changes(digits_run, tmp_path):
     r = cli("sample", "--run", run, "-n", 2)
     assert r.exit_code == 1 and "model.safetensors" in r.stderr and "snapshots" in r.stderr
     assert folder_state(run) == before
+    # a write that fails (safetensors' own error type): one line, exit 1
+    r = cli("sample", "--run", digits_run, "-n", 2, "--sampler", "ddim", "--save", "/proc/pdiff-test.safetensors")
+    assert r.exit_code == 1 and "could not write" in r.stderr and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------------------------------------------- resume

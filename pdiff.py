@@ -1083,7 +1083,8 @@ def make_baselines(x: torch.Tensor, n: int, cfg: SampleConfig) -> dict:
 
 def sample(cfg: SampleConfig, model: Model, snaps: torch.Tensor, correct_o: torch.Tensor, net, prep, layout: Layout,
            x_test, y_test, *, prog=None) -> dict:
-    """Returns the report (JSON-able, without run/device keys) and the generated sets under '_sets'."""
+    """Returns the report (JSON-able, without run/device keys); the generated sets, their accuracies and
+    per-model values for plots ride along under '_sets', '_accuracies' and '_per_model'."""
     t0 = time.perf_counter()
     steps = cfg.steps if cfg.steps is not None else (model.diffusion.T if cfg.sampler == "ddpm" else 50)
     tick = ticker(prog, f"{cfg.sampler} sampling", model.diffusion.T if cfg.sampler == "ddpm" else steps)
@@ -1103,6 +1104,8 @@ def sample(cfg: SampleConfig, model: Model, snaps: torch.Tensor, correct_o: torc
         nov = novelty(c[ok], ((sets - mean) / std)[ok], correct_o, z_o)
         per_model[name] = {"accuracy": acc.tolist(), **nov.pop("per_model")}
         out[name] = {**summary(acc), "failed": int((~ok).sum()), **nov}
+        if name == "generated":  # every set's accuracy, NaN for failed ones (for --save)
+            acc_all = accuracy(c).masked_fill(~ok, float("nan"))
     acc_o = accuracy(correct_o)
     nov_o = novelty(correct_o, z_o, correct_o, z_o, originals=True)
     per_model["original"] = {"accuracy": acc_o.tolist(), **nov_o.pop("per_model")}
@@ -1118,7 +1121,7 @@ def sample(cfg: SampleConfig, model: Model, snaps: torch.Tensor, correct_o: torc
         "verdict": verdict({**summary(acc_o), **nov_o}, gen_out, out, k=len(snaps)),
         "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
     }
-    report["_sets"], report["_per_model"] = gen, per_model
+    report["_sets"], report["_accuracies"], report["_per_model"] = gen, acc_all, per_model
     return report
 
 
@@ -1480,10 +1483,8 @@ def sample_cmd(
     d = load_data(ccfg.data, ccfg.data_dir, False).to(dev)
     with progress() as prog:
         rep = sample(cfg, model, snaps, correct_o, net, prep, layout, d.x_test, d.y_test, prog=prog)
-    gen, per_model = rep.pop("_sets"), rep.pop("_per_model")
+    gen, acc, per_model = rep.pop("_sets"), rep.pop("_accuracies"), rep.pop("_per_model")
     if save:
-        acc = torch.tensor(per_model["generated"]["accuracy"]) if torch.isfinite(gen).all() else accuracy(
-            evaluate(net, prep, layout, gen, d.x_test, d.y_test))
         save_artifact(save, "samples", {"samples": gen, "accuracies": acc},
                       {"config": dataclasses.asdict(cfg), "layout": layout.to_dict(),
                        "parents": {"network": net_id, "snapshots": snap_id, "model": model_id}})

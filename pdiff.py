@@ -1264,6 +1264,16 @@ def open_model(run: Path, snap_id: str, D: int, device) -> tuple:
         raise PdiffError(f"{path} does not fit this run ({str(e).splitlines()[0]})") from None
 
 
+def open_checkpoint(path: Path, stage: str, config_cls, checkpoint_every: int) -> tuple:
+    """A stage's checkpoint -> (its config, (tensors, state) to resume from, metadata)."""
+    t, meta = load_artifact(path, f"{stage}-checkpoint")
+    with checkpoint_errors(TypeError):
+        cfg = dataclasses.replace(config_cls(**meta["config"]), checkpoint_every=checkpoint_every)
+        state = dict(meta["state"])
+    err.print(f"resuming {stage} with the checkpoint's settings (only --checkpoint-every applies)")
+    return cfg, (t, state), meta
+
+
 def table(title: str, rows: dict, extra: dict | None = None) -> Table:
     """Accuracy summary rows (percent), plus extra columns computed from each row; fits 80 columns."""
     tb = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -1320,11 +1330,7 @@ def collect_cmd(
         if not ck_path.is_file():
             done = (run / FILES["snapshots"]).is_file()
             raise PdiffError(f"nothing to resume in '{run}'" + (": collect already finished" if done else ": no collect checkpoint"))
-        ck_t, ck_meta = load_artifact(ck_path, "collect-checkpoint")
-        with checkpoint_errors(TypeError):
-            cfg = dataclasses.replace(CollectConfig(**ck_meta["config"]), checkpoint_every=checkpoint_every)
-            resume_from = (ck_t, dict(ck_meta["state"]))
-        err.print(f"resuming {cfg.arch} on {cfg.data} with the checkpoint's settings (only --checkpoint-every applies)")
+        cfg, resume_from, ck_meta = open_checkpoint(ck_path, "collect", CollectConfig, checkpoint_every)
     else:
         existing = [FILES[f] for f in ("network", "snapshots", "collect-checkpoint") if (run / FILES[f]).exists()]
         if existing and not force:
@@ -1415,12 +1421,8 @@ def fit_cmd(
     if resume:
         if not ck_path.is_file():
             raise PdiffError(f"nothing to resume in '{run}': no fit checkpoint")
-        ck_t, ck_meta = load_artifact(ck_path, "fit-checkpoint")
+        cfg, resume_from, ck_meta = open_checkpoint(ck_path, "fit", FitConfig, checkpoint_every)
         check_parent(ck_path, ck_meta, "snapshots", snap_id, "pdiff fit")
-        with checkpoint_errors(TypeError):
-            cfg = dataclasses.replace(FitConfig(**ck_meta["config"]), checkpoint_every=checkpoint_every)
-            resume_from = (ck_t, dict(ck_meta["state"]))
-        err.print("resuming fit with the checkpoint's settings (only --checkpoint-every applies)")
     parents = {"network": net_id, "snapshots": snap_id}
     d = load_data(ccfg.data, ccfg.data_dir, False).to(dev)
 

@@ -69,21 +69,27 @@ def hardware(dev: torch.device) -> dict:
     return hw
 
 
-def cpu_seconds() -> tuple[float, float]:
+def cpu_seconds() -> tuple[float, float] | None:
     """(busy CPU seconds of the whole machine incl. hypervisor steal, CPU seconds of this process and its
-    finished children). Their difference over a section is what other processes took from us."""
-    v = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    finished children), or None where there is no /proc/stat (macOS). Their difference over a section is
+    what other processes took from us."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    v = [int(f) for f in stat.read_text().split("\n", 1)[0].split()[1:9]]
     t = os.times()
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
 @contextmanager
 def section(r: dict, name: str):
-    """Records the share of all CPUs that *other* processes used while `name` ran (0: we had the machine)."""
-    (b0, o0), w0 = cpu_seconds(), time.perf_counter()
+    """Records the share of all CPUs that *other* processes used while `name` ran (0: we had the machine;
+    None: not measurable on this system)."""
+    c0, w0 = cpu_seconds(), time.perf_counter()
     yield
-    (b1, o1), w1 = cpu_seconds(), time.perf_counter()
-    r.setdefault("foreign_cpu_share", {})[name] = round(max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1)), 3)
+    c1, w1 = cpu_seconds(), time.perf_counter()
+    share = None if c0 is None else max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / ((w1 - w0) * (os.cpu_count() or 1))
+    r.setdefault("foreign_cpu_share", {})[name] = None if share is None else round(share, 3)
 
 
 def sync(dev):
@@ -174,9 +180,7 @@ def pdiff_cli(args: list, run: Path, device: str, log: Path) -> tuple[float, dic
 def warm_generate(run: Path, dev, repeat: int) -> dict:
     """Median seconds of model.generate(50) per sampler, in this process, after a warm-up call: the CLI's
     single cold timing carries one-time costs (first kernel calls) that weigh on DDIM's ~0.2 s."""
-    net, prep, layout, _, _, net_id = pdiff.open_network(run, dev)
-    _, _, snap_id = pdiff.open_snapshots(run, net_id, layout)
-    model = pdiff.open_model(run, snap_id, layout.D, dev)[0]
+    model = pdiff.open_run(run, dev, model=True).model
     gen = lambda s: model.generate(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None)
     gen("ddim")
     return {s: timed(lambda: gen(s), dev, repeat)[0] for s in ("ddim", "ddpm")}
@@ -209,19 +213,17 @@ def bench_quickstart(device: str, quick: bool, keep: bool, repeat: int) -> dict:
 
 
 class Ticks:
-    """Stands in for pdiff's rich Progress: records when each snapshot tick arrives."""
+    """Stands in for pdiff's rich Progress: records when each task's ticks arrive."""
 
     def __init__(self):
-        self.t: list[float] = []
+        self.t: list[list[float]] = []
 
     def add_task(self, description, total=None, completed=0):
-        if description == "snapshots":
-            self.t = [time.perf_counter()]
-        return description
+        self.t.append([time.perf_counter()])
+        return len(self.t) - 1
 
     def advance(self, task):
-        if task == "snapshots":
-            self.t.append(time.perf_counter())
+        self.t[task].append(time.perf_counter())
 
 
 def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
@@ -236,13 +238,12 @@ def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
         ticks = Ticks()
         sync(dev)
         t = time.perf_counter()
-        snaps, correct = pdiff.collect(cfg, data, net, prep, layout, shortcut=shortcut, prog=ticks)
+        snaps = pdiff.collect_snapshots(cfg, data, net, prep, layout, pdiff.Loop(prog=ticks), shortcut=shortcut)
         sync(dev)
         total = time.perf_counter() - t
         t_eval, _, _ = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, x_te, y_te), dev, 1)
-        steps = [b - a for a, b in zip(ticks.t, ticks.t[1:])]
-        return snaps, {"total_s": total, "eval_s": t_eval, "snapshot_s": steps,
-                       "per_snapshot_s": statistics.median(steps) if len(steps) == k else (total - t_eval) / k}
+        steps = [b - a for a, b in zip(ticks.t[-1], ticks.t[-1][1:])]  # stage 2 is the only task
+        return snaps, {"total_s": total, "eval_s": t_eval, "snapshot_s": steps, "per_snapshot_s": statistics.median(steps)}
 
     res = {"k": k, "n_train": n_train, "n_test": n_test, "batch": 64}
     one(True, 1), one(False, 1)  # warm-up of both paths
@@ -294,8 +295,8 @@ def report_table(r: dict) -> Table:
         tb.add_row("final eval of K snapshots (excluded)", f"{c['shortcut']['eval_s']:.3f} s", "", "")
         tb.add_row("snapshots shortcut vs naive, max |diff|", f"{c['snapshots_max_abs_diff']:.1e}", "", "")
     for name, share in r.get("foreign_cpu_share", {}).items():
-        tb.add_row(f"CPU taken by other processes during {name}", f"{share:.0%}", "0%",
-                   "[green]ok[/green]" if share < 0.05 else "[yellow]timings inflated[/yellow]")
+        tb.add_row(f"CPU taken by other processes during {name}", "n/a" if share is None else f"{share:.0%}", "0%",
+                   "" if share is None else "[green]ok[/green]" if share < 0.05 else "[yellow]timings inflated[/yellow]")
     tb.add_row("benchmark wall", f"{r['seconds']:.0f} s", "", "")
     return tb
 
@@ -336,7 +337,7 @@ def main():
                           "loop_over_batched >= 9": e["loop_over_batched"] >= 9, "masks_identical": e["masks_identical"]} if e else {}),
                       **({"ddpm_over_ddim_warm >= 15": q["ddpm_over_ddim_warm"] >= 15} if q else {})}
     err.print(report_table(r))
-    if max(r.get("foreign_cpu_share", {}).values(), default=0) >= 0.05:
+    if max((s for s in r.get("foreign_cpu_share", {}).values() if s is not None), default=0) >= 0.05:
         err.print("[yellow]other processes used the CPUs during the run: its timings are inflated (torch's threads wait "
                   "on each other when a core is taken); rerun on an idle machine[/yellow]")
     doc = json.dumps(r, indent=2)

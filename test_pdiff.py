@@ -115,17 +115,34 @@ def test_batched_evaluation_equals_loop(arch, size, params):
         torch.testing.assert_close(h, net(prep(x)))
 
 
-def test_ddim_and_ddpm_schedules():
+def test_schedule_buffers_and_q_sample():
     d = pdiff.Diffusion(1000)
     assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(2e-2)
     assert d.alpha_bar[-1].item() < 1e-4  # x_T is pure noise
-    # a perfect denoiser for a point mass at c: eps = (x_t - sqrt(ab) c) / sqrt(1 - ab); DDIM must land on c
-    c = torch.linspace(-1, 1, 8)
-    oracle = lambda x, t: (x - d.alpha_bar[t][:, None].sqrt() * c) / (1 - d.alpha_bar[t][:, None]).sqrt()
-    out = d.sample(oracle, 4, 8, torch.Generator().manual_seed(0), sampler="ddim", steps=50)
-    torch.testing.assert_close(out, c.expand(4, 8), atol=1e-3, rtol=0)
-    out = d.sample(oracle, 4, 8, torch.Generator().manual_seed(0), sampler="ddpm")
-    torch.testing.assert_close(out, c.expand(4, 8), atol=1e-3, rtol=0)
+    assert d.alpha_bar_prev[0].item() == 1.0 and torch.equal(d.alpha_bar_prev[1:], d.alpha_bar[:-1])
+    x0, eps, t = torch.ones(3, 2), torch.zeros(3, 2), torch.tensor([0, 10, 999])
+    torch.testing.assert_close(d.q_sample(x0, t, eps), d.alpha_bar[t].sqrt()[:, None].expand(3, 2))
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_samplers_reach_a_gaussian_target(sampler, eta):
+    # data N(mu, s^2) per coordinate: x_t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab), and the exact noise prediction is
+    # E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab). With it every sampler must return
+    # the target's mean and spread; a wrong posterior variance (x0.8 gives spreads ~0.89 of the target) or an
+    # eps coefficient that ignores sigma (~3.3x) does not. All T steps: strided DDIM adds discretisation error
+    # (50 steps: spreads 0.85-0.96 of the target), which is not what this test is about.
+    d = pdiff.Diffusion(1000)
+    mu, s = torch.tensor([2.0, -1.0, 0.5, 0.0]), torch.tensor([0.5, 1.5, 0.3, 1.0])
+
+    def oracle(x, t):
+        ab = d.alpha_bar[t][:, None]
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * s**2 + 1 - ab)
+
+    n = 4000
+    out = d.sample(oracle, n, 4, torch.Generator().manual_seed(0), sampler=sampler, steps=None if sampler == "ddpm" else 1000,
+                   eta=eta)
+    assert ((out.mean(0) - mu).abs() < 4 * s / n**0.5).all(), out.mean(0)  # 4 standard errors
+    assert ((out.std(0) / s - 1).abs() < 0.05).all(), out.std(0) / s
 
 
 def test_pack_unpack_optimizer_state():
@@ -160,12 +177,9 @@ def test_verdict_rule_each_label():
 
 
 def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
-    net, prep, layout, ccfg, _, net_id = pdiff.open_network(digits_run, torch.device("cpu"))
-    snaps, correct_o, snap_id = pdiff.open_snapshots(digits_run, net_id, layout)
-    model, _, _ = pdiff.open_model(digits_run, snap_id, layout.D, torch.device("cpu"))
-    d = pdiff.load_data("digits")
+    run = pdiff.open_run(digits_run, model=True)
     cfg = pdiff.SampleConfig(n=8, sampler="ddim", steps=10, noise_std=0.0)
-    rep = pdiff.sample(cfg, model, snaps, correct_o, net, prep, layout, d.x_test, d.y_test)
+    rep = pdiff.sample(cfg, run).report
     noise = rep["baselines"]["noise"]
     assert noise["nearest_distance"]["median"] == 0.0 and noise["nearest_distance"]["min"] == 0.0
     assert noise["max_iou"]["mean"] == 1.0
@@ -183,9 +197,22 @@ def test_quick_start_quality_bar(digits_run, sampled):
     assert gen["median"] >= orig["median"] - 0.5
     assert gen["best"] >= orig["best"] - 1.0
     assert rep["params"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
-    with safe_open(str(digits_run / "model.safetensors"), "pt") as f:  # fit's round trip, kept with the model
-        rt = json.loads(f.metadata()["roundtrip"])
+    with safe_open(str(digits_run / "model.safetensors"), "pt") as f:  # fit's report, kept with the model
+        rt = json.loads(f.metadata()["report"])["decoded"]
     assert rt["count"] == 200 and rt["median"] >= orig["median"] - 0.5
+
+
+def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
+    # a generator that collapses to the snapshots' mean has no spread; one that copies them sits as close to
+    # an original as the noise baseline does. The generated sets must be neither.
+    rep, out = sampled
+    run = pdiff.open_run(digits_run, model=True)
+    z_o = run.model.standardise(run.snapshots)
+    z_g = run.model.standardise(read(out / "gen.safetensors")["samples"])
+    spread = lambda z: (z - z.mean(0)).norm(dim=1).median().item()  # median distance to the group's own mean
+    assert spread(z_g) > 0.25 * spread(z_o), (spread(z_g), spread(z_o))
+    d_gen = rep["novelty"]["generated"]["nearest_distance"]["median"]
+    assert d_gen > 10 * rep["baselines"]["noise"]["nearest_distance"]["median"]
 
 
 def test_sample_json_keys_and_plot(sampled):
@@ -256,18 +283,23 @@ def write_idx(path: Path, array: torch.Tensor):
                      + array.to(torch.uint8).numpy().tobytes())
 
 
-def test_mnist_from_torchvision_files(tmp_path):
-    raw = tmp_path / "data" / "MNIST" / "raw"
+def write_mnist(root: Path):
+    """A tiny learnable MNIST in torchvision's files: class c is a bright bar at row 2c, plus noise."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 96), ("t10k", 32)):
         y = torch.arange(n) % 10
         x = torch.zeros(n, 28, 28, dtype=torch.uint8)
-        for i in range(n):  # class c: a bright bar at row 2c, so the task is learnable
+        for i in range(n):
             x[i, 2 * y[i]:2 * y[i] + 3, 4:24] = 255
         x = (x.int() + torch.randint(0, 40, x.shape, generator=g)).clamp(max=255)
         write_idx(raw / f"{split}-images-idx3-ubyte", x)
         write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+
+
+def test_mnist_from_torchvision_files(tmp_path):
+    write_mnist(tmp_path / "data")
     d = pdiff.load_data("mnist", str(tmp_path / "data"))
     assert d.x_train.shape == (96, 1, 28, 28) and d.x_test.shape == (32, 1, 28, 28) and d.classes == 10
     run = tmp_path / "run"
@@ -286,8 +318,9 @@ def test_mnist_from_torchvision_files(tmp_path):
     (["collect", "--arch", "nope"], 2), (["collect", "--data", "nope"], 2), (["collect", "--device", "nope"], 2),
     (["collect", "-k", "0"], 2), (["sample", "-n", "0"], 2), (["sample", "--sampler", "euler"], 2),
     (["collect", "--params", "zzz*"], 2), (["collect", "--data", "mnist"], 1),
-    (["fit"], 1), (["sample"], 1), (["sample", "--eta", "0.5"], 2), (["sample", "--sampler", "ddim", "--steps", "5000"], 2),
-    (["sample", "--plot", "out.pdf"], 2),
+    (["fit"], 1), (["sample"], 1), (["sample", "--eta", "0.5"], 2), (["sample", "--steps", "10"], 2),
+    (["sample", "--plot", "out.pdf"], 2), (["sample", "-n", "abc"], 2), (["sample", "--bogus"], 2),
+    (["collect", "--lr"], 2), (["fit", "--ema-decay", "2"], 2),
 ])
 def test_errors_are_one_line(tmp_path, args, code):
     run = tmp_path / "empty-run"
@@ -360,13 +393,14 @@ def test_bad_files_are_refused_and_nothing_changes(digits_run, tmp_path):
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def run_until(args, watch: Path, sig=signal.SIGKILL, after: Path | None = None):
-    """Start pdiff in a subprocess; send `sig` as soon as `watch` exists (and `after`, if given)."""
+def run_until(args, watch: Path | None = None, sig=signal.SIGKILL, after: Path | None = None, until=None):
+    """Start pdiff in a subprocess; send `sig` as soon as `watch` exists (and `after`, if given), or `until()`."""
+    until = until or (lambda: watch.exists() and (after is None or after.exists()))
     p = subprocess.Popen([sys.executable, str(HERE / "pdiff.py"), *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while p.poll() is None and time.time() < deadline:
-        if watch.exists() and (after is None or after.exists()):
+        if until():
             p.send_signal(sig)
             break
         time.sleep(0.005)
@@ -392,7 +426,16 @@ def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fit_killed_and_resumed_equals_uninterrupted(digits_run, tmp_path):
+def checkpoint_phase(path: Path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])["phase"]
+    except Exception:  # not there yet, or being replaced
+        return None
+
+
+@pytest.mark.parametrize("phase", ["autoencoder", "diffusion"])
+def test_fit_killed_and_resumed_equals_uninterrupted(digits_run, tmp_path, phase):
     ref, run = tmp_path / "ref", tmp_path / "run"
     for d in (ref, run):
         d.mkdir()
@@ -401,8 +444,8 @@ def test_fit_killed_and_resumed_equals_uninterrupted(digits_run, tmp_path):
     args = ["--ae-steps", 150, "--ddpm-steps", 300, "--checkpoint-every", 25]
     assert cli("fit", "--run", ref, *args).exit_code == 0
     ck = run / "fit-checkpoint.safetensors"
-    code, _ = run_until(["fit", "--run", run, *args], ck)
-    assert code == -signal.SIGKILL
+    code, _ = run_until(["fit", "--run", run, *args], until=lambda: checkpoint_phase(ck) == phase)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run / "model.safetensors").exists()
     r = cli("fit", "--run", run, "--resume")
     assert r.exit_code == 0, r.output
@@ -417,5 +460,160 @@ def test_sigint_saves_and_says_how_to_resume(tmp_path):
     assert code == 130, errs
     assert "--resume" in errs and "Traceback" not in errs
     assert ck.exists()
-    assert cli("collect", "--run", run, "--resume", "-k", 5).exit_code == 0  # -k comes from the checkpoint's config
+    r = cli("collect", "--run", run, "--resume", "-k", 5)  # contradicts the checkpoint: refused, nothing changes
+    assert r.exit_code == 2 and "-k" in r.stderr and "contradicts" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert cli("collect", "--run", run, "--resume", "-k", 200, "--checkpoint-every", 7).exit_code == 0  # agree
     assert read(run / "snapshots.safetensors")["snapshots"].shape[0] == 200
+
+
+def test_resume_on_a_finished_stage_says_so_and_exits_0(tmp_path):
+    run = tmp_path / "r"
+    first = cli("collect", "--run", run, "--epochs", 1, "-k", 4, "--json")
+    assert first.exit_code == 0
+    for _ in range(2):  # a script retrying --resume until it succeeds
+        r = cli("collect", "--run", run, "--resume", "--json")
+        assert r.exit_code == 0 and "already finished" in r.stderr
+        assert json.loads(r.stdout) == json.loads(first.stdout)
+    fitted = cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5, "--json")
+    r = cli("fit", "--run", run, "--resume", "--json")
+    assert r.exit_code == 0 and "already finished" in r.stderr and json.loads(r.stdout) == json.loads(fitted.stdout)
+    r = cli("fit", "--run", tmp_path / "never", "--resume")
+    assert r.exit_code == 1  # nothing ever ran there: still an error
+
+
+def test_fit_replaces_a_model_only_with_force(tmp_path):
+    run = tmp_path / "r"
+    assert cli("collect", "--run", run, "--epochs", 1, "-k", 4).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    before = folder_state(run)
+    r = cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5)
+    assert r.exit_code == 1 and "--force" in r.stderr and folder_state(run) == before
+    assert cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5, "--force").exit_code == 0
+    assert folder_state(run)["model.safetensors"] != before["model.safetensors"]
+    assert "--force" in cli("fit", "--help").stdout
+    r = cli("collect", "--run", run, "--epochs", 1, "-k", 3, "--force")  # a new collection: the old model goes
+    assert r.exit_code == 0 and not (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", ["collect", "fit"])
+def test_signal_during_the_final_evaluation_exits_130_and_resumes(tmp_path, monkeypatch, stage):
+    """SIGINT arriving while collect evaluates its snapshots or fit its round trip: checkpoint, exit 130."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    collect = ["--epochs", 2, "-k", 20]
+    fit = ["--ae-steps", 20, "--ddpm-steps", 20]
+    assert cli("collect", "--run", ref, *collect).exit_code == 0
+    if stage == "fit":
+        shutil.copytree(ref, run)
+        assert cli("fit", "--run", ref, *fit).exit_code == 0
+    evaluate = pdiff.evaluate
+
+    def interrupted_evaluate(*a, **kw):
+        pdiff.STOP["signum"] = signal.SIGINT  # as if Ctrl-C came now
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(pdiff, "evaluate", interrupted_evaluate)
+    r = cli(stage, "--run", run, *(collect if stage == "collect" else fit))
+    assert r.exit_code == 130 and "--resume" in r.stderr
+    assert (run / f"{stage}-checkpoint.safetensors").exists()
+    assert not (run / f"{'snapshots' if stage == 'collect' else 'model'}.safetensors").exists()
+    monkeypatch.setattr(pdiff, "evaluate", evaluate)
+    assert cli(stage, "--run", run, "--resume").exit_code == 0
+    for f in (["network", "snapshots"] if stage == "collect" else ["model"]):
+        a, b = read(ref / f"{f}.safetensors"), read(run / f"{f}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failed_sets_keep_their_place_in_json_and_file(digits_run, tmp_path, monkeypatch):
+    generate = pdiff.Model.generate
+
+    def with_a_failure(self, n, g, **kw):
+        sets = generate(self, n, g, **kw)
+        sets[2, 5] = float("nan")
+        return sets
+
+    monkeypatch.setattr(pdiff.Model, "generate", with_a_failure)
+    out = tmp_path / "gen.safetensors"
+    r = cli("sample", "--run", digits_run, "-n", 6, "--sampler", "ddim", "--steps", 5, "--save", out, "--json")
+    assert r.exit_code == 0, r.output
+    gen = json.loads(r.stdout)["generated"]
+    saved = read(out)
+    assert gen["count"] == 5 and gen["failed"] == 1 and len(gen["accuracies"]) == 6 and gen["accuracies"][2] is None
+    assert saved["samples"].shape[0] == 6 and saved["accuracies"][2].isnan()
+    for i in (0, 1, 3, 4, 5):
+        assert saved["accuracies"][i].item() == pytest.approx(gen["accuracies"][i], abs=1e-3)
+
+
+def test_damaged_file_is_refused_by_its_hash(digits_run, tmp_path):
+    run = tmp_path / "flip"
+    shutil.copytree(digits_run, run)
+    path = run / "snapshots.safetensors"
+    data = bytearray(path.read_bytes())
+    header = struct.unpack("<Q", data[:8])[0]
+    data[8 + header + 1000] ^= 0x01  # one bit of one snapshot; the size stays the same
+    path.write_bytes(bytes(data))
+    r = cli("sample", "--run", run, "-n", 2, "--sampler", "ddim")
+    assert r.exit_code == 1 and "snapshots.safetensors is damaged" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_artifacts_get_the_mode_of_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert cli("collect", "--run", tmp_path / "r", "--epochs", 1, "-k", 2).exit_code == 0
+    finally:
+        os.umask(old)
+    for f in ("network.safetensors", "snapshots.safetensors"):
+        assert (tmp_path / "r" / f).stat().st_mode & 0o777 == 0o644
+
+
+def test_data_found_from_any_folder_and_overridable(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert cli("collect", "--run", "run", "--data", "mnist", "--data-dir", "data", "--epochs", 2,
+               "--batch-size", 32, "-k", 4).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # collect's relative --data-dir was recorded as an absolute path
+    assert cli("fit", "--run", tmp_path / "run", "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    r = cli("sample", "--run", tmp_path / "run", "-n", 2, "--sampler", "ddim")
+    assert r.exit_code == 1 and "--data-dir" in r.stderr
+    r = cli("sample", "--run", tmp_path / "run", "-n", 2, "--sampler", "ddim", "--data-dir", tmp_path / "moved")
+    assert r.exit_code == 0, r.output
+
+
+def test_steps_are_limited_by_the_models_T(digits_run):
+    r = cli("sample", "--run", digits_run, "--sampler", "ddim", "--steps", 1001)
+    assert r.exit_code == 2 and "at most the model's T (1000)" in r.stderr
+
+
+def test_off_span_leaves_each_original_out():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 10, generator=g, dtype=torch.float64)
+
+    def brute(i, pts):  # share of pts[i]'s deviation from the others' mean outside the span of their deviations
+        others = torch.cat([pts[:i], pts[i + 1:]])
+        dev, d = others - others.mean(0), pts[i] - others.mean(0)
+        proj = dev.T @ torch.linalg.pinv(dev.T) @ d
+        return ((d - proj).norm() / d.norm()).item()
+
+    got = pdiff.off_span(z, z, leave_one_out=True)
+    assert got.tolist() == pytest.approx([brute(i, z) for i in range(6)], abs=1e-5)
+    assert 0 < got.min() and got.max() < 1
+    z7 = torch.cat([z, ((z[0] + z[1]) / 2)[None]])  # a midpoint: it, and both ends, lie in the others' hull
+    got = pdiff.off_span(z7, z7, leave_one_out=True)
+    assert got[[0, 1, 6]].tolist() == pytest.approx([0, 0, 0], abs=1e-6)
+    assert got[2:6].tolist() == pytest.approx([brute(i, z7) for i in range(2, 6)], abs=1e-5)
+    assert pdiff.off_span(z[:3].mean(0, keepdim=True), z).item() < 1e-6  # a mix of originals: inside
+
+
+def test_ema_is_bias_corrected_and_its_decay_acts_from_the_first_step():
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=pdiff.ema(0.9))
+    values = [5.0, 1.0, 3.0]
+    for v in values:
+        net.weight.data.fill_(v)
+        avg.update_parameters(net)
+    w = [0.1 * 0.9 ** (len(values) - 1 - i) for i in range(len(values))]  # (1 - d) d^(n - i)
+    assert avg.module.weight.item() == pytest.approx(sum(wi * v for wi, v in zip(w, values)) / sum(w), rel=1e-6)
+    # (the old warm-up, decay (1 + n) / (10 + n) capped at 0.9, gave the last step 0.75 of the average here, not 0.37)

@@ -180,7 +180,7 @@ def pdiff_cli(args: list, run: Path, device: str, log: Path) -> tuple[float, dic
 def warm_generate(run: Path, dev, repeat: int) -> dict:
     """Median seconds of model.generate(50) per sampler, in this process, after a warm-up call: the CLI's
     single cold timing carries one-time costs (first kernel calls) that weigh on DDIM's ~0.2 s."""
-    model = pdiff.open_run(run, dev, model=True).model
+    model = pdiff.open_run(run, dev, model="default").model
     gen = lambda s: model.generate(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None)
     gen("ddim")
     return {s: timed(lambda: gen(s), dev, repeat)[0] for s in ("ddim", "ddpm")}
@@ -234,7 +234,7 @@ def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
 
     def one(shortcut: bool, k: int):
         net, layout, prep = resnet(dev)
-        cfg = pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9)
+        cfg = pdiff.resolve(pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9))
         ticks = Ticks()
         sync(dev)
         t = time.perf_counter()

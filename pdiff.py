@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -48,6 +49,7 @@ ARCHS = ("mlp3", "convnet3", "resnet18", "resnet50", "vit_b_16", "convnext_tiny"
 DATASETS = ("digits", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("ddpm", "ddim")
+OPTIMIZERS = ("sgd", "adamw")
 EVAL_MEMORY = 1 << 30  # bytes of activations one batched evaluation chunk may hold
 err = Console(stderr=True)
 
@@ -90,10 +92,19 @@ class CollectConfig:
     width: int = opt(32, "Hidden width of mlp3 / convnet3.", min=1)
     epochs: Optional[int] = opt(None, "Stage-1 epochs (default: 30; 0 with --init; 2 with --pretrained).", min=0)
     batch_size: int = opt(64, "Batch size of both stages.", min=1)
-    lr: float = opt(0.05, "Stage-1 learning rate (SGD, Nesterov, cosine).")
+    optimizer: typing.Literal[OPTIMIZERS] = opt("sgd", "Stage 1: sgd (Nesterov momentum 0.9) or adamw; cosine "
+                                                       "schedule.")
+    lr: float = opt(0.05, "Stage-1 learning rate.")
     weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
-    k: int = opt(200, "Snapshots to save, one per stage-2 step.", "-k", "--k", min=1)
-    snapshot_lr: float = opt(0.01, "Stage-2 learning rate (SGD, momentum 0.9).")
+    k: int = opt(200, "Snapshots to save.", "-k", "--k", min=1)
+    snapshot_optimizer: typing.Literal[OPTIMIZERS] = opt("adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 "
+                                                                  "code); constant lr.")
+    snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
+                                             "--params all: whole networks move further per step).", min=0)
+    snapshot_wd: float = opt(5e-4, "Stage-2 weight decay.", min=0)
+    snapshot_every: int = opt(1, "Stage-2 steps per snapshot (the paper's v1: one epoch; v3: 1).", min=1)
+    snapshot_norm: typing.Literal["train", "eval"] = opt("train", "Normalisation layers in stage 2: train updates "
+                                                         "their running statistics (the v3 code); eval keeps them.")
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
@@ -132,9 +143,9 @@ class SampleConfig:
                                                     "(fast; deterministic with --eta 0).")
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     eta: float = opt(0.0, "DDIM eta: 0 deterministic, 1 as noisy as DDPM.", min=0)
-    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian baselines.")
-    noise_std: float = opt(0.001, "Std of the noise baseline, in standardised parameter units (the "
-                                  "autoencoder's input noise: what the model treats as the same point).", min=0)
+    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines.")
+    noise_std: str = opt("0.001,0.05,0.15", "Noise baselines: an original plus noise of each of these stds, in "
+                         "standardised parameter units (0.001: the autoencoder's input noise, the same point to it).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
@@ -532,17 +543,22 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model, n: int, dim: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, clip=None,
-               tick=None):
+               tick=None, trace=None):
+        """x_T ~ N(0, I) -> x_0 (n, dim). tick() after each step; trace(t, x_t) before each step and with t=-1
+        at the end."""
         x = randn((n, dim), g, self.betas.device)  # x_T
-        if sampler == "ddpm":
-            for t in reversed(range(self.T)):
-                x = self.ddpm_step(model, x, t, g, clip)
-                tick and tick()
-            return x
-        ts = self.ddim_times(steps or DDIM_STEPS)
+        ts = list(reversed(range(self.T))) if sampler == "ddpm" else self.ddim_times(steps or DDIM_STEPS)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            x = self.ddim_step(model, x, t, t_prev, eta, g, clip)
-            tick and tick()
+            if trace:
+                trace(t, x)
+            if sampler == "ddpm":
+                x = self.ddpm_step(model, x, t, g, clip)
+            else:
+                x = self.ddim_step(model, x, t, t_prev, eta, g, clip)
+            if tick:
+                tick()
+        if trace:
+            trace(-1, x)
         return x
 
 
@@ -692,7 +708,8 @@ def off_span(z: torch.Tensor, z_o: torch.Tensor, *, leave_one_out=False) -> torc
         d = z.double() - z_o.double().mean(0)  # (n, D)
         a = d @ X.T  # (n, K)
         inside = (a @ G_pinv * a).sum(1)  # squared length of d's projection onto the span
-        return ((d.pow(2).sum(1) - inside).clamp_min(0).sqrt() / d.norm(dim=1).clamp_min(1e-30)).float()
+        share = (d.pow(2).sum(1) - inside).clamp_min(0).sqrt() / d.norm(dim=1).clamp_min(1e-30)
+        return share.where(d.norm(dim=1) > 1e-6 * X.norm(dim=1).max(), 0.0).float()  # the mean itself: inside
     if K < 2:
         return torch.full((K,), float("nan"))
     # original i's distance to the affine hull of the others is 1 / sqrt(G+_ii) (the height of a simplex's
@@ -707,13 +724,15 @@ MIN_K_NOVEL = 10  # fewer snapshots than this cannot show that anything is new
 
 def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) -> dict:
     """The README's rule, on summary numbers (accuracy medians in %, median nearest-original distances in
-    the standardised parameter space, the median off-span fraction). The first rule that applies, in the
-    order inferior, memorised, interpolating, novel; "unknown" without baselines."""
+    the standardised parameter space, the median off-span fraction; "noise" is the smallest noise level). The
+    first rule that applies, in the order inferior, memorised, interpolating, novel; "unknown" without
+    baselines."""
     g_acc, o_acc, d_g, d_o = gen["median"], orig["median"], gen["nearest_distance"]["median"], \
         orig["nearest_distance"]["median"]
+    noise = min((k for k in base if k.startswith("noise-")), key=lambda k: float(k[6:]), default="noise")
     d_noise, d_avg, d_gauss = (base.get(b, {}).get("nearest_distance", {}).get("median")
-                               for b in ("noise", "average", "gaussian"))
-    iou_g, iou_noise = gen["max_iou"]["mean"], base.get("noise", {}).get("max_iou", {}).get("mean")
+                               for b in (noise, "average", "gaussian"))
+    iou_g, iou_noise = gen["max_iou"]["mean"], base.get(noise, {}).get("max_iou", {}).get("mean")
     best_base = max((b["median"] for b in base.values() if b.get("median") is not None), default=None)
     say = lambda label, text: {"label": label, "text": text}
     if g_acc is None:
@@ -754,8 +773,18 @@ def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) ->
 # run folder: safetensors artifacts with a format string, version, content hash (the id), config and the
 # ids of the files they were made from; atomic writes
 
-FILES = {"network": "network.safetensors", "snapshots": "snapshots.safetensors", "model": "model.safetensors",
-         "collect-checkpoint": "collect-checkpoint.safetensors", "fit-checkpoint": "fit-checkpoint.safetensors"}
+FILES = {"network": "network.safetensors", "snapshots": "snapshots.safetensors",
+         "collect-checkpoint": "collect-checkpoint.safetensors"}
+DEFAULT_MODEL = "default"
+
+
+def model_files(run: Path, name: str) -> tuple[Path, Path]:
+    """(model file, its fit checkpoint) of a named model: model.safetensors for the default one,
+    model-NAME.safetensors beside it for others (an ablation fits several models to one collection)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise PdiffError(f"model name '{name}' should use only letters, digits, '.', '_' and '-'", 2)
+    suffix = "" if name == DEFAULT_MODEL else f"-{name}"
+    return run / f"model{suffix}.safetensors", run / f"fit-checkpoint{suffix}.safetensors"
 
 
 def content_id(tensors: dict, meta: dict) -> str:
@@ -971,11 +1000,17 @@ def batches(cfg: CollectConfig, data: Data, key: str) -> tuple[Callable, int]:
     return batch, N // B
 
 
+def optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
 def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop"):
-    """Stage 1: the whole network, SGD with Nesterov momentum and weight decay, cosine schedule."""
+    """Stage 1: the whole network, cosine schedule."""
     batch, per_epoch = batches(cfg, data, "train")
     total = resolved_epochs(cfg) * per_epoch
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
 
     def loss(step):
@@ -989,9 +1024,9 @@ def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
 
 def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
                       *, shortcut: bool = True) -> torch.Tensor:
-    """Stage 2: everything but the selected parameters frozen, normalisation layers in eval mode (running
-    statistics stay fixed); a snapshot after every optimizer step -> (K, D). shortcut=False lets gradients
-    flow through the frozen part (the benchmark's naive path)."""
+    """Stage 2: everything but the selected parameters frozen; a snapshot every `snapshot_every` optimizer
+    steps -> (K, D). Normalisation layers in eval mode (running statistics fixed) unless snapshot_norm is
+    "train". shortcut=False lets gradients flow through the frozen part (the benchmark's naive path)."""
     named = dict(net.named_parameters())
     selected = [named[n] for n in layout.names]
     net.requires_grad_(not shortcut)
@@ -999,12 +1034,12 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
         p.requires_grad_(True)
     net.train()
     for m in net.modules():
-        if isinstance(m, NORMS):
+        if isinstance(m, NORMS) and cfg.snapshot_norm == "eval":
             m.eval()
     front, tail = split_net(net, prep, layout) if shortcut else (prep, [(net, {})])
     back = nn.Sequential(*[m for m, _ in tail])
     batch, _ = batches(cfg, data, "snapshot")
-    opt = torch.optim.SGD(selected, lr=cfg.snapshot_lr, momentum=0.9)
+    opt = optimizer(cfg.snapshot_optimizer, selected, cfg.snapshot_lr, cfg.snapshot_wd)
     record = nn.Module()  # the snapshots as a buffer, so a checkpoint keeps them like any state
     record.register_buffer("vectors", torch.zeros(cfg.k, layout.D))
 
@@ -1015,7 +1050,11 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
         with autocast(x.device):
             return F.cross_entropy(back(h), y)
 
-    loop.run("snapshots", cfg.k, loss, opt, after=lambda step: record.vectors[step].copy_(layout.flatten(net)),
+    def take(step):
+        if (step + 1) % cfg.snapshot_every == 0:
+            record.vectors[(step + 1) // cfg.snapshot_every - 1] = layout.flatten(net)
+
+    loop.run("snapshots", cfg.k * cfg.snapshot_every, loss, opt, after=take,
              keep={"net": net, "opt_snap": opt, "snapshots": record})
     net.requires_grad_(True)
     return record.vectors
@@ -1097,11 +1136,20 @@ class Model(nn.Module):
         return self.unstandardise(self.ae.decode(self.ae.encode(x)).float())
 
     @torch.no_grad()
-    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None) -> torch.Tensor:
+    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
+                 trace=None) -> torch.Tensor:
         self.eval()
         zs = self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                   clip=(self.z_lo, self.z_hi), tick=tick)
-        return self.unstandardise(self.ae.decode(zs * self.z_std + self.z_mean).float())  # (n, D)
+                                   clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
+        return self.decode(zs)  # (n, D)
+
+    @torch.no_grad()
+    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
+        return ((self.ae.encode(self.standardise(sets).to(self.mean.device)) - self.z_mean) / self.z_std).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
+        return self.unstandardise(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float())
 
 
 def fit_autoencoder(cfg: FitConfig, ae: AE, x: torch.Tensor, loop: "Loop"):
@@ -1180,12 +1228,12 @@ class Run:
     fit_config: Optional[FitConfig] = None
 
 
-def open_run(path: Path, device="cpu", *, model: bool = False, data_dir: Optional[str] = None) -> Run:
-    """network + snapshots (+ the model with model=True) of a run folder, each checked against the file it
-    was made from, and the test data (from where collect found it, or from data_dir)."""
+def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir: Optional[str] = None) -> Run:
+    """network + snapshots (+ the model of that name) of a run folder, each checked against the file it was
+    made from, and the test data (from where collect found it, or from data_dir)."""
     device = torch.device(device)
     net, prep, layout, cfg, net_id = open_network(path, device)
-    snap_path, model_path = path / FILES["snapshots"], path / FILES["model"]
+    snap_path = path / FILES["snapshots"]
     t, meta = load_artifact(snap_path, "snapshots", f" (collect did not finish in '{path}': `pdiff collect "
                                                     "--resume` or `--force`)")
     check_parent(snap_path, meta, "network", net_id, "pdiff collect --force")
@@ -1199,8 +1247,10 @@ def open_run(path: Path, device="cpu", *, model: bool = False, data_dir: Optiona
                          f"examples; the snapshots were evaluated on {t['correct'].shape[1]}")
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]})
-    if model:
-        t, meta = load_artifact(model_path, "model", f" (run `pdiff fit --run {path}` first)")
+    if model is not None:
+        model_path = model_files(path, model)[0]
+        t, meta = load_artifact(model_path, "model", f" (run `pdiff fit --run {path}"
+                                                     f"{'' if model == DEFAULT_MODEL else ' --name ' + model}` first)")
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
         try:
             run.fit_config = FitConfig(**meta["config"])
@@ -1248,24 +1298,40 @@ def check_parent(path: Path, meta: dict, kind: str, expected: str, redo: str):
 # sample: generate n sets, build the baselines, evaluate everything in one pass, measure novelty
 
 
+def noise_levels(cfg: SampleConfig) -> list[float]:
+    try:
+        levels = [float(v) for v in cfg.noise_std.split(",") if v.strip()]
+    except ValueError:
+        levels = [-1.0]
+    if not levels or min(levels) < 0:
+        raise PdiffError(f"--noise-std takes comma-separated stds of at least 0, not '{cfg.noise_std}'", 2)
+    return levels
+
+
 def make_baselines(x: torch.Tensor, n: int, cfg: SampleConfig) -> dict:
-    """The baselines any generator must beat (arXiv 2506.07998), in the standardised space x (K, D)."""
+    """The baselines any generator must beat (arXiv 2506.07998), in the standardised space x (K, D): an original
+    plus noise (one group per level), the mean of m random originals, a per-coordinate Gaussian fitted to
+    them, and the paper's "ensemble" (the weight average of all K originals: one model)."""
     K, D = x.shape
     g = rng(cfg.seed, "baselines")
-    noise = x[torch.randint(0, K, (n,), generator=g)] + cfg.noise_std * torch.randn(n, D, generator=g)
+    out = {f"noise-{s:g}": x[torch.randint(0, K, (n,), generator=g)] + s * torch.randn(n, D, generator=g)
+           for s in noise_levels(cfg)}
     pick = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
-    average = x[pick].mean(1)
     sd = x.std(0) if K > 1 else torch.zeros(D)
-    gaussian = x.mean(0) + sd * torch.randn(n, D, generator=g)
-    return {"noise": noise, "average": average, "gaussian": gaussian}
+    return out | {"average": x[pick].mean(1), "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=g),
+                  "ensemble": x.mean(0, keepdim=True)}
 
 
 @dataclass
 class Sampled:
     report: dict  # the JSON document's body (without run, device and totals the command adds)
-    sets: torch.Tensor  # (n, D) the generated parameter sets, failed ones (NaN/Inf) kept in place
-    accuracies: torch.Tensor  # (n,) percent, NaN where a set failed
+    sets: dict  # {group: (n, D) parameter sets}: "generated" and each baseline; failed sets (NaN/Inf) kept
+    accuracies: torch.Tensor  # (n,) of the generated sets, percent, NaN where a set failed
     per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
+    trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
+
+
+TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
 
 
 def describe(sets: torch.Tensor, correct: torch.Tensor, z: torch.Tensor, correct_o, z_o) -> tuple:
@@ -1277,40 +1343,38 @@ def describe(sets: torch.Tensor, correct: torch.Tensor, z: torch.Tensor, correct
     return acc, {**summary(acc), "failed": int((~ok).sum()), **nov}, per_model
 
 
-def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None) -> Sampled:
+def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trace: bool = False) -> Sampled:
     """Generate cfg.n parameter sets with run.model, evaluate them and the baselines in one pass, and
-    measure how they relate to the originals."""
+    measure how they relate to the originals. trace=True keeps the reverse trajectories of a few samples."""
     t0 = time.perf_counter()
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    tick = ticker(prog, f"{cfg.sampler} sampling", total)
-    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta, tick=tick)
+    tick, trajectory = ticker(prog, f"{cfg.sampler} sampling", total), []
+    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta, tick=tick,
+                         trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
     t1 = time.perf_counter()
     z_o = model.standardise(run.snapshots)  # (K, D)
-    groups = {"generated": gen}
-    if cfg.baselines:
-        groups |= {k: model.unstandardise(v) for k, v in make_baselines(z_o, cfg.n, cfg).items()}
+    zs = {"generated": model.standardise(gen)} | (make_baselines(z_o, cfg.n, cfg) if cfg.baselines else {})
+    groups = {k: gen if k == "generated" else model.unstandardise(z) for k, z in zs.items()}  # parameters
     sets = torch.cat(list(groups.values()))
-    correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test).split(cfg.n)  # one pass
+    correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test)  # one pass for all
     t2 = time.perf_counter()
-    rows, per_model = {}, {}
-    for (name, s), c in zip(groups.items(), correct):
-        acc, rows[name], per_model[name] = describe(s, c, model.standardise(s), run.correct, z_o)
-        if name == "generated":
-            acc_gen = acc
+    accs, rows, per_model = {}, {}, {}
+    for (name, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
+        accs[name], rows[name], per_model[name] = describe(s, c, zs[name], run.correct, z_o)
     nov_o = novelty(run.correct, z_o, run.correct, z_o, originals=True)
     per_model["original"] = {"accuracy": accuracy(run.correct).tolist(), **nov_o.pop("per_model")}
     orig, gen_row = summary(accuracy(run.correct)), rows.pop("generated")
     report = {
         "sampler": cfg.sampler, "steps": steps, "original": orig,
         "generated": {**{k: gen_row[k] for k in (*orig, "failed")},
-                      "accuracies": [None if math.isnan(a) else round(a, 4) for a in acc_gen.tolist()]},
+                      "accuracies": [None if math.isnan(a) else round(a, 4) for a in accs["generated"].tolist()]},
         "novelty": {"original": nov_o, "generated": {k: gen_row[k] for k in NOVELTY_KEYS}},
         "baselines": rows,
         "verdict": verdict({**orig, **nov_o}, gen_row, rows, k=len(run.snapshots)),
         "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
     }
-    return Sampled(report, gen, acc_gen, per_model)
+    return Sampled(report, groups, accs["generated"], per_model, trajectory)
 
 
 NOVELTY_KEYS = ("max_iou", "pairwise_iou", "nearest_distance", "off_span")
@@ -1325,30 +1389,68 @@ def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
 
 
-def plot(per_model: dict, path: Path):
-    """Accuracy against max IoU to the originals (the paper's Fig. 4), and the accuracy histograms."""
+def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
+    """Four panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
+    with every baseline), the latents of originals, generated and noise-added models on the first two
+    principal directions of the originals' latents (Fig. 4c), and the reverse trajectories of a few samples,
+    decoded and projected onto the originals' first principal direction, against the originals' spread (Fig. 5)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    accs = [v for d in per_model.values() for v in d["accuracy"]]
+    fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
+    groups = ["original"] + [k for k in s.per_model if k != "original"]  # originals underneath
+    accs = [v for g in groups for v in s.per_model[g]["accuracy"]]
     bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
-    for name in ["original"] + [k for k in per_model if k != "original"]:  # originals underneath
-        d = per_model[name]
-        a.scatter(d["max_iou"], d["accuracy"], s=14, alpha=0.6, label=name)
-        b.hist(d["accuracy"], bins=bins, alpha=0.5, label=name)
+    for name in groups:
+        pm = s.per_model[name]
+        a.scatter(pm["max_iou"], pm["accuracy"], s=14, alpha=0.6, label=name)
+        b.hist(pm["accuracy"], bins=bins, label=name, **({"alpha": 0.4} if name == "original" else {"histtype": "step"}))
     a.set(xlabel="max IoU of wrong predictions to any original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    z_o = model.encode(originals)  # (K, latent)
+    mu, axes = z_o.mean(0), principal_axes(z_o, 2)
+    for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k == "generated" or
+                                                   k.startswith("noise"))]:
+        ok = torch.isfinite(sets).all(1)
+        pts = (model.encode(sets[ok]) - mu) @ axes.T
+        c.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.6, label=name)
+    c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
+    x_o = model.standardise(originals)
+    m_o, pc = x_o.mean(0), principal_axes(x_o, 1)[0]
+    proj = (x_o - m_o) @ pc
+    d.axhspan(proj.min().item(), proj.max().item(), color="grey", alpha=0.15, label="originals: range")
+    d.axhspan((proj.mean() - proj.std()).item(), (proj.mean() + proj.std()).item(), color="grey", alpha=0.3,
+              label="originals: mean ± std")
+    if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
+        idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
+        pts = torch.stack([(model.standardise(model.decode(s.trajectory[i][1])) - m_o) @ pc for i in idx])
+        d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1)
+        d.invert_xaxis()
+    d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
+          title="reverse trajectories")
+    for ax in (a, b, c, d):
+        ax.legend(fontsize=7)
     fig.tight_layout()
+    write_figure(fig, path)
+
+
+def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:  # (n, d) -> (k, d) the top principal directions
+    X = x - x.mean(0)
+    _, U = torch.linalg.eigh((X @ X.T).double())  # through the (n, n) Gram matrix: d may be large
+    V = U[:, -k:].flip(1).float().T @ X
+    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def write_figure(fig, path: Path):
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
         os.replace(tmp, path)
     except Exception as e:
         raise PdiffError(f"could not write {path} ({str(e).splitlines()[0]})") from None
@@ -1451,12 +1553,11 @@ def check_output(path: Optional[Path], option: str, suffix: str):
         raise PdiffError(f"{option} '{path}' should end in {suffix}", 2)
 
 
-def open_stage(run: Path, stage: str, cfg, given: set, *, resume: bool, force: bool, outputs: list,
+def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool, force: bool, outputs: list,
                parents: dict) -> tuple:
     """How collect or fit starts -> (config, Loop), or (config, None) when --resume finds the stage finished.
     Fresh: refuses to replace earlier outputs without --force. Resumed: the checkpoint's config, with
     --checkpoint-every from the command line; any other option given must agree with the checkpoint."""
-    ck = run / FILES[f"{stage}-checkpoint"]
     kind = f"{stage}-checkpoint"
     if resume and not ck.is_file():
         if outputs and all(p.is_file() for p in outputs):
@@ -1490,8 +1591,9 @@ def finished(path: Path, kind: str, stage: str, json_out: bool):
 
 def resolve(cfg: CollectConfig) -> CollectConfig:
     """Defaults that depend on other settings, and the data folder as an absolute path."""
-    return dataclasses.replace(cfg, params=cfg.params or ("all" if cfg.arch in ("mlp3", "convnet3") else "norm"),
-                               data_dir=str(Path(cfg.data_dir).resolve()))
+    params = cfg.params or ("all" if cfg.arch in ("mlp3", "convnet3") else "norm")
+    lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.01 if params == "all" else 0.03
+    return dataclasses.replace(cfg, params=params, snapshot_lr=lr, data_dir=str(Path(cfg.data_dir).resolve()))
 
 
 @command(CollectConfig)
@@ -1502,31 +1604,29 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     t0 = time.perf_counter()
     check_run(run)
     dev = pick_device(device)
-    snap_path, ids = run / FILES["snapshots"], {}
-    cfg, loop = open_stage(run, "collect", resolve(cfg), given, resume=resume, force=force,
-                           outputs=[run / FILES["network"], snap_path], parents=ids)
+    snap_path = run / FILES["snapshots"]
+    cfg, loop = open_stage(run, "collect", run / FILES["collect-checkpoint"], resolve(cfg), given, resume=resume,
+                           force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", json_out)
     d = load_data(cfg.data, cfg.data_dir, cfg.download).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
-    ids.update(loop.resumed_meta.get("parents", {}))  # resumed in stage 2: the network it started from
     if not resume:
-        for p in [run / FILES["collect-checkpoint"], run / FILES["fit-checkpoint"], run / FILES["model"]]:
-            p.unlink(missing_ok=True)  # they belong to the run this one replaces
+        for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
+            p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog
-        if not loop.done("train network"):
-            train_network(cfg, d, net, prep, loop)
-            ids["network"] = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
+        train_network(cfg, d, net, prep, loop)
         snaps = collect_snapshots(cfg, d, net, prep, layout, loop)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test)
     loop.stop_point()
     acc = summary(accuracy(correct))
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
               "seed": cfg.seed, "snapshots": acc, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+    net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
     save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct},
-                  {**meta, "parents": {"network": ids["network"]}, "report": report})
+                  {**meta, "parents": {"network": net_id}, "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
                     f"({len(layout.names)} tensors)", {"snapshots": acc}))
@@ -1534,21 +1634,24 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     emit(report, json_out)
 
 
+NameOpt = Annotated[str, typer.Option("--name", help="Fit a named model beside the default one (model-NAME."
+                                                  "safetensors): several fits of one collection, for ablations.")]
+
+
 @command(FitConfig)
-def fit_cmd(cfg: FitConfig, given: set, force: ForceOpt = False, resume: ResumeOpt = False, run: RunOpt = DEFAULT_RUN,
-            data_dir: DataDirOpt = None, device: DeviceOpt = DEVICES[0], json_out: JsonOpt = False):
+def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: ForceOpt = False,
+            resume: ResumeOpt = False, run: RunOpt = DEFAULT_RUN, data_dir: DataDirOpt = None,
+            device: DeviceOpt = DEVICES[0], json_out: JsonOpt = False):
     """Train the parameter autoencoder on the snapshots, then the latent DDPM; report the round trip.
-    An existing model is replaced only with --force."""
+    An existing model of the same name is replaced only with --force."""
     t0 = time.perf_counter()
     check_run(run)
     dev = pick_device(device)
-    r = open_run(run, dev, data_dir=data_dir)
-    out, parents = run / FILES["model"], {"network": r.ids["network"], "snapshots": r.ids["snapshots"]}
-    cfg, loop = open_stage(run, "fit", cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
+    (out, ck), r = model_files(run, name), open_run(run, dev, data_dir=data_dir)
+    parents = {"network": r.ids["network"], "snapshots": r.ids["snapshots"]}
+    cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
         return finished(out, "model", "fit", json_out)
-    if not resume:
-        (run / FILES["fit-checkpoint"]).unlink(missing_ok=True)  # a stale one from an earlier, replaced fit
     with progress() as prog:
         loop.prog = prog
         model = fit(cfg, r.snapshots, r.layout, device=dev, loop=loop)
@@ -1557,11 +1660,11 @@ def fit_cmd(cfg: FitConfig, given: set, force: ForceOpt = False, resume: ResumeO
           "rel_error": model.rel_error(r.snapshots, decoded)}
     loop.stop_point()
     orig = summary(accuracy(r.correct))
-    report = {"run": str(run), "arch": r.config.arch, "data": r.config.data, "params": r.layout.D, "device": str(dev),
-              "seed": cfg.seed, "original": orig, "decoded": rt,
+    report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
+              "device": str(dev), "seed": cfg.seed, "original": orig, "decoded": rt,
               "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
-                                                  "parents": parents, "report": report})
+                                                     "parents": parents, "report": report})
     loop.finish()
     err.print(table(f"fit: autoencoder round trip on {len(r.snapshots)} snapshots of {r.layout.D:,} parameters",
                     {"original": orig, "decoded": rt}))
@@ -1571,34 +1674,57 @@ def fit_cmd(cfg: FitConfig, given: set, force: ForceOpt = False, resume: ResumeO
     emit(report, json_out)
 
 
+FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]
+
+
 @command(SampleConfig)
 def sample_cmd(cfg: SampleConfig,
-               save: Annotated[Optional[Path], typer.Option(help="Write the generated sets and their accuracies "
-                                                                 "(NaN: failed) to this .safetensors file.")] = None,
-               plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write accuracy-vs-similarity "
-                                                                               "plots to this PNG.")] = None,
+               model: Annotated[str, typer.Option(help="Which fitted model (fit --name).")] = DEFAULT_MODEL,
+               save: FileOpt("Write every generated set and its accuracy (NaN: failed) to this .safetensors file.",
+                             "--save") = None,
+               plot_file: FileOpt("Write the novelty plots (accuracy vs similarity, histograms, latents, "
+                                  "reverse trajectories) to this PNG.", "--plot") = None,
+               export: FileOpt("Write the network with the best generated set loaded (picked on the test set) "
+                               "to this .safetensors file: a state dict for load_state_dict(strict=True).",
+                               "--export") = None,
                run: RunOpt = DEFAULT_RUN, data_dir: DataDirOpt = None, device: DeviceOpt = DEVICES[0],
                json_out: JsonOpt = False):
     """Generate parameter sets from noise, load them into the network, report accuracy and novelty."""
     t0 = time.perf_counter()
     check_run(run)
-    check_output(save, "--save", ".safetensors")
-    check_output(plot_file, "--plot", ".png")
+    for path, option, suffix in ((save, "--save", ".safetensors"), (plot_file, "--plot", ".png"),
+                                 (export, "--export", ".safetensors")):
+        check_output(path, option, suffix)
     dev = pick_device(device)
-    sampler_steps(cfg, None)  # usage errors before anything loads
-    r = open_run(run, dev, model=True, data_dir=data_dir)
+    sampler_steps(cfg, None), noise_levels(cfg)  # usage errors before anything loads
+    r = open_run(run, dev, model=model, data_dir=data_dir)
     with progress() as prog:
-        s = sample(cfg, r, prog=prog)
+        s = sample(cfg, r, prog=prog, trace=plot_file is not None)
     if save:
-        save_artifact(save, "samples", {"samples": s.sets, "accuracies": s.accuracies},
+        save_artifact(save, "samples", {"samples": s.sets["generated"], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
     if plot_file:
-        plot(s.per_model, plot_file)
+        plot(s, r.model, r.snapshots, plot_file)
+    if export:
+        export_best(s, r, export, model)
     s.report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    report = {"run": str(run), "arch": r.config.arch, "data": r.config.data, "params": r.layout.D, "device": str(dev),
-              "seed": cfg.seed, **s.report}
+    report = {"run": str(run), "model": model, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
+              "device": str(dev), "seed": cfg.seed, **s.report}
     print_sample(report)
     emit(report, json_out)
+
+
+def export_best(s: Sampled, r: Run, path: Path, model: str):
+    """The whole network with the most accurate generated set loaded, as a plain state dict."""
+    if not s.accuracies.isfinite().any():
+        raise PdiffError("no generated set had finite parameters: nothing to export")
+    best = int(s.accuracies.nan_to_num(-1.0).argmax())
+    r.layout.load(r.net, s.sets["generated"][best])
+    save_artifact(path, "export", r.net.state_dict(), {
+        "picked": f"the most accurate of {len(s.accuracies)} generated sets, chosen on the test set (so its test "
+                  "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
+        "model": model, "arch": r.config.arch, "parents": r.ids})
+    err.print(f"wrote {path}: generated set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
 
 
 def print_sample(rep: dict):

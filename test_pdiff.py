@@ -177,10 +177,10 @@ def test_verdict_rule_each_label():
 
 
 def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
-    run = pdiff.open_run(digits_run, model=True)
-    cfg = pdiff.SampleConfig(n=8, sampler="ddim", steps=10, noise_std=0.0)
+    run = pdiff.open_run(digits_run, model="default")
+    cfg = pdiff.SampleConfig(n=8, sampler="ddim", steps=10, noise_std="0")
     rep = pdiff.sample(cfg, run).report
-    noise = rep["baselines"]["noise"]
+    noise = rep["baselines"]["noise-0"]
     assert noise["nearest_distance"]["median"] == 0.0 and noise["nearest_distance"]["min"] == 0.0
     assert noise["max_iou"]["mean"] == 1.0
     assert rep["baselines"]["average"]["off_span"] < 1e-3  # averages lie in the originals' span
@@ -206,29 +206,74 @@ def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
     # a generator that collapses to the snapshots' mean has no spread; one that copies them sits as close to
     # an original as the noise baseline does. The generated sets must be neither.
     rep, out = sampled
-    run = pdiff.open_run(digits_run, model=True)
+    run = pdiff.open_run(digits_run, model="default")
     z_o = run.model.standardise(run.snapshots)
     z_g = run.model.standardise(read(out / "gen.safetensors")["samples"])
     spread = lambda z: (z - z.mean(0)).norm(dim=1).median().item()  # median distance to the group's own mean
     assert spread(z_g) > 0.25 * spread(z_o), (spread(z_g), spread(z_o))
     d_gen = rep["novelty"]["generated"]["nearest_distance"]["median"]
-    assert d_gen > 10 * rep["baselines"]["noise"]["nearest_distance"]["median"]
+    assert d_gen > 10 * rep["baselines"]["noise-0.001"]["nearest_distance"]["median"]
 
 
 def test_sample_json_keys_and_plot(sampled):
     rep, out = sampled
-    for key in ("run", "arch", "data", "params", "device", "seed", "original", "generated", "seconds",
+    for key in ("run", "model", "arch", "data", "params", "device", "seed", "original", "generated", "seconds",
                 "novelty", "baselines", "verdict"):
         assert key in rep
-    assert set(rep["baselines"]) == {"noise", "average", "gaussian"}
+    assert rep["model"] == "default"
+    assert set(rep["baselines"]) == {"noise-0.001", "noise-0.05", "noise-0.15", "average", "gaussian", "ensemble"}
     for b in rep["baselines"].values():
         assert {"count", "best", "mean", "median", "min", "max_iou", "nearest_distance", "pairwise_iou"} <= set(b)
     assert rep["verdict"]["label"] in ("memorised", "interpolating", "novel", "inferior")
     assert set(rep["seconds"]) >= {"generate", "evaluate", "total"}
     png = (out / "plot.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000
     w, h = struct.unpack(">II", png[16:24])
-    assert w > 600 and h > 300
+    assert w >= 1000 and h >= 800  # four panels
+
+
+def test_baselines_ensemble_and_noise_levels(digits_run, sampled):
+    rep, _ = sampled
+    run = pdiff.open_run(digits_run)
+    ens = rep["baselines"]["ensemble"]  # the weight average of all K originals, evaluated as one model
+    mean = run.snapshots.mean(0, keepdim=True)
+    acc = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, mean, run.data.x_test, run.data.y_test))
+    assert ens["count"] == 1 and ens["best"] == pytest.approx(acc.item(), abs=1e-3) and ens["off_span"] == 0.0
+    d = [rep["baselines"][f"noise-{s}"]["nearest_distance"]["median"] for s in ("0.001", "0.05", "0.15")]
+    D = rep["params"]  # noise of std s in D standardised coordinates lies about s * sqrt(D) from its original
+    assert d[0] < d[1] < d[2] and d[2] == pytest.approx(0.15 * D**0.5, rel=0.1)
+
+
+def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
+    out = tmp_path / "best.safetensors"
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--steps", 20, "--export", out, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    net, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
+    net.load_state_dict(read(out), strict=True)
+    d = pdiff.load_data("digits")
+    net.eval()
+    with torch.no_grad():
+        acc = (net(pdiff.Prep(d.mean, d.std, 1, 8)(d.x_test)).argmax(1) == d.y_test).float().mean().item() * 100
+    assert acc == pytest.approx(rep["generated"]["best"], abs=1e-3)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert "test set" in json.loads(meta["picked"]) and json.loads(meta["accuracy"]) == pytest.approx(acc, abs=1e-3)
+
+
+def test_named_models_beside_the_default(digits_run, tmp_path):
+    run = tmp_path / "named"
+    shutil.copytree(digits_run, run)
+    default = read(run / "model.safetensors")
+    r = cli("fit", "--run", run, "--name", "tiny", "--ae-steps", 20, "--ddpm-steps", 20, "--latent", 16, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"] == "tiny" and (run / "model-tiny.safetensors").exists()
+    assert all(torch.equal(v, read(run / "model.safetensors")[k]) for k, v in default.items())  # untouched
+    r = cli("sample", "--run", run, "--model", "tiny", "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["model"] == "tiny"
+    r = cli("sample", "--run", run, "--model", "nope", "-n", 4)
+    assert r.exit_code == 1 and "--name nope" in r.stderr
+    assert cli("fit", "--run", run, "--name", "../x").exit_code == 2
 
 
 def test_snapshot_and_generated_files_load_into_fresh_model(digits_run, sampled):
@@ -236,7 +281,7 @@ def test_snapshot_and_generated_files_load_into_fresh_model(digits_run, sampled)
     net_t = read(digits_run / "network.safetensors")
     snaps = read(digits_run / "snapshots.safetensors")["snapshots"]
     gen = read(out / "gen.safetensors")
-    assert snaps.shape == (200, rep["params"]) and gen["samples"].shape == (50, rep["params"])
+    assert snaps.shape == (rep["original"]["count"], rep["params"]) and gen["samples"].shape == (50, rep["params"])
     assert torch.allclose(gen["accuracies"], torch.tensor(rep["generated"]["accuracies"]), atol=1e-3)
     net, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
     net.load_state_dict(net_t)
@@ -414,10 +459,10 @@ def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("collect", "--run", ref, *args).exit_code == 0
     ck = run / "collect-checkpoint.safetensors"
-    code, _ = run_until(["collect", "--run", run, *args], ck, after=run / "network.safetensors" if stage == 2 else None)
+    phase = "train network" if stage == 1 else "snapshots"
+    code, _ = run_until(["collect", "--run", run, *args], until=lambda: checkpoint_phase(ck) == phase)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    assert ck.exists() and not (run / "snapshots.safetensors").exists()
-    assert (run / "network.safetensors").exists() == (stage == 2)
+    assert ck.exists() and not (run / "snapshots.safetensors").exists() and not (run / "network.safetensors").exists()
     r = cli("collect", "--run", run, "--resume")
     assert r.exit_code == 0, r.output
     assert not ck.exists()
@@ -617,3 +662,21 @@ def test_ema_is_bias_corrected_and_its_decay_acts_from_the_first_step():
     w = [0.1 * 0.9 ** (len(values) - 1 - i) for i in range(len(values))]  # (1 - d) d^(n - i)
     assert avg.module.weight.item() == pytest.approx(sum(wi * v for wi, v in zip(w, values)) / sum(w), rel=1e-6)
     # (the old warm-up, decay (1 + n) / (10 + n) capped at 0.9, gave the last step 0.75 of the average here, not 0.37)
+
+
+def test_experiment_script_prints_a_table(tmp_path):
+    """experiments/ablate_noise.sh at QUICK=1: one collection, four named models, a Markdown row each."""
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'}"}
+    p = subprocess.run(["bash", str(HERE / "experiments" / "ablate_noise.sh")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith("| noise augmentation |") and len(lines) == 6
+    for line, name in zip(lines[2:], ("none", "input only", "latent only", "both (default)")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == name and cells[4] in ("memorised", "interpolating", "novel", "inferior")
+        best, mean, median = map(float, cells[1].split(" / "))
+        assert 0 < median <= best <= 100 and float(cells[3]) > 0
+    fits = sorted(f.name for f in tmp_path.joinpath("noise").glob("model-*.safetensors"))
+    assert fits == ["model-both.safetensors", "model-input.safetensors", "model-latent.safetensors",
+                    "model-none.safetensors"]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# How many snapshots does the generator need? The paper's v1 Table 4a (K = 1, 10, 50, 200). Each K is its
+# own collection with the same seed: the same network, and stage 2's first K steps.
+#   bash experiments/ablate_k.sh     (digits: mlp3, all 3,466 parameters; SCALE=paper: resnet18's last two BN layers)
+source "$(dirname "$0")/common.sh"
+KS=${KS:-$([[ $SCALE == quick ]] && echo "1 10" || echo "1 10 50 200")}
+ARCH=$([[ $SCALE == paper ]] && echo resnet18 || echo mlp3)
+header K
+for k in $KS; do
+  $PDIFF collect --run "$OUT/k$k" --arch "$ARCH" -k "$k" $NET --json >/dev/null 2>&1
+  $PDIFF fit --run "$OUT/k$k" $FIT >/dev/null 2>&1
+  row "$k" "$($PDIFF sample --run "$OUT/k$k" $SAMPLE --json 2>/dev/null)"
+done

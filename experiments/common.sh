@@ -1,0 +1,38 @@
+# Sourced by the experiment scripts: the scale's settings, how to run pdiff and read its --json.
+#   QUICK=1      a tiny version that runs in seconds (the tests use it)
+#   (default)    offline, on scikit-learn's digits: minutes on 2 CPU cores
+#   SCALE=paper  ResNet-18 on CIFAR-100 as in the paper (a GPU, and --download once)
+# Runs go to $OUT (default: a new temporary folder); PDIFF is the command (default: this checkout's pdiff.py).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PDIFF=${PDIFF:-"python3 $here/../pdiff.py"}
+OUT=${OUT:-$(mktemp -d)}
+if [[ ${QUICK:-0} == 1 ]]; then
+  SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --ddpm-steps 30"; SAMPLE="-n 8 --sampler ddim --steps 10"
+elif [[ ${SCALE:-} == paper ]]; then  # the v3 code's protocol (README: "The paper's protocols")
+  NET="--data cifar100 --download --pretrained --optimizer adamw --lr 5e-4 --epochs 10"; FIT=""; SAMPLE="-n 200"
+else
+  SCALE=digits; NET=""; FIT=""; SAMPLE="-n 50"
+fi
+
+# get PATH: the value at a dotted path (.generated.best) of the JSON on stdin; jq where installed, else Python
+get() {
+  if command -v jq >/dev/null; then jq -r "$1"; else
+    python3 -c 'import json, sys
+d = json.load(sys.stdin)
+for k in sys.argv[1].strip(".").split("."): d = d[k]
+print(d)' "$1"; fi
+}
+
+# row LABEL JSON: one Markdown row of a `pdiff sample --json` report
+row() {
+  local g=() o=() k
+  for k in best mean median; do g+=("$(get ".generated.$k" <<<"$2")"); o+=("$(get ".original.$k" <<<"$2")"); done
+  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" \
+    "$(get .baselines.ensemble.median <<<"$2")" "$(get .verdict.label <<<"$2")"
+}
+
+header() {
+  echo "| $1 | generated best / mean / median | originals best / mean / median | ensemble | verdict |"
+  echo "|---|---|---|---|---|"
+}

@@ -14,6 +14,7 @@ parent ids): network and snapshots (collect), model (fit), checkpoints while a s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import hashlib
@@ -96,7 +97,12 @@ class CollectConfig:
                                                        "schedule.")
     lr: float = opt(0.05, "Stage-1 learning rate.")
     weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
-    k: int = opt(200, "Snapshots to save.", "-k", "--k", min=1)
+    k: Optional[int] = opt(None, "Snapshots to save (default 200); with --seeds, snapshots per network (default: "
+                                 "none, each network's final parameters).", "-k", "--k", min=1)
+    seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
+                                     "whole-model protocol) instead of taking the snapshots of one.", min=1)
+    align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the first "
+                                      "(weight matching; default on for mlp3 and convnet3, the archs pdiff knows).")
     snapshot_optimizer: typing.Literal[OPTIMIZERS] = opt("adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 "
                                                                   "code); constant lr.")
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
@@ -418,6 +424,59 @@ def tensor_stats(layout: Layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     std = torch.stack([d.pow(2).mean().sqrt() for d in dev])  # RMS deviation per tensor
     std = torch.where(std > 1e-12, std, torch.ones_like(std))  # K=1 or a tensor that never moved
     return mean, std.repeat_interleave(torch.tensor(layout.sizes))
+
+
+SYMMETRIC = ("mlp3", "convnet3")  # archs whose hidden units align() knows how to permute
+
+
+def layer_pairs(layout: Layout) -> list[tuple[str, str]]:
+    """(weight, bias) names of the weight layers of a Sequential mlp3 / convnet3 layout, in order."""
+    return [(w, b) for w, b in zip(layout.names[::2], layout.names[1::2])]
+
+
+def permute(p: dict, pairs: list, perms: list) -> dict:
+    """Hidden units of a parameter dict reordered (unit i of layer l becomes old unit perms[l][i]): the same
+    function, since only per-unit operations (ReLU, pooling) lie between the layers."""
+    p = dict(p)
+    for (w, b), (w_next, _), perm in zip(pairs, pairs[1:], perms):
+        p[w], p[b], p[w_next] = p[w][perm], p[b][perm], p[w_next][:, perm]
+    return p
+
+
+def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes: int = 100) -> list:
+    """Weight matching (Ainsworth et al. 2022, "Git Re-Basin"): per hidden layer, the permutation of `other`'s
+    units that maximises the inner product of its weights with `ref`'s, given the neighbouring layers'
+    permutations; layers in random order, passes until one changes nothing."""
+    from scipy.optimize import linear_sum_assignment
+
+    perms = [torch.arange(len(ref[b])) for _, b in pairs[:-1]]
+    for _ in range(passes):
+        changed = False
+        for l in torch.randperm(len(perms), generator=g).tolist():
+            (w, b), (w_next, _) = pairs[l], pairs[l + 1]
+            o_in = other[w][:, perms[l - 1]] if l > 0 else other[w]  # its inputs as already matched
+            o_out = other[w_next][perms[l + 1]] if l + 1 < len(perms) else other[w_next]
+            cost = ref[w].flatten(1) @ o_in.flatten(1).T + ref[b][:, None] * other[b][None, :] \
+                + ref[w_next].transpose(0, 1).flatten(1) @ o_out.transpose(0, 1).flatten(1).T  # (units, units)
+            new = torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
+            changed |= not torch.equal(new, perms[l])
+            perms[l] = new
+        if not changed:
+            break
+    return perms
+
+
+def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> torch.Tensor:
+    """(K, D) -> (K, D): every network permuted to match the first. Rows come in groups of `per` (one network's
+    snapshots) that share the permutation found for the group's last row."""
+    pairs, g, out = layer_pairs(layout), rng(seed, "align"), vectors.clone()
+    ref = layout.unflatten(vectors[per - 1])
+    for i in range(per, len(vectors), per):
+        perms = match_units(ref, layout.unflatten(vectors[i + per - 1]), pairs, g)
+        for j in range(i, i + per):
+            q = permute(layout.unflatten(vectors[j]), pairs, perms)
+            out[j] = torch.cat([q[n].reshape(-1) for n in layout.names])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -908,6 +967,18 @@ def checkpoint_errors(*more):
                          "run the stage again without --resume") from None
 
 
+class State(dict):
+    """Named tensors a checkpoint keeps (the snapshots so far, stacked networks): the Loop asks for state_dict."""
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict):
+        with torch.no_grad():
+            for k, v in state.items():
+                self[k].copy_(v)
+
+
 class Loop:
     """pdiff's one training loop: zero_grad, backward, optimizer and scheduler steps, progress, a checkpoint
     every `every` steps, stop on SIGINT/SIGTERM (checkpoint first), and where a resumed run continues. A
@@ -1040,8 +1111,7 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     back = nn.Sequential(*[m for m, _ in tail])
     batch, _ = batches(cfg, data, "snapshot")
     opt = optimizer(cfg.snapshot_optimizer, selected, cfg.snapshot_lr, cfg.snapshot_wd)
-    record = nn.Module()  # the snapshots as a buffer, so a checkpoint keeps them like any state
-    record.register_buffer("vectors", torch.zeros(cfg.k, layout.D))
+    record = State(vectors=torch.zeros(cfg.k, layout.D))
 
     def loss(step):
         x, y = batch(step)
@@ -1052,12 +1122,74 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
 
     def take(step):
         if (step + 1) % cfg.snapshot_every == 0:
-            record.vectors[(step + 1) // cfg.snapshot_every - 1] = layout.flatten(net)
+            record["vectors"][(step + 1) // cfg.snapshot_every - 1] = layout.flatten(net)
 
     loop.run("snapshots", cfg.k * cfg.snapshot_every, loss, opt, after=take,
              keep={"net": net, "opt_snap": opt, "snapshots": record})
     net.requires_grad_(True)
-    return record.vectors
+    return record["vectors"]
+
+
+STACK_MEMORY = 1 << 30  # bytes of parameters, gradients and optimizer state a group of stacked networks may hold
+
+
+def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
+                  device) -> torch.Tensor:
+    """The paper's whole-model protocol: networks from seeds cfg.seed, cfg.seed + 1, ..., each with its own
+    initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
+    each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. -> (K, D)"""
+    seeds, per = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1
+    record = State(vectors=torch.zeros(len(seeds) * per, layout.D))  # rows of finished groups survive a resume
+    size = max(1, STACK_MEMORY // (16 * layout.D))
+    for i in range(0, len(seeds), size):
+        group = seeds[i:i + size]
+        name = f"seeds {group[0]}-{group[-1]}"
+        if loop.done(f"{name}: {'snapshots' if cfg.k else 'train'}"):
+            continue
+        nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
+                                                          weights=not loop.state)[0] for s in group]
+        rows = record["vectors"][i * per:(i + len(group)) * per].view(len(group), per, -1)
+        train_stacked(cfg, data, nets, prep, layout, loop, name, rows, carry={"record": record})
+    layout.load(net, record["vectors"][per - 1])  # the network file: the first network, as it ended
+    return record["vectors"]
+
+
+def train_stacked(cfg: CollectConfig, data: Data, nets: list, prep: nn.Module, layout: Layout, loop: "Loop",
+                  name: str, rows: torch.Tensor, carry: dict):
+    """Stage 1 (and, with cfg.k, stage 2) of networks without running statistics at once: their parameters
+    stacked (N, ...), one vmapped forward and backward per step, one optimizer (SGD and AdamW act per element,
+    so these are N independent trainings). Each network draws its own batches from its own seed. Results are
+    bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
+    params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
+    base, seeds = copy.deepcopy(nets[0]).to("meta"), range(cfg.seed, cfg.seed + len(nets))
+    one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
+
+    def losses(key: str):  # step -> the sum of the networks' losses on their own batches
+        draws = [batches(dataclasses.replace(cfg, seed=s), data, key)[0] for s in seeds]
+
+        def loss(step):
+            xs, ys = zip(*(draw(step) for draw in draws))
+            with autocast(data.x_train.device):
+                return vmap(one)(dict(params), torch.stack(xs), torch.stack(ys)).sum()
+        return loss
+
+    flat = lambda: torch.cat([params[n].detach().flatten(1) for n in layout.names], 1).cpu()  # (N, D)
+    total = resolved_epochs(cfg) * batches(cfg, data, "train")[1]
+    opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    loop.run(f"{name}: train", total, losses("train"), opt, sched=sched,
+             keep={"nets": params, "opt_net": opt, "sched_net": sched, **carry})
+    if not cfg.k:
+        rows[:, 0] = flat()
+        return
+    opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.snapshot_lr, cfg.snapshot_wd)
+
+    def take(step):
+        if (step + 1) % cfg.snapshot_every == 0:
+            rows[:, (step + 1) // cfg.snapshot_every - 1] = flat()
+
+    loop.run(f"{name}: snapshots", cfg.k * cfg.snapshot_every, losses("snapshot"), opt, after=take,
+             keep={"nets": params, "opt_snap": opt, **carry})
 
 
 def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) -> tuple:
@@ -1589,11 +1721,26 @@ def finished(path: Path, kind: str, stage: str, json_out: bool):
     emit(meta.get("report", {}), json_out)
 
 
+def collection(cfg: CollectConfig) -> dict:
+    """Where the snapshots come from, as the snapshot file records it."""
+    if cfg.seeds:
+        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.k or 1, "aligned": cfg.align}
+    return {"kind": "steps", "networks": 1, "per_network": cfg.k, "aligned": False}
+
+
 def resolve(cfg: CollectConfig) -> CollectConfig:
-    """Defaults that depend on other settings, and the data folder as an absolute path."""
-    params = cfg.params or ("all" if cfg.arch in ("mlp3", "convnet3") else "norm")
+    """Defaults that depend on other settings (refusing what cannot work), the data folder as an absolute path."""
+    params = cfg.params or ("all" if cfg.arch in SYMMETRIC or cfg.seeds else "norm")
     lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.01 if params == "all" else 0.03
-    return dataclasses.replace(cfg, params=params, snapshot_lr=lr, data_dir=str(Path(cfg.data_dir).resolve()))
+    align = cfg.align if cfg.align is not None else bool(cfg.seeds) and cfg.arch in SYMMETRIC
+    k = cfg.k if cfg.k is not None else 0 if cfg.seeds else 200
+    if cfg.seeds and params != "all":
+        raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
+    if align and (not cfg.seeds or cfg.arch not in SYMMETRIC):
+        raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose symmetry "
+                         f"pdiff knows ({', '.join(SYMMETRIC)})", 2)
+    return dataclasses.replace(cfg, params=params, snapshot_lr=lr, align=align, k=k,
+                               data_dir=str(Path(cfg.data_dir).resolve()))
 
 
 @command(CollectConfig)
@@ -1615,10 +1762,17 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     if not resume:
         for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
             p.unlink()  # they belong to the run this one replaces
+    if cfg.seeds and any(b.numel() for b in net.buffers()):
+        raise PdiffError(f"--seeds: {cfg.arch} keeps running statistics per network, which parameter vectors do not "
+                         f"carry; use an arch without BatchNorm ({', '.join(SYMMETRIC)}, vit_b_16, convnext_tiny)", 2)
     with progress() as prog:
         loop.prog = prog
-        train_network(cfg, d, net, prep, loop)
-        snaps = collect_snapshots(cfg, d, net, prep, layout, loop)
+        if cfg.seeds:
+            snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
+            snaps = align(snaps, layout, cfg.k or 1, cfg.seed) if cfg.align else snaps
+        else:
+            train_network(cfg, d, net, prep, loop)
+            snaps = collect_snapshots(cfg, d, net, prep, layout, loop)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test)
     loop.stop_point()
     acc = summary(accuracy(correct))
@@ -1626,7 +1780,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
               "seed": cfg.seed, "snapshots": acc, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
     save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct},
-                  {**meta, "parents": {"network": net_id}, "report": report})
+                  {**meta, "collection": collection(cfg), "parents": {"network": net_id}, "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
                     f"({len(layout.names)} tensors)", {"snapshots": acc}))

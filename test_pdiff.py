@@ -453,13 +453,15 @@ def run_until(args, watch: Path | None = None, sig=signal.SIGKILL, after: Path |
     return p.returncode, errs
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, "seeds"])
 def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
-    args = ["--epochs", 40, "-k", 300, "--checkpoint-every", 50] if stage == 1 else ["--epochs", 2, "-k", 400, "--checkpoint-every", 20]
+    args = {1: ["--epochs", 40, "-k", 300, "--checkpoint-every", 50],
+            2: ["--epochs", 2, "-k", 400, "--checkpoint-every", 20],
+            "seeds": ["--seeds", 30, "--epochs", 40, "-k", 20, "--checkpoint-every", 50]}[stage]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("collect", "--run", ref, *args).exit_code == 0
     ck = run / "collect-checkpoint.safetensors"
-    phase = "train network" if stage == 1 else "snapshots"
+    phase = {1: "train network", 2: "snapshots", "seeds": "seeds 0-29: train"}[stage]
     code, _ = run_until(["collect", "--run", run, *args], until=lambda: checkpoint_phase(ck) == phase)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert ck.exists() and not (run / "snapshots.safetensors").exists() and not (run / "network.safetensors").exists()
@@ -680,3 +682,41 @@ def test_experiment_script_prints_a_table(tmp_path):
     fits = sorted(f.name for f in tmp_path.joinpath("noise").glob("model-*.safetensors"))
     assert fits == ["model-both.safetensors", "model-input.safetensors", "model-latent.safetensors",
                     "model-none.safetensors"]
+
+
+def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
+    assert cli("collect", "--run", tmp_path / "four", "--seeds", 4, "--epochs", 5, "--no-align").exit_code == 0
+    assert cli("collect", "--run", tmp_path / "one", "--seeds", 1, "--seed", 2, "--epochs", 5).exit_code == 0
+    four, one = (read(tmp_path / r / "snapshots.safetensors")["snapshots"] for r in ("four", "one"))
+    assert four.shape == (4, 3466) and torch.equal(four[2], one[0])  # bit for bit
+    assert not torch.equal(four[0], four[1])  # and the seeds really differ
+    r = cli("collect", "--run", tmp_path / "k", "--seeds", 3, "--epochs", 5, "-k", 4, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
+    with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
+                                                          "aligned": True}
+
+
+@pytest.mark.parametrize("arch", ["mlp3", "convnet3"])
+def test_alignment_permutes_units_without_changing_the_function(arch):
+    torch.manual_seed(0)
+    nets = [pdiff.build_net(arch, 1, 8, 10, width=8)[0] for _ in range(3)]
+    layout = pdiff.select_params(nets[0], "all")
+    vecs = torch.stack([layout.flatten(n) for n in nets])
+    pairs = pdiff.layer_pairs(layout)
+    shuffled = pdiff.permute(layout.unflatten(vecs[0]), pairs, [torch.randperm(len(layout.unflatten(vecs[0])[b]))
+                                                                 for _, b in pairs[:-1]])
+    vecs = torch.cat([vecs, torch.cat([shuffled[n].reshape(-1) for n in layout.names])[None]])  # net 0, permuted
+    aligned = pdiff.align(vecs, layout, per=1)
+    assert torch.equal(aligned[0], vecs[0]) and torch.equal(aligned[3], vecs[0])  # a permuted copy comes back
+    x = torch.randn(16, 1, 8, 8)
+    for before, after in zip(vecs, aligned):
+        out = [torch.func.functional_call(nets[0], layout.unflatten(v), (x,)) for v in (before, after)]
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("args", [["--arch", "resnet18", "--seeds", 2], ["--seeds", 2, "--params", "norm"],
+                                  ["--align"], ["--arch", "vit_b_16", "--seeds", 2, "--align"]])
+def test_seeds_and_align_refuse_what_cannot_work(tmp_path, args):
+    r = cli("collect", "--run", tmp_path / "r", *args, "--epochs", 0)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

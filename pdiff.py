@@ -46,8 +46,8 @@ from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
 VERSION = "2"
-ARCHS = ("mlp3", "convnet3", "resnet18", "resnet50", "vit_b_16", "convnext_tiny")
-DATASETS = ("digits", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10")
+DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
+            "pets", "food101")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("sgd", "adamw")
@@ -82,9 +82,13 @@ def opt(default, help: str, *flags: str, **option):
 
 @dataclass
 class CollectConfig:
-    arch: str = opt("mlp3", f"Network: {', '.join(ARCHS)}.")
+    arch: str = opt("mlp3", "Network: mlp3, convnet3, any torchvision classifier (resnet18, vit_b_16, "
+                            "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (called with channels, size, classes).")
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
-    data_dir: str = opt("data", "Where torchvision data sets live (recorded as an absolute path).")
+    data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
+                                "PATH/test/<class>/* or val/); recorded as an absolute path.")
+    image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share it; "
+                                          "else 64).", min=1)
     download: bool = opt(False, "Let torchvision fetch the data set.")
     params: str = opt("", "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
                           "comma-separated globs over parameter names. Default: all for mlp3/convnet3, else norm.")
@@ -206,7 +210,7 @@ class Data:
         return dataclasses.replace(self, **moved)
 
 
-def load_data(name: str, root: str = "data", download: bool = False) -> Data:
+def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None) -> Data:
     if name not in DATASETS:
         raise PdiffError(f"unknown --data '{name}' (choose from {', '.join(DATASETS)})", 2)
     if name == "digits":
@@ -219,30 +223,91 @@ def load_data(name: str, root: str = "data", download: bool = False) -> Data:
         te, tr = perm[:len(y) // 5], perm[len(y) // 5:]
         xtr, ytr, xte, yte, classes = x[tr], y[tr], x[te], y[te], 10
     else:
-        (xtr, ytr, classes), (xte, yte, _) = (torchvision_split(name, root, download, train) for train in (True, False))
+        (xtr, ytr, classes), (xte, yte, _) = (torchvision_split(name, root, download, train, image_size)
+                                              for train in (True, False))
+    if image_size and xtr.shape[-1] != image_size:
+        xtr, xte = resized(xtr, image_size), resized(xte, image_size)
     xf = xtr.float().div(255)
     mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).clamp_min(1e-3).tolist()
-    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in ("cifar10", "cifar100", "stl10"))
+    natural = ("cifar10", "cifar100", "stl10", "flowers102", "pets", "food101")
+    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in natural)
 
 
-def torchvision_split(name: str, root: str, download: bool, train: bool) -> tuple:
+def torchvision_split(name: str, root: str, download: bool, train: bool, image_size: Optional[int]) -> tuple:
     """One split of a torchvision data set -> (x (N, C, H, W) uint8, y (N,), classes)."""
     import numpy as np
     from torchvision import datasets
 
+    if name == "imagefolder":
+        return image_folder(root, train, image_size)
+    split = {"stl10": ("train", "test"), "svhn": ("train", "test"), "flowers102": ("train", "test"),
+             "pets": ("trainval", "test"), "food101": ("train", "test")}.get(name)
     cls = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10,
-           "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}[name]
+           "cifar100": datasets.CIFAR100, "stl10": datasets.STL10, "svhn": datasets.SVHN,
+           "flowers102": datasets.Flowers102, "pets": datasets.OxfordIIITPet, "food101": datasets.Food101}[name]
     try:
-        if name == "stl10":
-            ds = cls(root, split="train" if train else "test", download=download)
-            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64), 10
-        ds = cls(root, train=train, download=download)
+        ds = cls(root, **({"split": split[not train]} if split else {"train": train}), download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found ... You can use download=True"
         hint = "" if download else "; pass --download (collect) to fetch it, or --data-dir to point at it"
         raise PdiffError(f"{name} not found under '{root}' ({e}){hint}") from None
+    if name in ("flowers102", "pets", "food101"):  # image files of many sizes, read one by one
+        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), len(set(ds._labels))
     x = torch.as_tensor(np.asarray(ds.data))
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST (N,H,W); CIFAR (N,H,W,C)
-    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), len(ds.classes)
+    x = x[:, None] if x.ndim == 3 else x if name in ("stl10", "svhn") else x.permute(0, 3, 1, 2)  # to (N, C, H, W)
+    y = ds.labels if name in ("stl10", "svhn") else ds.targets
+    return x.contiguous(), torch.as_tensor(y, dtype=torch.int64), 10 if name in ("stl10", "svhn") else len(ds.classes)
+
+
+def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
+    """PATH/train/<class>/* (or test/, val/) -> (x (N, C, H, W) uint8, y, classes) through torchvision's
+    ImageFolder. Grayscale stays one channel unless colour images are mixed in."""
+    from PIL import Image
+    from torchvision import datasets
+    from torchvision.transforms.functional import pil_to_tensor
+
+    def read(f):  # (C, H, W) uint8: grayscale stays one channel, other modes become RGB
+        im = Image.open(f)
+        return pil_to_tensor(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+
+    parts = ["train"] if train else ["test", "val"]
+    found = [Path(root) / s for s in parts if (Path(root) / s).is_dir()]
+    if not found:
+        raise PdiffError(f"image folder '{root}' has no {' or '.join(parts)}/ subfolder (expected "
+                         f"{root}/{parts[0]}/<class>/<image>)")
+    try:
+        ds = datasets.ImageFolder(str(found[0]), loader=read)
+        train_classes = datasets.folder.find_classes(str(Path(root) / "train"))[0]
+    except (FileNotFoundError, RuntimeError) as e:
+        raise PdiffError(f"{found[0]}: {str(e).splitlines()[0]}") from None
+    if ds.classes != train_classes:
+        raise PdiffError(f"{found[0]} has the classes {ds.classes[:5]}..., train/ has {train_classes[:5]}...: "
+                         "each split needs the same class folders")
+    images = [ds[i][0] for i in track(range(len(ds)), f"reading {found[0].name}/")]
+    if len({im.shape[0] for im in images}) > 1:
+        images = [im.expand(3, -1, -1) for im in images]
+    if len({im.shape[1:] for im in images}) > 1 or image_size:
+        images = [resized(im[None], image_size or 64)[0] for im in images]
+    return torch.stack(images), torch.as_tensor(ds.targets, dtype=torch.int64), len(ds.classes)
+
+
+def pil_images(ds, size: int) -> torch.Tensor:  # a torchvision data set of PIL images -> (N, 3, size, size) uint8
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return torch.stack([resized(pil_to_tensor(ds[i][0].convert("RGB"))[None], size)[0]
+                        for i in track(range(len(ds)), "reading images")])
+
+
+def resized(x: torch.Tensor, size: int) -> torch.Tensor:  # (N, C, H, W) uint8: shorter side to size, centre crop
+    from torchvision.transforms.functional import center_crop, resize
+
+    return center_crop(resize(x, size, antialias=True), size)
+
+
+def track(items, description: str):
+    """A progress bar for reading files (they may be many)."""
+    from rich.progress import track as rich_track
+
+    return rich_track(items, description=description, console=err, transient=True)
 
 
 def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -280,15 +345,15 @@ class Prep(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # networks: the paper's MLP-3 and ConvNet-3, and torchvision models adapted to the data
 
-HEADS = {"resnet18": "fc", "resnet50": "fc", "vit_b_16": "heads.head", "convnext_tiny": "classifier.2"}
-
-
 def build_net(arch: str, channels: int, size: int, classes: int, *, width: int = 32, pretrained: bool = False,
               weights: bool = True) -> tuple[nn.Module, int, int]:
-    """Returns (net, input channels, input size). `pretrained` picks the ImageNet-shaped network (and its
-    input size); `weights` loads torchvision's weights into it (False when a saved network follows)."""
-    if arch not in ARCHS:
-        raise PdiffError(f"unknown --arch '{arch}' (choose from {', '.join(ARCHS)})", 2)
+    """-> (net, input channels, input size). The paper's MLP-3 / ConvNet-3, a network from the user's file
+    (FILE.py:FUNCTION, called with (channels, size, classes)), or any torchvision classifier adapted to the data:
+    `classes` outputs, 3 input channels (grayscale is repeated), and the smallest input size it accepts from
+    the data's up (ResNets on images of 64 px or less get the usual CIFAR stem instead). `pretrained`: torchvision's
+    ImageNet weights, their input size and a new head; `weights` loads them (False when a saved network follows)."""
+    if re.fullmatch(r".+\.py:\w+", arch):
+        return user_net(arch, channels, size, classes), channels, size
     if pretrained and arch in ("mlp3", "convnet3"):
         raise PdiffError(f"--pretrained has no weights for {arch}", 2)
     if arch == "mlp3":
@@ -302,33 +367,76 @@ def build_net(arch: str, channels: int, size: int, classes: int, *, width: int =
                              nn.Flatten(), nn.Linear(2 * w, classes)), channels, size
     from torchvision import models
 
+    if arch not in models.list_models(module=models):
+        raise PdiffError(f"unknown --arch '{arch}' (mlp3, convnet3, FILE.py:FUNCTION or a torchvision classifier: "
+                         f"{', '.join(models.list_models(module=models)[:4])}, ...)", 2)
+    extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     if pretrained:
+        w = models.get_model_weights(arch).DEFAULT
         try:
-            net = models.get_model(arch, weights=models.get_model_weights(arch).DEFAULT if weights else None)
+            net = models.get_model(arch, weights=w if weights else None, **extra)
         except Exception as e:  # no network, proxy, corrupt cache, ...
             raise PdiffError(f"could not load torchvision's pretrained {arch} weights ({e})") from None
-        parent, _, leaf = HEADS[arch].rpartition(".")
-        parent = net.get_submodule(parent) if parent else net
-        if getattr(parent, leaf).out_features != classes:
-            setattr(parent, leaf, nn.Linear(getattr(parent, leaf).in_features, classes))
-        return net, 3, 224
-    if arch in ("resnet18", "resnet50"):
-        net = getattr(models, arch)(num_classes=classes)
-        if size <= 64:  # the usual CIFAR stem: 3x3 conv, stride 1, no max-pool
-            net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
-        elif channels != 3:
-            net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        return new_head(net, arch, classes), 3, w.transforms().crop_size[0]
+    net = models.get_model(arch, num_classes=classes, **extra)
+    if isinstance(net, models.ResNet) and size <= 64:  # the CIFAR stem: 3x3 conv, stride 1, no max-pool
+        net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
         return net, channels, size
-    if arch == "vit_b_16":
-        size = 16 * max(1, math.ceil(size / 16))  # whole patches
-        net = models.vit_b_16(image_size=size, num_classes=classes)
-        if channels != 3:
-            net.conv_proj = nn.Conv2d(channels, net.hidden_dim, 16, 16)
-        return net, channels, size
-    net = models.convnext_tiny(num_classes=classes)  # downsamples 32x: smaller images are resized up
-    if channels != 3:
-        net.features[0][0] = nn.Conv2d(channels, 96, 4, 4)
-    return net, channels, max(size, 32)
+    for s in sorted({size} | {s for s in (32, 64, 96, 128, 160, 224, 299) if s > size}):
+        if arch.startswith("vit_"):  # whole patches; the patch size ends the name
+            s = math.ceil(s / int(arch.split("_")[-1])) * int(arch.split("_")[-1])
+            net = models.get_model(arch, num_classes=classes, image_size=s)
+        if accepts(net, 3, s, classes):
+            return net, 3, s
+    raise PdiffError(f"--arch {arch}: found no input size from {size} to 299 px that it accepts")
+
+
+def accepts(net: nn.Module, channels: int, size: int, classes: int) -> bool:
+    """Does a batch of (channels, size, size) images give (batch, classes) logits?"""
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(2, channels, size, size))
+        return torch.is_tensor(out) and tuple(out.shape) == (2, classes)
+    except Exception:
+        return False
+
+
+def new_head(net: nn.Module, arch: str, classes: int) -> nn.Module:
+    """A pretrained classifier with its last Linear (or 1x1 Conv2d) replaced by one with `classes` outputs."""
+    name, head = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    linear = isinstance(head, nn.Linear)
+    if (head.out_features if linear else head.out_channels) != 1000:
+        raise PdiffError(f"--pretrained {arch}: could not find its 1000-class head to adapt to {classes} classes")
+    if classes != 1000:
+        new = nn.Linear(head.in_features, classes) if linear else nn.Conv2d(head.in_channels, classes, head.kernel_size)
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, new)
+    return net
+
+
+def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
+    """--arch FILE.py:FUNCTION: import the file and call FUNCTION(channels, size, classes)."""
+    import importlib.util
+
+    path, _, fn = arch.rpartition(":")
+    if not Path(path).is_file():
+        raise PdiffError(f"--arch {arch}: {path} not found", 2)
+    try:
+        spec = importlib.util.spec_from_file_location(f"pdiff_user_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, fn, None)):
+        raise PdiffError(f"--arch {arch}: {path} has no function {fn}", 2)
+    try:
+        net = getattr(module, fn)(channels, size, classes)
+    except Exception as e:
+        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) failed ({type(e).__name__}: {e})") from None
+    if not isinstance(net, nn.Module):
+        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
+                         "torch.nn.Module", 2)
+    return net
 
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -664,12 +772,22 @@ def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: 
              batch: int = 1000, memory: int = EVAL_MEMORY) -> torch.Tensor:
     """correct[i, j]: parameter set i (a row of sets, (n, D)) classifies test example j right. The frozen
     front runs once per test batch; the tail runs for a chunk of sets at once (vmap over stacked
-    parameters), chunks sized so activations stay under `memory` bytes. Sets with NaN/Inf are all wrong."""
+    parameters), chunks sized so activations stay under `memory` bytes. Sets with NaN/Inf are all wrong.
+    A network vmap cannot batch (data-dependent control flow, say) is evaluated one set at a time."""
+    correct = torch.zeros(sets.shape[0], len(y), dtype=torch.bool)
+    if len(sets):
+        net.eval()
+        try:
+            evaluate_batched(net, prep, layout, sets, x, y, correct, batch, memory)
+        except Exception as e:
+            err.print(f"note: batched evaluation failed ({type(e).__name__}); evaluating one set at a time", style="dim")
+            correct = evaluate_loop(net, prep, layout, sets, x, y, batch=batch)
+    correct[~torch.isfinite(sets).all(1)] = False
+    return correct
+
+
+def evaluate_batched(net, prep, layout: Layout, sets, x, y, correct, batch: int, memory: int):
     dev, n = x.device, sets.shape[0]
-    correct = torch.zeros(n, len(y), dtype=torch.bool)
-    if n == 0:
-        return correct
-    net.eval()
     front, tail = split_net(net, prep, layout)
     batched = vmap(lambda p, h: run_tail(tail, p, h), in_dims=(0, None))
     chunk = None
@@ -683,8 +801,6 @@ def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: 
             for s in range(0, n, chunk):
                 logits = batched(layout.unflatten(sets[s:s + chunk].to(dev)), h)  # (c, b, classes)
                 correct[s:s + chunk, i:i + batch] = (logits.argmax(-1) == yb).cpu()
-    correct[~torch.isfinite(sets).all(1)] = False
-    return correct
 
 
 @torch.no_grad()
@@ -1373,7 +1489,7 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         raise PdiffError(f"{snap_path}: its parameter layout differs from {FILES['network']}")
     if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or len(t.get("correct", [])) != len(t["snapshots"]):
         raise PdiffError(f"{snap_path}: its tensors do not match the layout of {layout.D} parameters")
-    d = load_data(cfg.data, data_dir or cfg.data_dir, False).to(device)
+    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size).to(device)
     if len(d.y_test) != t["correct"].shape[1]:
         raise PdiffError(f"the {cfg.data} test set under '{data_dir or cfg.data_dir}' has {len(d.y_test)} "
                          f"examples; the snapshots were evaluated on {t['correct'].shape[1]}")
@@ -1730,6 +1846,9 @@ def collection(cfg: CollectConfig) -> dict:
 
 def resolve(cfg: CollectConfig) -> CollectConfig:
     """Defaults that depend on other settings (refusing what cannot work), the data folder as an absolute path."""
+    arch = cfg.arch
+    if re.fullmatch(r".+\.py:\w+", arch):  # your own network: recorded with its absolute path
+        arch = f"{Path(arch.rpartition(':')[0]).resolve()}:{arch.rpartition(':')[2]}"
     params = cfg.params or ("all" if cfg.arch in SYMMETRIC or cfg.seeds else "norm")
     lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.01 if params == "all" else 0.03
     align = cfg.align if cfg.align is not None else bool(cfg.seeds) and cfg.arch in SYMMETRIC
@@ -1739,7 +1858,7 @@ def resolve(cfg: CollectConfig) -> CollectConfig:
     if align and (not cfg.seeds or cfg.arch not in SYMMETRIC):
         raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose symmetry "
                          f"pdiff knows ({', '.join(SYMMETRIC)})", 2)
-    return dataclasses.replace(cfg, params=params, snapshot_lr=lr, align=align, k=k,
+    return dataclasses.replace(cfg, arch=arch, params=params, snapshot_lr=lr, align=align, k=k,
                                data_dir=str(Path(cfg.data_dir).resolve()))
 
 
@@ -1756,7 +1875,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download).to(dev)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
     if not resume:

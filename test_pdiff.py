@@ -86,7 +86,7 @@ def test_layout_round_trip_and_strict_false_load():
 
 @pytest.mark.parametrize("arch,size,params", [("mlp3", 8, "all"), ("convnet3", 8, "all"), ("resnet18", 16, "norm"),
                                                ("resnet18", 16, "layer3.1.bn2.*,fc.*"), ("convnext_tiny", 32, "norm"),
-                                               ("vit_b_16", 16, "norm")])
+                                               ("vit_b_16", 16, "norm"), ("mobilenet_v3_small", 8, "norm")])
 def test_batched_evaluation_equals_loop(arch, size, params):
     torch.manual_seed(0)
     net, ch, sz = pdiff.build_net(arch, 3, size, 10)
@@ -720,3 +720,100 @@ def test_alignment_permutes_units_without_changing_the_function(arch):
 def test_seeds_and_align_refuse_what_cannot_work(tmp_path, args):
     r = cli("collect", "--run", tmp_path / "r", *args, "--epochs", 0)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+MYNET = '''import torch.nn as nn
+
+
+def make(channels, size, classes):
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * size * size, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def not_a_module(channels, size, classes):
+    return "a string"
+
+
+class Branchy(nn.Module):  # data-dependent control flow: vmap cannot batch it
+    def __init__(self, classes):
+        super().__init__()
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def branchy(channels, size, classes):
+    return Branchy(classes)
+'''
+
+
+def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(MYNET)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    r = cli("collect", "--run", run, "--arch", "mynet.py:make", "--epochs", 2, "-k", 10, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["params"] == 2 * 8 + 2 * 16 and rep["snapshots"]["median"] > 50  # norm: the last two norm layers
+    assert cli("fit", "--run", run, "--ae-steps", 20, "--ddpm-steps", 20).exit_code == 0
+    monkeypatch.chdir(tmp_path.parent)  # the file's absolute path was recorded
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
+    (tmp_path / "mynet.py").write_text(MYNET.replace("nn.Linear(8 * size * size, 16)", "nn.Linear(8 * size * size, 24)")
+                                       .replace("LayerNorm(16)", "LayerNorm(24)").replace("Linear(16, classes)",
+                                                                                          "Linear(24, classes)"))
+    r = cli("sample", "--run", run, "-n", 4)
+    assert r.exit_code == 1 and "does not fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch,code,words", [("nofile.py:make", 2, "not found"), ("mynet.py:missing", 2, "no function"),
+                                             ("mynet.py:not_a_module", 2, "not a torch.nn.Module")])
+def test_your_own_network_errors(tmp_path, monkeypatch, arch, code, words):
+    (tmp_path / "mynet.py").write_text(MYNET)
+    monkeypatch.chdir(tmp_path)
+    r = cli("collect", "--run", tmp_path / "r", "--arch", arch, "--epochs", 1, "-k", 2)
+    assert r.exit_code == code and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_loop_fallback_for_a_network_vmap_cannot_batch(tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(MYNET)
+    net = pdiff.build_net(f"{tmp_path}/mynet.py:branchy", 1, 8, 10)[0]
+    layout = pdiff.select_params(net, "all")
+    prep = pdiff.Prep([0.5], [0.25], 1, 8)
+    d = pdiff.load_data("digits")
+    sets = layout.flatten(net) + 0.1 * torch.randn(3, layout.D, generator=torch.Generator().manual_seed(0))
+    fast = pdiff.evaluate(net, prep, layout, sets, d.x_test, d.y_test)
+    assert torch.equal(fast, pdiff.evaluate_loop(net, prep, layout, sets, d.x_test, d.y_test))
+
+
+def write_image_folder(root: Path):
+    """scikit-learn's digits as PNG files in torchvision's ImageFolder layout, pdiff's own train/test split."""
+    from PIL import Image
+
+    d = pdiff.load_data("digits")
+    for split, xs, ys in (("train", d.x_train, d.y_train), ("test", d.x_test, d.y_test)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            (root / split / f"class{y}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[0].numpy(), mode="L").save(root / split / f"class{y}" / f"{i:04d}.png")
+    return d
+
+
+def test_image_folder_and_a_torchvision_arch_end_to_end(tmp_path):
+    d = write_image_folder(tmp_path / "pngs")
+    f = pdiff.load_data("imagefolder", str(tmp_path / "pngs"))
+    assert f.x_train.shape == d.x_train.shape and f.classes == 10  # grayscale stays one channel, 8x8 kept
+    assert torch.equal(f.x_train.float().mean((0, 2, 3)), d.x_train.float().mean((0, 2, 3)))  # the same pixels
+    assert torch.equal(torch.bincount(f.y_test), torch.bincount(d.y_test))
+    run = tmp_path / "run"
+    r = cli("collect", "--run", run, "--arch", "mobilenet_v3_small", "--data", "imagefolder", "--data-dir",
+            tmp_path / "pngs", "--epochs", 1, "-k", 6, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["snapshots"]["count"] == 6
+    assert cli("fit", "--run", run, "--ae-steps", 20, "--ddpm-steps", 20).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
+    (tmp_path / "pngs" / "test").rename(tmp_path / "pngs" / "elsewhere")
+    r = cli("collect", "--run", tmp_path / "r2", "--data", "imagefolder", "--data-dir", tmp_path / "pngs")
+    assert r.exit_code == 1 and "no test or val/ subfolder" in r.stderr

@@ -29,11 +29,13 @@ import sys
 import time
 import typing
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
@@ -164,6 +166,8 @@ DDIM_STEPS = 50  # --steps default for ddim
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The one device decision. Under torchrun it also joins the process group (NCCL on CUDA, gloo otherwise),
+    takes the GPU of its local rank, and silences every process but rank 0."""
     if name not in DEVICES:
         raise PdiffError(f"unknown --device '{name}' (choose from {', '.join(DEVICES)})", 2)
     if name == "auto":
@@ -172,7 +176,28 @@ def pick_device(name: str = "auto") -> torch.device:
         raise PdiffError(f"--device {name} is not available on this machine", 2)
     if name == "cuda":
         torch.backends.cudnn.benchmark = True
-    return torch.device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", timeout=timedelta(hours=6))
+        err.quiet = rank() != 0
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+# Many processes (torchrun): each runs the same command on its share of the work; rank 0 writes and prints.
+distributed = lambda: dist.is_available() and dist.is_initialized()
+rank = lambda: dist.get_rank() if distributed() else 0
+world = lambda: dist.get_world_size() if distributed() else 1
+
+
+def gather(t: torch.Tensor, counts: list) -> torch.Tensor:
+    """Every process's rows of t (process r holds counts[r] rows), concatenated in rank order on every process."""
+    if not distributed():
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    pad = torch.zeros(max(counts), *t.shape[1:], dtype=torch.uint8 if t.dtype == torch.bool else t.dtype, device=dev)
+    pad[:len(t)] = t.to(dev)
+    parts = [torch.empty_like(pad) for _ in counts]
+    dist.all_gather(parts, pad)
+    return torch.cat([q[:c] for q, c in zip(parts, counts)]).to(t.dtype).cpu()
 
 
 def autocast(device: torch.device):
@@ -769,11 +794,16 @@ def _activation_bytes(tail, params: dict, h: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-             batch: int = 1000, memory: int = EVAL_MEMORY) -> torch.Tensor:
+             batch: int = 1000, memory: int = EVAL_MEMORY, spread: bool = False) -> torch.Tensor:
     """correct[i, j]: parameter set i (a row of sets, (n, D)) classifies test example j right. The frozen
     front runs once per test batch; the tail runs for a chunk of sets at once (vmap over stacked
     parameters), chunks sized so activations stay under `memory` bytes. Sets with NaN/Inf are all wrong.
-    A network vmap cannot batch (data-dependent control flow, say) is evaluated one set at a time."""
+    A network vmap cannot batch (data-dependent control flow, say) is evaluated one set at a time.
+    spread=True (every process calls it): each process evaluates its share of the sets, all get every row."""
+    if spread and distributed():
+        counts = [len(s) for s in sets.tensor_split(world())]
+        mine = evaluate(net, prep, layout, sets.tensor_split(world())[rank()], x, y, batch=batch, memory=memory)
+        return gather(mine, counts)
     correct = torch.zeros(sets.shape[0], len(y), dtype=torch.bool)
     if len(sets):
         net.eval()
@@ -974,10 +1004,12 @@ def content_id(tensors: dict, meta: dict) -> str:
 
 def save_artifact(path: Path, kind: str, tensors: dict, meta: dict) -> str:
     """Write to a temporary name in the same folder, then os.replace: never a half-written file under the
-    real name. The file gets the mode the user's umask gives. Returns the artifact's id."""
+    real name. The file gets the mode the user's umask gives. Returns the artifact's id (every process)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in meta.items()}
     meta.update(format=f"pdiff.{kind}", version=VERSION, id=content_id(tensors, meta))
+    if rank() != 0:  # under torchrun rank 0 alone writes
+        return meta["id"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     umask = os.umask(0)
@@ -1159,7 +1191,7 @@ class Loop:
             raise Interrupted(STOP["signum"])
 
     def finish(self):  # the stage's outputs are written: its checkpoint is no longer needed
-        if self.path is not None:
+        if self.path is not None and rank() == 0:
             self.path.unlink(missing_ok=True)
 
 
@@ -1173,18 +1205,30 @@ def resolved_epochs(cfg: CollectConfig) -> int:
     return cfg.epochs if cfg.epochs is not None else 0 if cfg.init else 2 if cfg.pretrained else 30
 
 
-def batches(cfg: CollectConfig, data: Data, key: str) -> tuple[Callable, int]:
-    """(step -> (x, y), steps per epoch): the same batch for the same (seed, key, step), resumed or not."""
+def batches(cfg: CollectConfig, data: Data, key: str, *, share: bool = False) -> tuple[Callable, int]:
+    """(step -> (x, y), steps per epoch): the same batch for the same (seed, key, step), resumed or not.
+    share=True: this process's equal share of it (under torchrun, DDP averages the shares' gradients)."""
     N = len(data.y_train)
     B = min(cfg.batch_size, N)
+    if share and B % world():
+        raise PdiffError(f"--batch-size {B} does not split evenly over {world()} processes", 2)
 
     def batch(step: int):
         epoch, i = divmod(step, N // B)
-        idx = torch.randperm(N, generator=rng(cfg.seed, key, epoch))[i * B:(i + 1) * B].to(data.x_train.device)
-        x = data.x_train[idx]
-        return (augment(x, rng(cfg.seed, key, "augment", step)) if data.augment else x), data.y_train[idx]
+        idx = torch.randperm(N, generator=rng(cfg.seed, key, epoch))[i * B:(i + 1) * B]
+        x = data.x_train[idx.to(data.x_train.device)]
+        x = augment(x, rng(cfg.seed, key, "augment", step)) if data.augment else x
+        y = data.y_train[idx.to(data.y_train.device)]
+        return (x.tensor_split(world())[rank()], y.tensor_split(world())[rank()]) if share else (x, y)
 
     return batch, N // B
+
+
+def ddp(module: nn.Module) -> nn.Module:  # under torchrun: gradients averaged over the processes
+    if not distributed():
+        return module
+    ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -1195,15 +1239,16 @@ def optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.
 
 def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop"):
     """Stage 1: the whole network, cosine schedule."""
-    batch, per_epoch = batches(cfg, data, "train")
+    batch, per_epoch = batches(cfg, data, "train", share=True)
     total = resolved_epochs(cfg) * per_epoch
     opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    model = ddp(net)
 
     def loss(step):
         x, y = batch(step)
         with autocast(x.device):
-            return F.cross_entropy(net(prep(x)), y)
+            return F.cross_entropy(model(prep(x)), y)
 
     net.train()
     loop.run("train network", total, loss, opt, sched=sched, keep={"net": net, "opt_net": opt, "sched_net": sched})
@@ -1224,8 +1269,8 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
         if isinstance(m, NORMS) and cfg.snapshot_norm == "eval":
             m.eval()
     front, tail = split_net(net, prep, layout) if shortcut else (prep, [(net, {})])
-    back = nn.Sequential(*[m for m, _ in tail])
-    batch, _ = batches(cfg, data, "snapshot")
+    back = ddp(nn.Sequential(*[m for m, _ in tail]))
+    batch, _ = batches(cfg, data, "snapshot", share=True)
     opt = optimizer(cfg.snapshot_optimizer, selected, cfg.snapshot_lr, cfg.snapshot_wd)
     record = State(vectors=torch.zeros(cfg.k, layout.D))
 
@@ -1253,31 +1298,37 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
                   device) -> torch.Tensor:
     """The paper's whole-model protocol: networks from seeds cfg.seed, cfg.seed + 1, ..., each with its own
     initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
-    each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. -> (K, D)"""
-    seeds, per = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1
-    record = State(vectors=torch.zeros(len(seeds) * per, layout.D))  # rows of finished groups survive a resume
+    each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
+    process trains its block of seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
+    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
+    record = State(vectors=torch.zeros(len(seeds) * per, layout.D))  # finished rounds' rows survive a resume
     size = max(1, STACK_MEMORY // (16 * layout.D))
-    for i in range(0, len(seeds), size):
-        group = seeds[i:i + size]
-        name = f"seeds {group[0]}-{group[-1]}"
-        if loop.done(f"{name}: {'snapshots' if cfg.k else 'train'}"):
+    blocks = [seeds[r * len(seeds) // W:(r + 1) * len(seeds) // W] for r in range(W)]  # each process's seeds
+    for j in range(0, max(map(len, blocks)), size):  # a round: one group per process
+        groups = [b[j:j + size] for b in blocks]
+        group, rows = groups[rank()], torch.zeros(len(groups[rank()]), per, layout.D)
+        if loop.done(f"round {j}"):
             continue
-        nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
-                                                          weights=not loop.state)[0] for s in group]
-        rows = record["vectors"][i * per:(i + len(group)) * per].view(len(group), per, -1)
-        train_stacked(cfg, data, nets, prep, layout, loop, name, rows, carry={"record": record})
+        if group:
+            nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
+                                                              weights=not loop.state)[0] for s in group]
+            train_stacked(cfg, data, group, nets, prep, layout, loop, rows, carry={"record": record})
+        for g, r in zip(groups, gather(rows, list(map(len, groups))).split(list(map(len, groups)))):
+            if g:
+                record["vectors"][(g[0] - cfg.seed) * per:(g[-1] + 1 - cfg.seed) * per] = r.flatten(0, 1)
+        loop.finished.append(f"round {j}")
     layout.load(net, record["vectors"][per - 1])  # the network file: the first network, as it ended
     return record["vectors"]
 
 
-def train_stacked(cfg: CollectConfig, data: Data, nets: list, prep: nn.Module, layout: Layout, loop: "Loop",
-                  name: str, rows: torch.Tensor, carry: dict):
+def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep: nn.Module, layout: Layout,
+                  loop: "Loop", rows: torch.Tensor, carry: dict):
     """Stage 1 (and, with cfg.k, stage 2) of networks without running statistics at once: their parameters
     stacked (N, ...), one vmapped forward and backward per step, one optimizer (SGD and AdamW act per element,
     so these are N independent trainings). Each network draws its own batches from its own seed. Results are
     bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
     params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
-    base, seeds = copy.deepcopy(nets[0]).to("meta"), range(cfg.seed, cfg.seed + len(nets))
+    base, name = copy.deepcopy(nets[0]).to("meta"), f"seeds {seeds[0]}-{seeds[-1]}"
     one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
 
     def losses(key: str):  # step -> the sum of the networks' losses on their own batches
@@ -1600,12 +1651,14 @@ def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trac
     tick, trajectory = ticker(prog, f"{cfg.sampler} sampling", total), []
     gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta, tick=tick,
                          trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
+    if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
+        gen = gather(gen, [len(gen)] + [0] * (world() - 1))
     t1 = time.perf_counter()
     z_o = model.standardise(run.snapshots)  # (K, D)
     zs = {"generated": model.standardise(gen)} | (make_baselines(z_o, cfg.n, cfg) if cfg.baselines else {})
     groups = {k: gen if k == "generated" else model.unstandardise(z) for k, z in zs.items()}  # parameters
     sets = torch.cat(list(groups.values()))
-    correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test)  # one pass for all
+    correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, spread=True)  # one pass
     t2 = time.perf_counter()
     accs, rows, per_model = {}, {}, {}
     for (name, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
@@ -1778,6 +1831,12 @@ def command(config=None):
                     if isinstance(e, Interrupted) else ""
                 print(f"pdiff: interrupted{hint}", file=sys.stderr)
                 raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
+            except (RuntimeError, dist.DistError) as e:
+                if not distributed():
+                    raise
+                print(f"pdiff: error: process {rank()}: another process of the group failed "
+                      f"({str(e).splitlines()[0][:200]}); the last checkpoint stands", file=sys.stderr)
+                raise typer.Exit(1)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         wrapper.__signature__ = inspect.Signature([ctx_param, *options, *(p.replace(kind=p.KEYWORD_ONLY) for p in own)])
@@ -1878,7 +1937,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
-    if not resume:
+    if not resume and rank() == 0:
         for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
             p.unlink()  # they belong to the run this one replaces
     if cfg.seeds and any(b.numel() for b in net.buffers()):
@@ -1892,7 +1951,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         else:
             train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop)
-        correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test)
+        correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True)
     loop.stop_point()
     acc = summary(accuracy(correct))
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
@@ -1920,6 +1979,8 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     t0 = time.perf_counter()
     check_run(run)
     dev = pick_device(device)
+    if rank() != 0:  # fit is small: under torchrun rank 0 fits alone and the others are done
+        return
     (out, ck), r = model_files(run, name), open_run(run, dev, data_dir=data_dir)
     parents = {"network": r.ids["network"], "snapshots": r.ids["snapshots"]}
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
@@ -1976,7 +2037,7 @@ def sample_cmd(cfg: SampleConfig,
     if save:
         save_artifact(save, "samples", {"samples": s.sets["generated"], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
-    if plot_file:
+    if plot_file and rank() == 0:
         plot(s, r.model, r.snapshots, plot_file)
     if export:
         export_best(s, r, export, model)
@@ -2035,7 +2096,7 @@ def table(title: str, rows: dict, extra: dict | None = None) -> Table:
 
 
 def emit(report: dict, as_json: bool):
-    if as_json:  # after every progress display has closed: stdout holds the JSON and nothing else
+    if as_json and rank() == 0:  # after every progress display has closed: stdout holds the JSON and nothing else
         sys.stdout.write(json.dumps(report) + "\n")
         sys.stdout.flush()
 

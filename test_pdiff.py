@@ -817,3 +817,62 @@ def test_image_folder_and_a_torchvision_arch_end_to_end(tmp_path):
     (tmp_path / "pngs" / "test").rename(tmp_path / "pngs" / "elsewhere")
     r = cli("collect", "--run", tmp_path / "r2", "--data", "imagefolder", "--data-dir", tmp_path / "pngs")
     assert r.exit_code == 1 and "no test or val/ subfolder" in r.stderr
+
+
+def torchrun(*args, wait=True):
+    """pdiff under torchrun: 2 processes on the CPU (gloo), as the README says to launch it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--",
+           str(HERE / "pdiff.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_torchrun_sample_equals_one_process(digits_run):
+    two = torchrun("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--steps", 20, "--json")
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = cli("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--steps", 20, "--json")
+    a, b = json.loads(two.stdout), json.loads(one.stdout)  # rank 0 alone prints: one JSON document
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+def test_torchrun_collect_equals_one_process(tmp_path):
+    for name, args in (("seeds", ["--seeds", 4, "--epochs", 3]), ("one", ["--epochs", 3, "-k", 20])):
+        two = torchrun("collect", "--run", tmp_path / f"{name}-2", *args)
+        assert two.returncode == 0, two.stderr[-2000:]
+        assert cli("collect", "--run", tmp_path / f"{name}-1", *args).exit_code == 0
+        a, b = (read(tmp_path / f"{name}-{n}" / "snapshots.safetensors") for n in (2, 1))
+        if name == "seeds":  # each process trains its seeds, bit for bit as one process would
+            assert torch.equal(a["snapshots"], b["snapshots"])
+        else:  # DDP: each process half of every batch, gradients averaged: equal up to the order of additions
+            assert (a["snapshots"] - b["snapshots"]).abs().max() < 1e-5 and torch.equal(a["correct"], b["correct"])
+
+
+def test_torchrun_rank_killed_mid_collect_leaves_it_resumable(tmp_path):
+    run, args = tmp_path / "run", ["--epochs", 60, "-k", 50, "--checkpoint-every", 40]
+    ck = run / "collect-checkpoint.safetensors"
+    p = torchrun("collect", "--run", run, *args, wait=False)
+    deadline = time.time() + 300
+    while not ck.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victims = [d for d in Path("/proc").iterdir() if d.name.isdigit() and worker_rank(d) == b"1"]
+    assert ck.exists() and victims, "no checkpoint or no rank-1 worker to kill"
+    os.kill(int(victims[0].name), signal.SIGKILL)
+    _, errs = p.communicate(timeout=300)
+    assert p.returncode != 0 and any(line.startswith("pdiff: ") for line in errs.splitlines())  # rank 0: one line
+    assert not (run / "snapshots.safetensors").exists()
+    r = cli("collect", "--run", run, "--resume", "--json")  # one process takes over
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["snapshots"]["count"] == 50 and not ck.exists()
+
+
+def worker_rank(proc: Path):
+    """RANK of a torchrun worker started by this test (None for any other process)."""
+    try:
+        env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        cmd = (proc / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return env.get(b"RANK") if b"pdiff.py" in cmd and b"TORCHELASTIC_RUN_ID" in env else None

@@ -255,6 +255,122 @@ def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------------- 5, 6
+
+
+def bench_seeds(dev, n: int, epochs: int) -> dict:
+    """[5] N mlp3 networks on digits, stage 1 (30 epochs): trained together (pdiff's stacked, vmapped path, one
+    group) vs one after another (pdiff's single-network train_network, N times). Same seeds, same recipe."""
+    d = pdiff.load_data("digits").to(dev)
+    cfg = pdiff.resolve(pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9))
+    prep = pdiff.Prep(d.mean, d.std, 1, 8).to(dev)
+    make = lambda s: pdiff.collect_network(pdiff.dataclasses.replace(cfg, seed=s), d, dev, weights=True)
+    layout, seeds = make(0)[2], list(range(n))
+    err.print(f"[5] {n} mlp3 networks on digits, {epochs} epochs: together vs one after another")
+    nets = [make(s)[0] for s in seeds]
+    rows = torch.zeros(n, 1, layout.D)
+    t_together, _, _ = timed(lambda: pdiff.train_stacked(cfg, d, seeds, nets, prep, layout, pdiff.Loop(), rows, {}), dev)
+    alone = lambda: [pdiff.train_network(pdiff.dataclasses.replace(cfg, seed=s), d, make(s)[0], prep, pdiff.Loop())
+                     for s in seeds]
+    t_alone, _, _ = timed(alone, dev)
+    err.print(f"    together {t_together:.1f} s, one after another {t_alone:.1f} s")
+    return {"n": n, "epochs": epochs, "together_s": t_together, "alone_s": t_alone, "alone_over_together": t_alone / t_together}
+
+
+def bench_torchrun(quick: bool) -> dict:
+    """[6] The same commands in 1 process (torch's default threads) and under torchrun with 2 processes
+    (1 thread each) on the CPU: collect --seeds N and sample -n 200 (evaluation spread). Seconds from the
+    commands' JSON (interpreter start excluded); wall seconds beside them."""
+    tmp = Path(tempfile.mkdtemp(prefix="pdiff-bench-"))
+    n, log = 50 if quick else 200, tmp / "stderr.log"
+    steps = [("collect", ["collect", "--seeds", str(n)], "total"), ("fit", ["fit", "--ae-steps", "200", "--ddpm-steps", "200"], None),
+             ("sample", ["sample", "-n", "200", "--sampler", "ddim"], "evaluate")]
+    err.print(f"[6] torchrun: 2 processes vs 1 on the CPU; collect --seeds {n}, sample -n 200 (stderr in {log})")
+    res = {}
+    for procs in (1, 2):
+        run = tmp / f"run{procs}"
+        for stage, args, key in steps:
+            launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                           "--nproc-per-node", "2", "--"]
+            env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if procs == 2 else {})}
+            t = time.perf_counter()
+            with open(log, "ab") as f:
+                p = subprocess.run([*launcher, str(HERE / "pdiff.py"), *args, "--run", str(run), "--device", "cpu", "--json"],
+                                   stdout=subprocess.PIPE, stderr=f, env=env)
+            if p.returncode:
+                raise SystemExit(f"bench: {stage} with {procs} processes failed; see {log}")
+            if key:
+                res[f"{stage}_{procs}"] = {"seconds": json.loads(p.stdout)["seconds"][key], "wall_s": time.perf_counter() - t}
+    res.update({f"{s}_1_over_2": res[f"{s}_1"]["seconds"] / res[f"{s}_2"]["seconds"] for s in ("collect", "sample")})
+    shutil.rmtree(tmp)
+    return {"n_seeds": n, **res}
+
+
+# ---------------------------------------------------------------------------------------------------- 7
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12}  # dense bf16 tensor FLOP/s from the vendors' data sheets
+
+
+def write_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0):
+    """Random 32x32 images in torchvision's CIFAR-100 files (cifar-100-python/{train,test,meta} pickles)."""
+    import pickle
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = torch.randint(0, 256, (n, 3 * 32 * 32), generator=g, dtype=torch.uint8).numpy()
+        labels = torch.randint(0, 100, (n,), generator=g).tolist()
+        (folder / name).write_bytes(pickle.dumps({"data": data, "fine_labels": labels}))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"class{i}" for i in range(100)]}))
+
+
+def bench_paper(dev, quick: bool) -> dict:
+    """[7] The paper's scale: ResNet-18 (its last two BN layers generated) on CIFAR-100-shaped data, all three
+    stages in this process: collect (a few epochs, K = 200), fit (pdiff's defaults), sample -n 200. The images
+    are random (nothing downloads here), so accuracies mean nothing; the files' md5 check is skipped for them in
+    this process only. Images/second per stage, and for training the share of the GPU's bf16 peak (FLOPs of one
+    step counted by torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.datasets import CIFAR100, cifar
+
+    n_train, n_test, epochs, k, n = (2048, 512, 1, 8, 16) if quick else (50_000, 10_000, 3, 200, 200)
+    root = Path(tempfile.mkdtemp(prefix="pdiff-bench-cifar-"))
+    write_cifar100(root, n_train, n_test)
+    CIFAR100._check_integrity, cifar.check_integrity = (lambda self: True), (lambda *a, **k: True)
+    d = pdiff.load_data("cifar100", str(root)).to(dev)
+    cfg = pdiff.resolve(pdiff.CollectConfig(arch="resnet18", data="cifar100", epochs=epochs, k=k, batch_size=128,
+                                            checkpoint_every=10**9))
+    net, prep, layout, _ = pdiff.collect_network(cfg, d, dev, weights=False)
+    err.print(f"[7] paper scale: resnet18 on CIFAR-100-shaped data ({n_train:,} + {n_test:,} random images), "
+              f"{epochs} epochs, K={k}, n={n}, {dev}")
+    with FlopCounterMode(display=False) as fc:  # one training step of one batch
+        with pdiff.autocast(dev):
+            torch.nn.functional.cross_entropy(net(prep(d.x_train[:128])), d.y_train[:128]).backward()
+    net.zero_grad(set_to_none=True)
+    t_train, _, _ = timed(lambda: pdiff.train_network(cfg, d, net, prep, pdiff.Loop()), dev)
+    t_snap, _, snaps = timed(lambda: pdiff.collect_snapshots(cfg, d, net, prep, layout, pdiff.Loop()), dev)
+    t_eval, _, correct = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, d.x_test, d.y_test), dev)
+    fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
+    t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, layout, device=dev), dev)
+    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, d, {}, model.to(dev), fit_cfg)
+    t_sample, _, s = timed(lambda: pdiff.sample(pdiff.SampleConfig(n=n, sampler="ddim"), run), dev)
+    steps = epochs * (n_train // 128)
+    flops = fc.get_total_flops() * steps / t_train
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    peak = next((v for key, v in PEAK_BF16.items() if key in gpu), None)
+    shutil.rmtree(root)
+    res = {"n_train": n_train, "n_test": n_test, "epochs": epochs, "k": k, "n": n, "train_s": t_train,
+           "train_images_per_s": epochs * n_train / t_train, "snapshot_s": t_snap, "snapshot_images_per_s": k * 128 / t_snap,
+           "evaluate_s": t_eval, "evaluate_images_per_s": k * n_test / t_eval, "fit_s": t_fit, "sample_s": t_sample,
+           "sample_evaluated_images_per_s": len(torch.cat(list(s.sets.values()))) * n_test / s.report["seconds"]["evaluate"],
+           "train_flops_per_s": flops, "gpu": gpu, "share_of_bf16_peak": flops / peak if peak else None}
+    err.print(f"    train {res['train_images_per_s']:.0f} img/s, snapshots {res['snapshot_images_per_s']:.0f} img/s, "
+              f"fit {t_fit:.0f} s, sample {t_sample:.1f} s" + (f", {res['share_of_bf16_peak']:.1%} of bf16 peak" if peak else ""))
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -294,11 +410,30 @@ def report_table(r: dict) -> Table:
         tb.add_row("naive / shortcut", f"{c['naive_over_shortcut']:.1f}x", "", "")
         tb.add_row("final eval of K snapshots (excluded)", f"{c['shortcut']['eval_s']:.3f} s", "", "")
         tb.add_row("snapshots shortcut vs naive, max |diff|", f"{c['snapshots_max_abs_diff']:.1e}", "", "")
+    if s := r.get("seeds"):
+        tb.add_row(f"{s['n']} mlp3 networks, {s['epochs']} epochs: together / one after another",
+                   f"{s['together_s']:.1f} / {s['alone_s']:.1f} s", "", "")
+        tb.add_row("one after another / together", f"{s['alone_over_together']:.1f}x", "", "", end_section=True)
+    if pp := r.get("paper"):
+        for what in ("train", "snapshot", "evaluate"):
+            tb.add_row(f"paper scale: {what} images/s", f"{pp[what + '_images_per_s']:,.0f}", "", "")
+        tb.add_row(f"paper scale: fit / sample -n {pp['n']} (s)", f"{pp['fit_s']:.0f} / {pp['sample_s']:.1f}", "", "")
+        share = pp["share_of_bf16_peak"]
+        tb.add_row("paper scale: training FLOP/s, share of bf16 peak",
+                   f"{pp['train_flops_per_s'] / 1e12:.1f} T" + (f", {share:.1%}" if share else ""), "", "", end_section=True)
+    if t := r.get("torchrun"):
+        for stage, what in (("collect", f"collect --seeds {t['n_seeds']} (total)"), ("sample", "sample -n 200 (evaluate)")):
+            tb.add_row(f"{what}: 1 process / 2 processes", f"{t[stage + '_1']['seconds']:.2f} / {t[stage + '_2']['seconds']:.2f} s",
+                       "", "")
+            tb.add_row(f"  speed-up with 2 processes", f"{t[stage + '_1_over_2']:.2f}x", "", "")
     for name, share in r.get("foreign_cpu_share", {}).items():
         tb.add_row(f"CPU taken by other processes during {name}", "n/a" if share is None else f"{share:.0%}", "0%",
                    "" if share is None else "[green]ok[/green]" if share < 0.05 else "[yellow]timings inflated[/yellow]")
     tb.add_row("benchmark wall", f"{r['seconds']:.0f} s", "", "")
     return tb
+
+
+PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "paper")
 
 
 def main():
@@ -308,7 +443,9 @@ def main():
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (also passed to the pdiff CLI)")
     ap.add_argument("--n-test", type=int, help="test images for [1] (default 48; 16 with --quick)")
     ap.add_argument("--repeat", type=int, help="timings per median (default 3; 1 with --quick)")
-    ap.add_argument("--only", default="evaluate,quickstart,collect", help="comma-separated subset of evaluate,quickstart,collect")
+    ap.add_argument("--only", default=",".join(PARTS[:5]), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--scale", choices=("small", "paper"), default="small",
+                    help="paper: also [7], ResNet-18 on CIFAR-100-shaped data, all three stages (a GPU)")
     ap.add_argument("--keep", action="store_true", help="keep the quick start's temporary run folder")
     ap.add_argument("--threads", type=int, help="torch threads here and OMP_NUM_THREADS of the pdiff subprocesses")
     a = ap.parse_args()
@@ -316,9 +453,9 @@ def main():
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     dev = pdiff.pick_device(a.device)
-    only = set(a.only.split(","))
-    if not only <= {"evaluate", "quickstart", "collect"}:
-        ap.error(f"--only: unknown part(s) {', '.join(sorted(only - {'evaluate', 'quickstart', 'collect'}))}")
+    only = set(a.only.split(",")) | ({"paper"} if a.scale == "paper" else set())
+    if not only <= set(PARTS):
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(only - set(PARTS)))}")
     repeat = a.repeat or (1 if a.quick else 3)
     t0 = time.perf_counter()
     r = {"quick": a.quick, "hardware": hardware(dev), "loadavg_before": os.getloadavg()}
@@ -331,6 +468,15 @@ def main():
     if "collect" in only:
         with section(r, "collect"):
             r["collect"] = bench_collect(dev, k=4 if a.quick else 8)
+    if "seeds" in only:
+        with section(r, "seeds"):
+            r["seeds"] = bench_seeds(dev, 50 if a.quick else 200, 30)
+    if "torchrun" in only:
+        with section(r, "torchrun"):
+            r["torchrun"] = bench_torchrun(a.quick)
+    if "paper" in only:
+        with section(r, "paper"):
+            r["paper"] = bench_paper(dev, a.quick)
     r["loadavg_after"], r["seconds"] = os.getloadavg(), time.perf_counter() - t0
     e, q = r.get("evaluate"), r.get("quickstart")
     r["goals_met"] = {**({"batched_over_floor <= 1.25": e["batched_over_floor"] <= 1.25,

@@ -559,6 +559,13 @@ def tensor_stats(layout: Layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return mean, std.repeat_interleave(torch.tensor(layout.sizes))
 
 
+def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:  # (n, d) -> (k, d) the top principal directions
+    X = x - x.mean(0)
+    _, U = torch.linalg.eigh((X @ X.T).double())  # through the (n, n) Gram matrix: d may be large
+    V = U[:, -k:].flip(1).float().T @ X
+    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 SYMMETRIC = ("mlp3", "convnet3")  # archs whose hidden units align() knows how to permute
 
 
@@ -1491,6 +1498,14 @@ def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: 
     return avg.module.eval()
 
 
+def pca_roundtrip(model: Model, sets: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, D) -> (n, D): each standardised set projected onto the sets' first k principal directions, back."""
+    x = model.standardise(sets)
+    mean = x.mean(0)
+    axes = principal_axes(x, min(k, len(x)))  # (k, D)
+    return model.unstandardise(mean + (x - mean) @ axes.T @ axes)
+
+
 def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, loop: Optional["Loop"] = None) -> Model:
     """Standardise the snapshots (K, D), fit the autoencoder, then the DDPM on its standardised latents."""
     loop = loop or Loop()
@@ -1655,7 +1670,8 @@ def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trac
         gen = gather(gen, [len(gen)] + [0] * (world() - 1))
     t1 = time.perf_counter()
     z_o = model.standardise(run.snapshots)  # (K, D)
-    zs = {"generated": model.standardise(gen)} | (make_baselines(z_o, cfg.n, cfg) if cfg.baselines else {})
+    zs = {"generated": model.standardise(gen), "decoded": model.standardise(model.roundtrip(run.snapshots))}
+    zs |= make_baselines(z_o, cfg.n, cfg) if cfg.baselines else {}
     groups = {k: gen if k == "generated" else model.unstandardise(z) for k, z in zs.items()}  # parameters
     sets = torch.cat(list(groups.values()))
     correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, spread=True)  # one pass
@@ -1665,9 +1681,11 @@ def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trac
         accs[name], rows[name], per_model[name] = describe(s, c, zs[name], run.correct, z_o)
     nov_o = novelty(run.correct, z_o, run.correct, z_o, originals=True)
     per_model["original"] = {"accuracy": accuracy(run.correct).tolist(), **nov_o.pop("per_model")}
-    orig, gen_row = summary(accuracy(run.correct)), rows.pop("generated")
+    orig, gen_row, decoded = summary(accuracy(run.correct)), rows.pop("generated"), rows.pop("decoded")
+    per_model.pop("decoded")
     report = {
         "sampler": cfg.sampler, "steps": steps, "original": orig,
+        "decoded": {k: decoded[k] for k in (*orig, "failed", "nearest_distance")},
         "generated": {**{k: gen_row[k] for k in (*orig, "failed")},
                       "accuracies": [None if math.isnan(a) else round(a, 4) for a in accs["generated"].tolist()]},
         "novelty": {"original": nov_o, "generated": {k: gen_row[k] for k in NOVELTY_KEYS}},
@@ -1736,13 +1754,6 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
         ax.legend(fontsize=7)
     fig.tight_layout()
     write_figure(fig, path)
-
-
-def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:  # (n, d) -> (k, d) the top principal directions
-    X = x - x.mean(0)
-    _, U = torch.linalg.eigh((X @ X.T).double())  # through the (n, n) Gram matrix: d may be large
-    V = U[:, -k:].flip(1).float().T @ X
-    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def write_figure(fig, path: Path):
@@ -1989,21 +2000,24 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     with progress() as prog:
         loop.prog = prog
         model = fit(cfg, r.snapshots, r.layout, device=dev, loop=loop)
-    decoded = model.roundtrip(r.snapshots)
-    rt = {**summary(accuracy(evaluate(r.net, r.prep, r.layout, decoded, r.data.x_test, r.data.y_test))),
-          "rel_error": model.rel_error(r.snapshots, decoded)}
+    decoded, pca = model.roundtrip(r.snapshots), pca_roundtrip(model, r.snapshots, cfg.latent)
+    correct = evaluate(r.net, r.prep, r.layout, torch.cat([decoded, pca]), r.data.x_test, r.data.y_test).split(
+        len(decoded))
+    rt, rt_pca = ({**summary(accuracy(c)), "rel_error": model.rel_error(r.snapshots, s)}
+                  for c, s in zip(correct, (decoded, pca)))
     loop.stop_point()
     orig = summary(accuracy(r.correct))
     report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, "original": orig, "decoded": rt,
+              "device": str(dev), "seed": cfg.seed, "original": orig, "decoded": rt, "pca": rt_pca,
               "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
                                                      "parents": parents, "report": report})
     loop.finish()
-    err.print(table(f"fit: autoencoder round trip on {len(r.snapshots)} snapshots of {r.layout.D:,} parameters",
-                    {"original": orig, "decoded": rt}))
-    if rt["rel_error"] is not None:
-        err.print(f"decoded snapshots: relative error {rt['rel_error']:.3f} (0 = exact, 1 = no better than the mean)")
+    err.print(table(f"fit: round trip of {len(r.snapshots)} snapshots of {r.layout.D:,} parameters", {
+        "original": orig, "decoded": rt, f"PCA-{cfg.latent}": rt_pca}, {"rel. error": lambda s: s.get("rel_error")}))
+    err.print(f"decoded: through the autoencoder; PCA-{cfg.latent}: projected on the snapshots' first {cfg.latent} "
+              "principal directions (a linear latent of the same size); rel. error: 0 exact, 1 no better than the "
+              "mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
@@ -2063,13 +2077,13 @@ def export_best(s: Sampled, r: Run, path: Path, model: str):
 
 def print_sample(rep: dict):
     g = rep["generated"]
-    rows = {"original": {**rep["original"], **rep["novelty"]["original"]},
+    rows = {"original": {**rep["original"], **rep["novelty"]["original"]}, "decoded": rep["decoded"],
             "generated": {**g, **rep["novelty"]["generated"]}, **rep["baselines"]}
     err.print(table(f"sample: {g['count'] + g['failed']} generated with {rep['sampler']} ({rep['steps']} steps); "
                     "accuracy in %", rows, {
-                        "max IoU": lambda s: s["max_iou"]["mean"],
+                        "max IoU": lambda s: s.get("max_iou", {}).get("mean"),
                         "NN dist": lambda s: s["nearest_distance"]["median"],
-                        "outside": lambda s: s["off_span"]}))
+                        "outside": lambda s: s.get("off_span")}))
     err.print("max IoU: mean over models of the max IoU of wrong predictions to an original; NN dist: median "
               "distance to the nearest original; outside: median share of the deviation outside the originals' span",
               style="dim")

@@ -85,7 +85,8 @@ def opt(default, help: str, *flags: str, **option):
 @dataclass
 class CollectConfig:
     arch: str = opt("mlp3", "Network: mlp3, convnet3, any torchvision classifier (resnet18, vit_b_16, "
-                            "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (called with channels, size, classes).")
+                            "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (called with channels, size, "
+                            "classes).")
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
     data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
@@ -93,8 +94,10 @@ class CollectConfig:
                                           "else 64).", min=1)
     download: bool = opt(False, "Let torchvision fetch the data set.")
     params: str = opt("", "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
-                          "comma-separated globs over parameter names. Default: all for mlp3/convnet3, else norm.")
-    pretrained: bool = opt(False, "Start from torchvision's ImageNet weights (inputs resized to 224).")
+                          "comma-separated globs over parameter names. Default: all for mlp3, convnet3 and --seeds; "
+                          "else norm.")
+    pretrained: bool = opt(False, "Start from torchvision's ImageNet weights (inputs resized to their size, a new "
+                                  "head).")
     init: Optional[str] = opt(None, "Start from a state dict in a .safetensors file.")
     width: int = opt(32, "Hidden width of mlp3 / convnet3.", min=1)
     epochs: Optional[int] = opt(None, "Stage-1 epochs (default: 30; 0 with --init; 2 with --pretrained).", min=0)
@@ -457,7 +460,8 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
     try:
         net = getattr(module, fn)(channels, size, classes)
     except Exception as e:
-        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) failed ({type(e).__name__}: {e})") from None
+        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) failed "
+                         f"({type(e).__name__}: {e})") from None
     if not isinstance(net, nn.Module):
         raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
                          "torch.nn.Module", 2)
@@ -817,7 +821,8 @@ def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: 
         try:
             evaluate_batched(net, prep, layout, sets, x, y, correct, batch, memory)
         except Exception as e:
-            err.print(f"note: batched evaluation failed ({type(e).__name__}); evaluating one set at a time", style="dim")
+            err.print(f"note: batched evaluation failed ({type(e).__name__}); evaluating one set at a time",
+                      style="dim")
             correct = evaluate_loop(net, prep, layout, sets, x, y, batch=batch)
     correct[~torch.isfinite(sets).all(1)] = False
     return correct
@@ -1725,7 +1730,8 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
     for name in groups:
         pm = s.per_model[name]
         a.scatter(pm["max_iou"], pm["accuracy"], s=14, alpha=0.6, label=name)
-        b.hist(pm["accuracy"], bins=bins, label=name, **({"alpha": 0.4} if name == "original" else {"histtype": "step"}))
+        style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
+        b.hist(pm["accuracy"], bins=bins, label=name, **style)
     a.set(xlabel="max IoU of wrong predictions to any original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")

@@ -126,15 +126,15 @@ class CollectConfig:
 
 @dataclass
 class FitConfig:
-    latent: int = opt(64, "Latent size of the autoencoder.", min=1)
-    ae_width: int = opt(32, "Channels of the autoencoder's convs.", min=1)
-    ae_fold: int = 64  # the vector (D,) is folded to (ae_fold, D / ae_fold) for the 1-D convs
+    latent: int = opt(16, "Latent size: the snapshots' principal directions the autoencoder encodes along.", min=1)
+    ae_width: int = opt(256, "Width of the decoder's residual MLP.", min=1)
     ae_steps: int = opt(1500, "Autoencoder training steps.", min=1)
     ae_lr: float = opt(1e-3, "Autoencoder learning rate (AdamW, cosine).")
     ae_batch: int = opt(50, "Autoencoder batch size.", min=1)
     input_noise: float = opt(0.001, "Noise std added to the standardised parameters in training (p-diff's "
                                     "augmentation).", min=0)
-    latent_noise: float = opt(0.1, "Noise std added to the latents in training.", min=0)
+    latent_noise: float = opt(1.0, "Noise std added to the latents in training, in units of their spread (the "
+                                   "codes are whitened).", min=0)
     ddpm_width: int = opt(512, "Width of the denoiser (an MLP of residual blocks).", min=1)
     ddpm_depth: int = opt(3, "Residual blocks of the denoiser.", min=1)
     ddpm_steps: int = opt(3000, "Denoiser training steps.", min=1)
@@ -628,35 +628,39 @@ def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> tor
 
 
 class AE(nn.Module):
-    """1-D conv autoencoder. The vector (B, D) is folded to (B, fold, L); strided convs halve L until it is
-    short, then a linear map gives the latent. The decoder mirrors it. A per-coordinate output bias lets it
-    place each coordinate exactly, which convolutions (sharing weights along the vector) cannot; it starts
-    at zero, the snapshots' mean, since the inputs are centred."""
+    """Parameter vector (D,) <-> latent (latent,). The encoder is fixed: the snapshots' first `latent` principal
+    directions, whitened, so every code coordinate spreads about 1 and the latent noise is a share of that (a
+    trained encoder inflates its codes until any fixed noise is negligible). The decoder maps back along the same
+    directions and adds a residual MLP whose last layer starts at zero: it starts as exactly PCA and learns what
+    a linear map misses. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind,
+    a 1-D conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, a free MLP AE copies them (96.9) but its decoder
+    fails off the training codes (samples 78-85); this one decodes at 89.8 and its samples reach 89.4."""
 
-    def __init__(self, D: int, *, latent: int = 64, width: int = 32, fold: int = 16, kernel: int = 7,
-                 short: int = 16):
+    def __init__(self, D: int, *, latent: int = 16, width: int = 256):
         super().__init__()
-        L = math.ceil(D / fold)
-        depth = max(0, math.ceil(math.log2(L / short))) if L > short else 0
-        L = math.ceil(L / 2**depth) * 2**depth
-        self.D, self.L, self.fold, n = D, L, fold, L >> depth
-        act, pad = nn.LeakyReLU(0.2), kernel // 2
-        enc = [nn.Conv1d(fold, width, kernel, padding=pad), act]
-        for _ in range(depth):
-            enc += [nn.Conv1d(width, width, kernel, stride=2, padding=pad), act]
-        self.enc = nn.Sequential(*enc, nn.Flatten(), nn.Linear(width * n, latent))
-        dec = [nn.Linear(latent, width * n), nn.Unflatten(1, (width, n)), act]
-        for _ in range(depth):
-            dec += [nn.ConvTranspose1d(width, width, 4, stride=2, padding=1), act]
-        self.dec = nn.Sequential(*dec, nn.Conv1d(width, fold, kernel, padding=pad))
+        width = min(width, max(1, 2**26 // D))  # the last layer's weights stay under 64M floats for large D
+        act = nn.LeakyReLU(0.2)
+        self.register_buffer("axes", torch.zeros(latent, D))  # (latent, D) principal directions, fixed
+        self.register_buffer("scale", torch.ones(latent))  # the spread of the snapshots along each
+        self.residual = nn.Sequential(nn.Linear(latent, width), act, nn.Linear(width, width), act, nn.Linear(width, D))
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
         self.bias = nn.Parameter(torch.zeros(D))
 
+    @torch.no_grad()
+    def set_axes(self, x: torch.Tensor):  # x (K, D) the standardised snapshots
+        k = min(len(self.scale), len(x))
+        axes = principal_axes(x, k)  # (k, D)
+        coef = (x - x.mean(0)) @ axes.T  # (K, k)
+        self.axes.zero_()[:k] = axes
+        self.scale.fill_(1.0)[:k] = coef.std(0).nan_to_num(0).clamp_min(1e-8) if len(x) > 1 else 1.0
+        self.bias.copy_(x.mean(0))
+
     def encode(self, x):  # (B, D) -> (B, latent)
-        x = F.pad(x, (0, self.fold * self.L - self.D))
-        return self.enc(x.view(-1, self.fold, self.L))
+        return (x - self.bias) @ self.axes.T / self.scale
 
     def decode(self, z):  # (B, latent) -> (B, D)
-        return self.dec(z).flatten(1)[:, : self.D] + self.bias
+        return self.bias + (z * self.scale) @ self.axes + self.residual(z)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1417,7 +1421,7 @@ class Model(nn.Module):
     def __init__(self, cfg: FitConfig, D: int):
         super().__init__()
         torch.manual_seed(cfg.seed)
-        self.ae = AE(D, latent=cfg.latent, width=cfg.ae_width, fold=cfg.ae_fold)
+        self.ae = AE(D, latent=cfg.latent, width=cfg.ae_width)
         self.denoiser = Denoiser(cfg.latent, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
         self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(cfg.latent),
@@ -1517,6 +1521,7 @@ def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, loop: Op
     m = Model(cfg, layout.D).to(device)
     m.mean, m.std = (s.to(device) for s in tensor_stats(layout, snaps))
     x = m.standardise(snaps).to(device)  # (K, D)
+    m.ae.set_axes(x)
     fit_autoencoder(cfg, m.ae, x, loop)
     with torch.no_grad():
         z = m.ae.encode(x).float()  # (K, latent)

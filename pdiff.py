@@ -90,8 +90,8 @@ class CollectConfig:
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
     data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
-    image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share it; "
-                                          "else 64).", min=1)
+    image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share one "
+                                          "square size; else 64).", min=1)
     download: bool = opt(False, "Let torchvision fetch the data set.")
     params: str = opt("", "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
                           "comma-separated globs over parameter names. Default: all for mlp3, convnet3 and --seeds; "
@@ -104,7 +104,7 @@ class CollectConfig:
     batch_size: int = opt(64, "Batch size of both stages.", min=1)
     optimizer: typing.Literal[OPTIMIZERS] = opt("sgd", "Stage 1: sgd (Nesterov momentum 0.9) or adamw; cosine "
                                                        "schedule.")
-    lr: float = opt(0.05, "Stage-1 learning rate.")
+    lr: float = opt(0.05, "Stage-1 learning rate.", min=0)
     weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
     k: Optional[int] = opt(None, "Snapshots to save (default 200); with --seeds, snapshots per network (default: "
                                  "none, each network's final parameters).", "-k", "--k", min=1)
@@ -129,7 +129,7 @@ class FitConfig:
     latent: int = opt(16, "Latent size: the snapshots' principal directions the autoencoder encodes along.", min=1)
     ae_width: int = opt(256, "Width of the decoder's residual MLP.", min=1)
     ae_steps: int = opt(1500, "Autoencoder training steps.", min=1)
-    ae_lr: float = opt(1e-3, "Autoencoder learning rate (AdamW, cosine).")
+    ae_lr: float = opt(1e-3, "Autoencoder learning rate (AdamW, cosine).", min=0)
     ae_batch: int = opt(50, "Autoencoder batch size.", min=1)
     input_noise: float = opt(0.001, "Noise std added to the standardised parameters in training (p-diff's "
                                     "augmentation).", min=0)
@@ -138,17 +138,24 @@ class FitConfig:
     ddpm_width: int = opt(512, "Width of the denoiser (an MLP of residual blocks).", min=1)
     ddpm_depth: int = opt(3, "Residual blocks of the denoiser.", min=1)
     ddpm_steps: int = opt(3000, "Denoiser training steps.", min=1)
-    ddpm_lr: float = opt(1e-3, "Denoiser learning rate (AdamW, cosine).")
+    ddpm_lr: float = opt(1e-3, "Denoiser learning rate (AdamW, cosine).", min=0)
     ddpm_batch: int = opt(50, "Denoiser batch size.", min=1)
-    ema_decay: float = opt(0.999, "EMA decay of the denoiser's weights (bias-corrected, so it acts from the "
-                                  "first step).", min=0, max=1)
+    ema_decay: float = opt(0.999, "EMA decay of the denoiser's weights, below 1 (bias-corrected, so it acts from "
+                                  "the first step).")
     timesteps: int = opt(1000, "Diffusion steps T.", min=2)
-    beta_start: float = opt(1e-4, "First beta of the linear noise schedule.", min=0)
-    beta_end: float = opt(2e-2, "Last beta of the linear noise schedule.", min=0, max=1)
+    beta_start: float = opt(1e-4, "First beta of the linear noise schedule (above 0).")
+    beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
     clip: float = opt(0.1, "Sampling clamps each predicted clean latent to the training latents' range, "
                            "widened by this share of it on each side.", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+
+    def __post_init__(self):  # the bounds an option's min/max cannot say
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise PdiffError(f"the noise schedule needs 0 < --beta-start < --beta-end < 1, not {self.beta_start}, "
+                             f"{self.beta_end}", 2)
+        if not 0 <= self.ema_decay < 1:
+            raise PdiffError(f"--ema-decay must be at least 0 and below 1, not {self.ema_decay}", 2)
 
 
 @dataclass
@@ -180,6 +187,8 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "cuda":
         torch.backends.cudnn.benchmark = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+        if name == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if name == "cuda" else "gloo", timeout=timedelta(hours=6))
         err.quiet = rank() != 0
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
@@ -255,6 +264,8 @@ def load_data(name: str, root: str = "data", download: bool = False, image_size:
                                               for train in (True, False))
     if image_size and xtr.shape[-1] != image_size:
         xtr, xte = resized(xtr, image_size), resized(xte, image_size)
+    if xtr.shape[1] != xte.shape[1]:  # a grayscale split beside a colour one
+        xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
     xf = xtr.float().div(255)
     mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).clamp_min(1e-3).tolist()
     natural = ("cifar10", "cifar100", "stl10", "flowers102", "pets", "food101")
@@ -313,7 +324,7 @@ def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
     images = [ds[i][0] for i in track(range(len(ds)), f"reading {found[0].name}/")]
     if len({im.shape[0] for im in images}) > 1:
         images = [im.expand(3, -1, -1) for im in images]
-    if len({im.shape[1:] for im in images}) > 1 or image_size:
+    if len({im.shape[1:] for im in images}) > 1 or image_size or images[0].shape[1] != images[0].shape[2]:
         images = [resized(im[None], image_size or 64)[0] for im in images]
     return torch.stack(images), torch.as_tensor(ds.targets, dtype=torch.int64), len(ds.classes)
 
@@ -380,7 +391,7 @@ def build_net(arch: str, channels: int, size: int, classes: int, *, width: int =
     `classes` outputs, 3 input channels (grayscale is repeated), and the smallest input size it accepts from
     the data's up (ResNets on images of 64 px or less get the usual CIFAR stem instead). `pretrained`: torchvision's
     ImageNet weights, their input size and a new head; `weights` loads them (False when a saved network follows)."""
-    if re.fullmatch(r".+\.py:\w+", arch):
+    if user_arch(arch):
         return user_net(arch, channels, size, classes), channels, size
     if pretrained and arch in ("mlp3", "convnet3"):
         raise PdiffError(f"--pretrained has no weights for {arch}", 2)
@@ -398,15 +409,18 @@ def build_net(arch: str, channels: int, size: int, classes: int, *, width: int =
     if arch not in models.list_models(module=models):
         raise PdiffError(f"unknown --arch '{arch}' (mlp3, convnet3, FILE.py:FUNCTION or a torchvision classifier: "
                          f"{', '.join(models.list_models(module=models)[:4])}, ...)", 2)
-    extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+    aux = arch in ("googlenet", "inception_v3")  # their auxiliary heads go: pdiff trains on the main output
     if pretrained:
         w = models.get_model_weights(arch).DEFAULT
-        try:
-            net = models.get_model(arch, weights=w if weights else None, **extra)
+        as_trained = {"aux_logits": True, "transform_input": True, "init_weights": False} if aux else {}
+        try:  # built as torchvision builds them with weights, also when a saved network follows
+            net = models.get_model(arch, weights=w if weights else None, **as_trained)
         except Exception as e:  # no network, proxy, corrupt cache, ...
             raise PdiffError(f"could not load torchvision's pretrained {arch} weights ({e})") from None
+        if aux:
+            net.aux_logits, net.aux1, net.aux2, net.AuxLogits = False, None, None, None
         return new_head(net, arch, classes), 3, w.transforms().crop_size[0]
-    net = models.get_model(arch, num_classes=classes, **extra)
+    net = models.get_model(arch, num_classes=classes, **({"aux_logits": False, "init_weights": True} if aux else {}))
     if isinstance(net, models.ResNet) and size <= 64:  # the CIFAR stem: 3x3 conv, stride 1, no max-pool
         net.conv1, net.maxpool = nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.Identity()
         return net, channels, size
@@ -440,6 +454,9 @@ def new_head(net: nn.Module, arch: str, classes: int) -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, leaf, new)
     return net
+
+
+user_arch = lambda arch: re.fullmatch(r".+\.py:\w+", arch) is not None  # FILE.py:FUNCTION
 
 
 def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
@@ -507,8 +524,10 @@ class Layout:
         return sum(self.sizes)
 
     def flatten(self, net: nn.Module) -> torch.Tensor:  # -> (D,)
-        p = dict(net.named_parameters())
-        return torch.cat([p[n].detach().reshape(-1).float() for n in self.names])
+        return self.pack({n: p.detach().float() for n, p in net.named_parameters()})
+
+    def pack(self, tensors: dict, batch: int = 0) -> torch.Tensor:  # unflatten's inverse: {name: (*b, ...)} -> (*b, D)
+        return torch.cat([tensors[n].flatten(batch) for n in self.names], dim=batch)
 
     def unflatten(self, vec: torch.Tensor) -> dict:  # (D,) or (n, D) -> {name: (*shape) or (n, *shape)}
         parts = vec.split(self.sizes, dim=-1)
@@ -563,11 +582,14 @@ def tensor_stats(layout: Layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return mean, std.repeat_interleave(torch.tensor(layout.sizes))
 
 
-def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:  # (n, d) -> (k, d) the top principal directions
+def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, d) -> (k, d): the top k principal directions, unit rows; zero rows past the data's rank."""
     X = x - x.mean(0)
-    _, U = torch.linalg.eigh((X @ X.T).double())  # through the (n, n) Gram matrix: d may be large
-    V = U[:, -k:].flip(1).float().T @ X
-    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    lam, U = torch.linalg.eigh((X @ X.T).double())  # through the (n, n) Gram matrix: d may be large
+    keep = (lam > 1e-9 * lam.max().clamp_min(1e-300)).flip(0)[:k]
+    V = U.flip(1)[:, :k].float().T @ X * keep[:, None]
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.cat([V, V.new_zeros(k - len(V), V.shape[1])])
 
 
 SYMMETRIC = ("mlp3", "convnet3")  # archs whose hidden units align() knows how to permute
@@ -619,7 +641,7 @@ def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> tor
         perms = match_units(ref, layout.unflatten(vectors[i + per - 1]), pairs, g)
         for j in range(i, i + per):
             q = permute(layout.unflatten(vectors[j]), pairs, perms)
-            out[j] = torch.cat([q[n].reshape(-1) for n in layout.names])
+            out[j] = layout.pack(q)
     return out
 
 
@@ -628,13 +650,14 @@ def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> tor
 
 
 class AE(nn.Module):
-    """Parameter vector (D,) <-> latent (latent,). The encoder is fixed: the snapshots' first `latent` principal
-    directions, whitened, so every code coordinate spreads about 1 and the latent noise is a share of that (a
-    trained encoder inflates its codes until any fixed noise is negligible). The decoder maps back along the same
-    directions and adds a residual MLP whose last layer starts at zero: it starts as exactly PCA and learns what
-    a linear map misses. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind,
-    a 1-D conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, a free MLP AE copies them (96.9) but its decoder
-    fails off the training codes (samples 78-85); this one decodes at 89.8 and its samples reach 89.4."""
+    """Parameter vector (D,) <-> latent (latent,). The encoder projects onto the snapshots' first `latent`
+    principal directions, whitened; both are fixed (only its offset, the decoder's bias, trains). Every code
+    coordinate spreads about 1, so the latent noise is a share of that (a trained encoder inflates its codes
+    until any fixed noise is negligible). The decoder maps back along the same directions and adds a residual
+    MLP whose last layer starts at zero: it starts as exactly PCA and learns what a linear map misses. Measured
+    on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D conv AE, decodes them at
+    81.8 % median, PCA-64 at 89.4; a free MLP AE copies them (96.9) but decodes poorly off the training codes
+    (samples 78-85); this one decodes at 89.1 and its samples reach 88.4."""
 
     def __init__(self, D: int, *, latent: int = 16, width: int = 256):
         super().__init__()
@@ -945,9 +968,8 @@ MIN_K_NOVEL = 10  # fewer snapshots than this cannot show that anything is new
 
 def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) -> dict:
     """The README's rule, on summary numbers (accuracy medians in %, median nearest-original distances in
-    the standardised parameter space, the median off-span fraction; "noise" is the smallest noise level). The
-    first rule that applies, in the order inferior, memorised, interpolating, novel; "unknown" without
-    baselines."""
+    the standardised parameter space, the median off-span fraction; "noise" is the smallest noise level): the
+    first of the rules below that applies; "unknown" without baselines."""
     g_acc, o_acc, d_g, d_o = gen["median"], orig["median"], gen["nearest_distance"]["median"], \
         orig["nearest_distance"]["median"]
     noise = min((k for k in base if k.startswith("noise-")), key=lambda k: float(k[6:]), default="noise")
@@ -1019,26 +1041,30 @@ def content_id(tensors: dict, meta: dict) -> str:
 
 
 def save_artifact(path: Path, kind: str, tensors: dict, meta: dict) -> str:
-    """Write to a temporary name in the same folder, then os.replace: never a half-written file under the
-    real name. The file gets the mode the user's umask gives. Returns the artifact's id (every process)."""
+    """Write the artifact atomically (atomic_write). Returns its id (on every process)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in meta.items()}
     meta.update(format=f"pdiff.{kind}", version=VERSION, id=content_id(tensors, meta))
-    if rank() != 0:  # under torchrun rank 0 alone writes
-        return meta["id"]
+    if rank() == 0:  # under torchrun rank 0 alone writes
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return meta["id"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]):
+    """write(tmp) to a temporary name in the same folder, then os.replace: never a half-written file under the
+    real name. The file gets the mode the user's umask gives."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except Exception as e:  # safetensors' own error type, OSError, ...
+    except Exception as e:  # safetensors' own error type, OSError, matplotlib's, ...
         raise PdiffError(f"could not write {path} ({str(e).splitlines()[0]})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return meta["id"]
 
 
 def load_artifact(path: Path, kind: str, hint: str = "") -> tuple[dict, dict]:
@@ -1187,10 +1213,13 @@ class Loop:
         at = self.state.get("phase")
         if at != phase and not self.done(phase):
             return 0
-        with checkpoint_errors():
-            for name in keep.keys() & self.state["objects"].keys():
-                keep[name].load_state_dict(unpack(self.state["objects"][name], self.tensors))
+        self.load(keep)
         return self.state["step"] if at == phase else steps
+
+    def load(self, keep: dict):  # the kept objects the resumed checkpoint holds, whatever its phase
+        with checkpoint_errors():
+            for name in keep.keys() & self.state.get("objects", {}).keys():
+                keep[name].load_state_dict(unpack(self.state["objects"][name], self.tensors))
 
     def checkpoint(self, phase: str, step: int, keep: dict):
         if self.path is not None:
@@ -1226,8 +1255,6 @@ def batches(cfg: CollectConfig, data: Data, key: str, *, share: bool = False) ->
     share=True: this process's equal share of it (under torchrun, DDP averages the shares' gradients)."""
     N = len(data.y_train)
     B = min(cfg.batch_size, N)
-    if share and B % world():
-        raise PdiffError(f"--batch-size {B} does not split evenly over {world()} processes", 2)
 
     def batch(step: int):
         epoch, i = divmod(step, N // B)
@@ -1315,24 +1342,24 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
     """The paper's whole-model protocol: networks from seeds cfg.seed, cfg.seed + 1, ..., each with its own
     initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
     each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
-    process trains its block of seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
+    process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
     seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
-    record = State(vectors=torch.zeros(len(seeds) * per, layout.D))  # finished rounds' rows survive a resume
+    record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
+    loop.load({"record": record})  # the seeds finished before the checkpoint stay finished
+    todo = [s for s in seeds if not record["done"][s - cfg.seed]]
     size = max(1, STACK_MEMORY // (16 * layout.D))
-    blocks = [seeds[r * len(seeds) // W:(r + 1) * len(seeds) // W] for r in range(W)]  # each process's seeds
+    blocks = [todo[r * len(todo) // W:(r + 1) * len(todo) // W] for r in range(W)]  # each process's seeds
     for j in range(0, max(map(len, blocks)), size):  # a round: one group per process
         groups = [b[j:j + size] for b in blocks]
         group, rows = groups[rank()], torch.zeros(len(groups[rank()]), per, layout.D)
-        if loop.done(f"round {j}"):
-            continue
         if group:
             nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
-                                                              weights=not loop.state)[0] for s in group]
+                                                              weights=True)[0] for s in group]
             train_stacked(cfg, data, group, nets, prep, layout, loop, rows, carry={"record": record})
         for g, r in zip(groups, gather(rows, list(map(len, groups))).split(list(map(len, groups)))):
-            if g:
-                record["vectors"][(g[0] - cfg.seed) * per:(g[-1] + 1 - cfg.seed) * per] = r.flatten(0, 1)
-        loop.finished.append(f"round {j}")
+            for s, v in zip(g, r):
+                record["vectors"][(s - cfg.seed) * per:(s - cfg.seed + 1) * per] = v
+                record["done"][s - cfg.seed] = True
     layout.load(net, record["vectors"][per - 1])  # the network file: the first network, as it ended
     return record["vectors"]
 
@@ -1344,7 +1371,7 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     so these are N independent trainings). Each network draws its own batches from its own seed. Results are
     bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
     params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
-    base, name = copy.deepcopy(nets[0]).to("meta"), f"seeds {seeds[0]}-{seeds[-1]}"
+    base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
     one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
 
     def losses(key: str):  # step -> the sum of the networks' losses on their own batches
@@ -1353,10 +1380,10 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
         def loss(step):
             xs, ys = zip(*(draw(step) for draw in draws))
             with autocast(data.x_train.device):
-                return vmap(one)(dict(params), torch.stack(xs), torch.stack(ys)).sum()
+                return vmap(one, randomness="different")(dict(params), torch.stack(xs), torch.stack(ys)).sum()
         return loss
 
-    flat = lambda: torch.cat([params[n].detach().flatten(1) for n in layout.names], 1).cpu()  # (N, D)
+    flat = lambda: layout.pack({n: t.detach() for n, t in params.items()}, batch=1).cpu()  # (N, D)
     total = resolved_epochs(cfg) * batches(cfg, data, "train")[1]
     opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
@@ -1372,7 +1399,7 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
             rows[:, (step + 1) // cfg.snapshot_every - 1] = flat()
 
     loop.run(f"{name}: snapshots", cfg.k * cfg.snapshot_every, losses("snapshot"), opt, after=take,
-             keep={"nets": params, "opt_snap": opt, **carry})
+             keep={"nets": params, "opt_snap": opt, "rows": State(rows=rows), **carry})
 
 
 def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) -> tuple:
@@ -1677,7 +1704,7 @@ def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trac
     gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta, tick=tick,
                          trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
     if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
-        gen = gather(gen, [len(gen)] + [0] * (world() - 1))
+        gen = gather(gen, [len(gen)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
     t1 = time.perf_counter()
     z_o = model.standardise(run.snapshots)  # (K, D)
     zs = {"generated": model.standardise(gen), "decoded": model.standardise(model.roundtrip(run.snapshots))}
@@ -1764,22 +1791,10 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
     for ax in (a, b, c, d):
         ax.legend(fontsize=7)
     fig.tight_layout()
-    write_figure(fig, path)
-
-
-def write_figure(fig, path: Path):
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    except Exception as e:
-        raise PdiffError(f"could not write {path} ({str(e).splitlines()[0]})") from None
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1837,9 +1852,10 @@ def command(config=None):
 
         def wrapper(ctx: typer.Context, **kw):
             given = {k for k in kw if (s := ctx.get_parameter_source(k)) is not None and s.name == "COMMANDLINE"}
-            filled = {"cfg": config(**{f.name: kw.pop(f.name) for f in fields})} if config else {}
-            filled |= {"given": given} if "given" in inspect.signature(fn).parameters else {}
+            settings = {f.name: kw.pop(f.name) for f in fields}
             try:
+                filled = {"cfg": config(**settings)} if config else {}
+                filled |= {"given": given} if "given" in inspect.signature(fn).parameters else {}
                 with interruptible() if resumable else nullcontext():
                     return fn(**filled, **kw)
             except PdiffError as e:
@@ -1849,15 +1865,18 @@ def command(config=None):
                 print(f"pdiff: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
                 raise typer.Exit(1)
             except (Interrupted, KeyboardInterrupt) as e:
-                hint = f" (progress saved); continue with: pdiff {name} --resume --run {kw.get('run')}" \
+                model = f" --name {kw['name']}" if kw.get("name", DEFAULT_MODEL) != DEFAULT_MODEL else ""
+                hint = f" (progress saved); continue with: pdiff {name} --resume --run {kw.get('run')}{model}" \
                     if isinstance(e, Interrupted) else ""
                 print(f"pdiff: interrupted{hint}", file=sys.stderr)
                 raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
             except (RuntimeError, dist.DistError) as e:
                 if not distributed():
                     raise
-                print(f"pdiff: error: process {rank()}: another process of the group failed "
-                      f"({str(e).splitlines()[0][:200]}); the last checkpoint stands", file=sys.stderr)
+                why = "another process of the group failed" if isinstance(e, dist.DistError) or "gloo" in str(e) \
+                    else type(e).__name__
+                print(f"pdiff: error: process {rank()}: {why} ({str(e).splitlines()[0][:200]}); the last checkpoint "
+                      "stands", file=sys.stderr)
                 raise typer.Exit(1)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
@@ -1900,7 +1919,9 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
     with checkpoint_errors(TypeError):
-        saved = dataclasses.replace(type(cfg)(**meta["config"]), checkpoint_every=cfg.checkpoint_every)
+        saved = type(cfg)(**meta["config"])
+        saved = dataclasses.replace(saved, checkpoint_every=cfg.checkpoint_every) if "checkpoint_every" in given \
+            else saved
     for name in sorted(given - {"checkpoint_every"}):
         if hasattr(cfg, name) and getattr(cfg, name) != getattr(saved, name):
             raise PdiffError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts the checkpoint in {ck} "
@@ -1928,7 +1949,7 @@ def collection(cfg: CollectConfig) -> dict:
 def resolve(cfg: CollectConfig) -> CollectConfig:
     """Defaults that depend on other settings (refusing what cannot work), the data folder as an absolute path."""
     arch = cfg.arch
-    if re.fullmatch(r".+\.py:\w+", arch):  # your own network: recorded with its absolute path
+    if user_arch(arch):  # your own network: recorded with its absolute path
         arch = f"{Path(arch.rpartition(':')[0]).resolve()}:{arch.rpartition(':')[2]}"
     params = cfg.params or ("all" if cfg.arch in SYMMETRIC or cfg.seeds else "norm")
     lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.01 if params == "all" else 0.03
@@ -1936,6 +1957,8 @@ def resolve(cfg: CollectConfig) -> CollectConfig:
     k = cfg.k if cfg.k is not None else 0 if cfg.seeds else 200
     if cfg.seeds and params != "all":
         raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
+    if cfg.seeds and cfg.init:
+        raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
     if align and (not cfg.seeds or cfg.arch not in SYMMETRIC):
         raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose symmetry "
                          f"pdiff knows ({', '.join(SYMMETRIC)})", 2)
@@ -1959,12 +1982,14 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
-    if not resume and rank() == 0:
-        for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
-            p.unlink()  # they belong to the run this one replaces
     if cfg.seeds and any(b.numel() for b in net.buffers()):
         raise PdiffError(f"--seeds: {cfg.arch} keeps running statistics per network, which parameter vectors do not "
                          f"carry; use an arch without BatchNorm ({', '.join(SYMMETRIC)}, vit_b_16, convnext_tiny)", 2)
+    if not cfg.seeds and min(cfg.batch_size, len(d.y_train)) % world():
+        raise PdiffError(f"--batch-size {cfg.batch_size} does not split evenly over {world()} processes", 2)
+    if not resume and rank() == 0:
+        for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
+            p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog
         if cfg.seeds:

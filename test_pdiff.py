@@ -365,7 +365,8 @@ def test_mnist_from_torchvision_files(tmp_path):
     (["collect", "--params", "zzz*"], 2), (["collect", "--data", "mnist"], 1),
     (["fit"], 1), (["sample"], 1), (["sample", "--eta", "0.5"], 2), (["sample", "--steps", "10"], 2),
     (["sample", "--plot", "out.pdf"], 2), (["sample", "-n", "abc"], 2), (["sample", "--bogus"], 2),
-    (["collect", "--lr"], 2), (["fit", "--ema-decay", "2"], 2),
+    (["collect", "--lr"], 2), (["fit", "--ema-decay", "1"], 2), (["fit", "--beta-start", "0"], 2),
+    (["collect", "--lr", "-1"], 2), (["collect", "--seeds", 2, "--init", "x.safetensors"], 2),
 ])
 def test_errors_are_one_line(tmp_path, args, code):
     run = tmp_path / "empty-run"
@@ -453,15 +454,16 @@ def run_until(args, watch: Path | None = None, sig=signal.SIGKILL, after: Path |
     return p.returncode, errs
 
 
-@pytest.mark.parametrize("stage", [1, 2, "seeds"])
+@pytest.mark.parametrize("stage", [1, 2, "seeds", "seeds-2"])
 def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
     args = {1: ["--epochs", 40, "-k", 300, "--checkpoint-every", 50],
             2: ["--epochs", 2, "-k", 400, "--checkpoint-every", 20],
-            "seeds": ["--seeds", 30, "--epochs", 40, "-k", 20, "--checkpoint-every", 50]}[stage]
+            "seeds": ["--seeds", 30, "--epochs", 40, "-k", 20, "--checkpoint-every", 50],
+            "seeds-2": ["--seeds", 30, "--epochs", 2, "-k", 300, "--checkpoint-every", 50]}[stage]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("collect", "--run", ref, *args).exit_code == 0
     ck = run / "collect-checkpoint.safetensors"
-    phase = {1: "train network", 2: "snapshots", "seeds": "seeds 0-29: train"}[stage]
+    phase = {1: "train network", 2: "snapshots", "seeds": "seeds 0-29: train", "seeds-2": "seeds 0-29: snapshots"}[stage]
     code, _ = run_until(["collect", "--run", run, *args], until=lambda: checkpoint_phase(ck) == phase)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert ck.exists() and not (run / "snapshots.safetensors").exists() and not (run / "network.safetensors").exists()
@@ -542,12 +544,13 @@ def test_fit_replaces_a_model_only_with_force(tmp_path):
     assert r.exit_code == 0 and not (run / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("stage", ["collect", "fit"])
+@pytest.mark.parametrize("stage", ["collect", "seeds", "fit"])
 def test_signal_during_the_final_evaluation_exits_130_and_resumes(tmp_path, monkeypatch, stage):
     """SIGINT arriving while collect evaluates its snapshots or fit its round trip: checkpoint, exit 130."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    collect = ["--epochs", 2, "-k", 20]
-    fit = ["--ae-steps", 20, "--ddpm-steps", 20]
+    collect = ["--epochs", 2, "-k", 20] if stage != "seeds" else ["--epochs", 2, "--seeds", 6]
+    fit = ["--ae-steps", 20, "--ddpm-steps", 20, "--name", "abl"]
+    stage, model = ("collect" if stage == "seeds" else stage), "model-abl"
     assert cli("collect", "--run", ref, *collect).exit_code == 0
     if stage == "fit":
         shutil.copytree(ref, run)
@@ -560,12 +563,13 @@ def test_signal_during_the_final_evaluation_exits_130_and_resumes(tmp_path, monk
 
     monkeypatch.setattr(pdiff, "evaluate", interrupted_evaluate)
     r = cli(stage, "--run", run, *(collect if stage == "collect" else fit))
-    assert r.exit_code == 130 and "--resume" in r.stderr
-    assert (run / f"{stage}-checkpoint.safetensors").exists()
-    assert not (run / f"{'snapshots' if stage == 'collect' else 'model'}.safetensors").exists()
+    hint = f"pdiff {stage} --resume --run {run}" + (" --name abl" if stage == "fit" else "")
+    assert r.exit_code == 130 and hint in r.stderr
+    assert (run / f"{stage}-checkpoint{'-abl' if stage == 'fit' else ''}.safetensors").exists()
+    assert not (run / f"{'snapshots' if stage == 'collect' else model}.safetensors").exists()
     monkeypatch.setattr(pdiff, "evaluate", evaluate)
-    assert cli(stage, "--run", run, "--resume").exit_code == 0
-    for f in (["network", "snapshots"] if stage == "collect" else ["model"]):
+    assert cli(*hint.split()[1:]).exit_code == 0
+    for f in (["network", "snapshots"] if stage == "collect" else [model]):
         a, b = read(ref / f"{f}.safetensors"), read(run / f"{f}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -882,3 +886,39 @@ def worker_rank(proc: Path):
     except OSError:
         return None
     return env.get(b"RANK") if b"pdiff.py" in cmd and b"TORCHELASTIC_RUN_ID" in env else None
+
+
+def test_pca_directions_past_the_rank_are_zero_and_fit_starts_as_pca(tmp_path):
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))  # K = 5 < latent 16: rank 4
+    axes = pdiff.principal_axes(x, 16)
+    assert axes.shape == (16, 40) and torch.allclose(axes[:4] @ axes[:4].T, torch.eye(4), atol=1e-5)
+    assert not axes[4:].any()
+    ae = pdiff.AE(40, latent=16)
+    ae.set_axes(x)
+    torch.testing.assert_close(ae.decode(ae.encode(x)), x, atol=1e-4, rtol=0)  # K points, rank K-1: PCA is exact
+    run = tmp_path / "r"
+    assert cli("collect", "--run", run, "--epochs", 1, "-k", 5).exit_code == 0
+    r = cli("fit", "--run", run, "--ae-steps", 1, "--ddpm-steps", 1, "--json")
+    assert json.loads(r.stdout)["pca"]["rel_error"] < 1e-3
+
+
+def test_force_keeps_everything_when_the_new_collect_is_refused(tmp_path):
+    run = tmp_path / "r"
+    assert cli("collect", "--run", run, "--epochs", 1, "-k", 3).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 2, "--ddpm-steps", 2).exit_code == 0
+    before = folder_state(run)
+    r = cli("collect", "--run", run, "--force", "--seeds", 2, "--arch", "resnet18", "--epochs", 0)
+    assert r.exit_code == 2 and folder_state(run) == before
+
+
+def test_image_folder_of_colour_and_grayscale_non_square_images(tmp_path):
+    from PIL import Image
+
+    for split, mode, n in (("train", "L", 6), ("test", "RGB", 4)):
+        for i in range(n):
+            (tmp_path / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (12, 9), color=40 * i if mode == "L" else (40 * i, 0, 0)).save(
+                tmp_path / split / f"c{i % 2}" / f"{i}.png")
+    d = pdiff.load_data("imagefolder", str(tmp_path))
+    assert d.x_train.shape == (6, 3, 64, 64) and d.x_test.shape == (4, 3, 64, 64)  # square, colour, default 64
+    assert pdiff.load_data("imagefolder", str(tmp_path), image_size=16).x_test.shape == (4, 3, 16, 16)

@@ -8,7 +8,12 @@ honest answer to whether the generated networks are new or copies (arXiv 2506.07
     pdiff sample -n 50 --json | jq .generated.best
     pdiff collect --arch resnet18 --data cifar100 --download   # the paper's main setting (GPU)
 
-MEASURED
+Measured (the first three commands, defaults, seed 0; 2 cores of an AMD EPYC, torch 2.14.1 CPU): test accuracy
+of the 200 snapshots best/median/min 98.05/95.82/89.97 %, of 50 generated 97.77/96.38/94.71 %, of the weight
+average of 16 snapshots (a baseline) median 97.21 %; verdict: interpolating (the generated networks lie among the
+snapshots). collect 7 s, fit 56 s, sample 7 s. Whole networks from 200 seeds (collect --seeds 200), aligned:
+generated median 88.4 % where averages of aligned originals reach 89.4; not aligned: 11.4 (chance). README.md has
+the tables, the paper's protocols and ablations as scripts (experiments/), and the speed benchmark (bench_pdiff.py).
 Files of a run folder (all safetensors, each with a format string, version, content hash, config and
 parent ids): network and snapshots (collect), model (fit), checkpoints while a stage runs.
 """

@@ -1840,9 +1840,8 @@ DataDirOpt = Annotated[Optional[str], typer.Option(help="Where the data set live
 def command(config=None):
     """Register a subcommand. The opt() fields of `config` become its options and reach it as one config
     object; its own Annotated parameters are options as written. Its other parameters are filled here:
-    the config, and `given` (the names of options typed on the command line). A PdiffError or OSError
-    becomes one line on stderr and an exit code; SIGINT/SIGTERM end with 130/143 (in collect and fit after
-    saving a checkpoint)."""
+    the config, and `given` (the names of options typed on the command line). Errors and interrupts end it
+    as one_line_errors says."""
 
     def register(fn):
         name = fn.__name__.removesuffix("_cmd")
@@ -1858,31 +1857,10 @@ def command(config=None):
         def wrapper(ctx: typer.Context, **kw):
             given = {k for k in kw if (s := ctx.get_parameter_source(k)) is not None and s.name == "COMMANDLINE"}
             settings = {f.name: kw.pop(f.name) for f in fields}
-            try:
+            with one_line_errors(name, kw), interruptible() if resumable else nullcontext():
                 filled = {"cfg": config(**settings)} if config else {}
                 filled |= {"given": given} if "given" in inspect.signature(fn).parameters else {}
-                with interruptible() if resumable else nullcontext():
-                    return fn(**filled, **kw)
-            except PdiffError as e:
-                print(f"pdiff: error: {e}", file=sys.stderr)
-                raise typer.Exit(e.code)
-            except OSError as e:  # disk full, permissions, ...: still one line
-                print(f"pdiff: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-                raise typer.Exit(1)
-            except (Interrupted, KeyboardInterrupt) as e:
-                model = f" --name {kw['name']}" if kw.get("name", DEFAULT_MODEL) != DEFAULT_MODEL else ""
-                hint = f" (progress saved); continue with: pdiff {name} --resume --run {kw.get('run')}{model}" \
-                    if isinstance(e, Interrupted) else ""
-                print(f"pdiff: interrupted{hint}", file=sys.stderr)
-                raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
-            except (RuntimeError, dist.DistError) as e:
-                if not distributed():
-                    raise
-                why = "another process of the group failed" if isinstance(e, dist.DistError) or "gloo" in str(e) \
-                    else type(e).__name__
-                print(f"pdiff: error: process {rank()}: {why} ({str(e).splitlines()[0][:200]}); the last checkpoint "
-                      "stands", file=sys.stderr)
-                raise typer.Exit(1)
+                return fn(**filled, **kw)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         wrapper.__signature__ = inspect.Signature([ctx_param, *options, *(p.replace(kind=p.KEYWORD_ONLY) for p in own)])
@@ -1890,6 +1868,35 @@ def command(config=None):
         return app.command(name, help=fn.__doc__)(wrapper)
 
     return register
+
+
+@contextmanager
+def one_line_errors(name: str, kw: dict):
+    """A PdiffError or OSError becomes one line on stderr and an exit code; SIGINT/SIGTERM end with 130/143 (in
+    collect and fit after saving a checkpoint, with the command that resumes); under torchrun, a failed peer
+    ends the others with one line."""
+    try:
+        yield
+    except PdiffError as e:
+        print(f"pdiff: error: {e}", file=sys.stderr)
+        raise typer.Exit(e.code)
+    except OSError as e:  # disk full, permissions, ...: still one line
+        print(f"pdiff: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        raise typer.Exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        model = f" --name {kw['name']}" if kw.get("name", DEFAULT_MODEL) != DEFAULT_MODEL else ""
+        hint = f" (progress saved); continue with: pdiff {name} --resume --run {kw.get('run')}{model}" \
+            if isinstance(e, Interrupted) else ""
+        print(f"pdiff: interrupted{hint}", file=sys.stderr)
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT))
+    except (RuntimeError, dist.DistError) as e:
+        if not distributed():
+            raise
+        why = "another process of the group failed" if isinstance(e, dist.DistError) or "gloo" in str(e) \
+            else type(e).__name__
+        print(f"pdiff: error: process {rank()}: {why} ({str(e).splitlines()[0][:200]}); the last checkpoint stands",
+              file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def check_run(run: Path):

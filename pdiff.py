@@ -295,7 +295,7 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
         hint = "" if download else "; pass --download (collect) to fetch it, or --data-dir to point at it"
         raise PdiffError(f"{name} not found under '{root}' ({e}){hint}") from None
     if name in ("flowers102", "pets", "food101"):  # image files of many sizes, read one by one
-        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), len(set(ds._labels))
+        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), len(ds.classes)
     x = torch.as_tensor(np.asarray(ds.data))
     x = x[:, None] if x.ndim == 3 else x if name in ("stl10", "svhn") else x.permute(0, 3, 1, 2)  # to (N, C, H, W)
     y = ds.labels if name in ("stl10", "svhn") else ds.targets

@@ -77,6 +77,9 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+one_line = lambda e: " ".join(str(e).split())[:300]  # an exception's text on one line
+
+
 # ----------------------------------------------------------------------------------------------------
 # config: one dataclass per stage. A field made with opt() is also a command-line option (its default,
 # help and flags live here and nowhere else); the resolved config is written into every artifact.
@@ -315,6 +318,9 @@ def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
 
     parts = ["train"] if train else ["test", "val"]
     found = [Path(root) / s for s in parts if (Path(root) / s).is_dir()]
+    if not Path(root).is_dir():
+        raise PdiffError(f"image folder '{root}' does not exist (give it with --data-dir; expected "
+                         f"{root}/train/<class>/<image> and {root}/test/<class>/<image>)")
     if not found:
         raise PdiffError(f"image folder '{root}' has no {' or '.join(parts)}/ subfolder (expected "
                          f"{root}/{parts[0]}/<class>/<image>)")
@@ -322,7 +328,7 @@ def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
         ds = datasets.ImageFolder(str(found[0]), loader=read)
         train_classes = datasets.folder.find_classes(str(Path(root) / "train"))[0]
     except (FileNotFoundError, RuntimeError) as e:
-        raise PdiffError(f"{found[0]}: {str(e).splitlines()[0]}") from None
+        raise PdiffError(f"{found[0]}: {one_line(e)}") from None
     if ds.classes != train_classes:
         raise PdiffError(f"{found[0]} has the classes {ds.classes[:5]}..., train/ has {train_classes[:5]}...: "
                          "each split needs the same class folders")
@@ -384,6 +390,11 @@ class Prep(nn.Module):
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
+
+    def to_dict(self) -> dict:  # what forward does, for a user of an exported network
+        return {"channels": self.channels, "size": self.size, "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist(), "steps": "uint8 images / 255; grayscale repeated to `channels`; "
+                "resized to `size` (bilinear, antialiased) if needed; (x - mean) / std per channel"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,7 +498,18 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
                          "torch.nn.Module", 2)
+    try:  # a batch of two images of the data's shape must give (2, classes) logits
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(2, channels, size, size))
+    except Exception as e:
+        raise PdiffError(f"--arch {arch}: the network does not take {channels}x{size}x{size} images "
+                         f"({type(e).__name__}: {one_line(e)})", 2) from None
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, classes):
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise PdiffError(f"--arch {arch}: for 2 images of {channels}x{size}x{size} the network returns {got}; the "
+                         f"data needs (2, {classes}): one logit per class", 2)
     return net
+
 
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -570,6 +592,9 @@ def select_params(net: nn.Module, patterns: str) -> Layout:
                                  f"{', '.join(list(named)[-3:])})", 2)
             names += [n for n in hits if n not in names]
         names = [n for n in named if n in names]  # network order
+    if not names and patterns == "norm":
+        raise PdiffError("--params norm (the default outside mlp3 and convnet3) found no normalisation layer with "
+                         "weights in this network; pass --params all, or globs naming the parameters", 2)
     if not names:
         raise PdiffError("--params selects no parameters", 2)
     return Layout(names, [tuple(named[n].shape) for n in names])
@@ -1067,7 +1092,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]):
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except Exception as e:  # safetensors' own error type, OSError, matplotlib's, ...
-        raise PdiffError(f"could not write {path} ({str(e).splitlines()[0]})") from None
+        raise PdiffError(f"could not write {path} ({one_line(e)})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1092,7 +1117,7 @@ def load_artifact(path: Path, kind: str, hint: str = "") -> tuple[dict, dict]:
     except PdiffError:
         raise
     except Exception as e:  # truncated, not safetensors, bad JSON, ...
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = one_line(e) or type(e).__name__
         raise PdiffError(f"{path} is not a readable pdiff file ({why})") from None
     return tensors, meta
 
@@ -1158,7 +1183,7 @@ def checkpoint_errors(*more):
     try:
         yield
     except (KeyError, RuntimeError, ValueError, IndexError, *more) as e:
-        raise PdiffError(f"the checkpoint does not fit this run ({str(e).splitlines()[0]}); "
+        raise PdiffError(f"the checkpoint does not fit this run ({one_line(e)}); "
                          "run the stage again without --resume") from None
 
 
@@ -1420,7 +1445,7 @@ def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) ->
         try:
             missing, _ = net.load_state_dict(load_file(cfg.init), strict=False)
         except Exception as e:
-            raise PdiffError(f"--init {cfg.init}: cannot load it into {cfg.arch} ({str(e).splitlines()[0]})") from None
+            raise PdiffError(f"--init {cfg.init}: cannot load it into {cfg.arch} ({one_line(e)})") from None
         if len(missing) == len(net.state_dict()):
             raise PdiffError(f"--init {cfg.init}: no tensor name matches the {cfg.arch} network")
     net = net.to(device)
@@ -1604,9 +1629,10 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]})
     if model is not None:
-        model_path = model_files(path, model)[0]
-        t, meta = load_artifact(model_path, "model", f" (run `pdiff fit --run {path}"
-                                                     f"{'' if model == DEFAULT_MODEL else ' --name ' + model}` first)")
+        model_path, ck = model_files(path, model)
+        named = '' if model == DEFAULT_MODEL else ' --name ' + model
+        t, meta = load_artifact(model_path, "model", f" (fit did not finish: `pdiff fit --resume --run {path}{named}`)"
+                                if ck.is_file() else f" (run `pdiff fit --run {path}{named}` first)")
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
         try:
             run.fit_config = FitConfig(**meta["config"])
@@ -1614,7 +1640,7 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
             run.model.load_state_dict(t)
             run.model.to(device)
         except (KeyError, TypeError, RuntimeError) as e:
-            raise PdiffError(f"{model_path} does not fit this run ({str(e).splitlines()[0]})") from None
+            raise PdiffError(f"{model_path} does not fit this run ({one_line(e)})") from None
         run.ids["model"] = meta["id"]
     return run
 
@@ -1622,7 +1648,9 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
 def open_network(run: Path, device) -> tuple:
     """network.safetensors -> (net, prep, layout, collect config, id), checked against the arch."""
     path = run / FILES["network"]
-    hint = f" (no collected run in '{run}': run `pdiff collect --run {run}` first)"
+    hint = f" (collect did not finish in '{run}': `pdiff collect --resume --run {run}`)" \
+        if (run / FILES["collect-checkpoint"]).is_file() else f" (no collected run in '{run}': run `pdiff collect " \
+                                                                f"--run {run}` first)"
     if not run.is_dir():
         raise PdiffError(f"run folder '{run}' does not exist{hint}")
     t, meta = load_artifact(path, "network", hint)
@@ -1630,12 +1658,15 @@ def open_network(run: Path, device) -> tuple:
         cfg, inp, layout = CollectConfig(**meta["config"]), meta["input"], Layout.from_dict(meta["layout"])
     except (KeyError, TypeError) as e:
         raise PdiffError(f"{path}: metadata incomplete ({e})") from None
-    net, ch, size = build_net(cfg.arch, inp["channels"], inp["size"], inp["classes"], width=cfg.width,
-                              pretrained=cfg.pretrained, weights=False)
+    try:
+        net, ch, size = build_net(cfg.arch, inp["channels"], inp["size"], inp["classes"], width=cfg.width,
+                                  pretrained=cfg.pretrained, weights=False)
+    except PdiffError as e:  # e.g. the user's network file changed since collect
+        raise PdiffError(f"{path}: cannot rebuild the network collect recorded: {e}") from None
     try:
         net.load_state_dict(t)
     except RuntimeError as e:
-        raise PdiffError(f"{path} does not fit a {cfg.arch} network ({str(e).splitlines()[0]})") from None
+        raise PdiffError(f"{path} does not fit a {cfg.arch} network ({one_line(e)})") from None
     named = dict(net.named_parameters())
     for n, s in zip(layout.names, layout.shapes):
         if n not in named or tuple(named[n].shape) != tuple(s):
@@ -1824,24 +1855,24 @@ class OneLineGroup(typer.core.TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Generate neural-network parameters with latent diffusion (p-diff), and measure whether "
                        "they are new.")
 DEFAULT_RUN = Path("pdiff-run")
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder: collect writes it, fit and sample read it.")]
 DeviceOpt = Annotated[str, typer.Option(help=f"{' | '.join(DEVICES)} (auto: cuda, then mps, then cpu).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue from the checkpoint an interrupted run left; on a "
-                                              "finished stage, say so and exit 0.")]
-ForceOpt = Annotated[bool, typer.Option(help="Replace what the stage wrote before in the run folder.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left; "
+                                                        "on a finished stage, say so and exit 0.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what the stage wrote before in the run folder.")]
 DataDirOpt = Annotated[Optional[str], typer.Option(help="Where the data set lives, if not where collect found it.")]
 
 
-def command(config=None):
+def command(config=None, short: str = ""):
     """Register a subcommand. The opt() fields of `config` become its options and reach it as one config
     object; its own Annotated parameters are options as written. Its other parameters are filled here:
     the config, and `given` (the names of options typed on the command line). Errors and interrupts end it
-    as one_line_errors says."""
+    as one_line_errors says. `short`: its line in `pdiff --help`."""
 
     def register(fn):
         name = fn.__name__.removesuffix("_cmd")
@@ -1865,7 +1896,7 @@ def command(config=None):
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         wrapper.__signature__ = inspect.Signature([ctx_param, *options, *(p.replace(kind=p.KEYWORD_ONLY) for p in own)])
         wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-        return app.command(name, help=fn.__doc__)(wrapper)
+        return app.command(name, help=fn.__doc__, short_help=short or None)(wrapper)
 
     return register
 
@@ -1894,7 +1925,7 @@ def one_line_errors(name: str, kw: dict):
             raise
         why = "another process of the group failed" if isinstance(e, dist.DistError) or "gloo" in str(e) \
             else type(e).__name__
-        print(f"pdiff: error: process {rank()}: {why} ({str(e).splitlines()[0][:200]}); the last checkpoint stands",
+        print(f"pdiff: error: process {rank()}: {why} ({one_line(e)[:200]}); the last checkpoint stands",
               file=sys.stderr)
         raise typer.Exit(1)
 
@@ -1904,13 +1935,19 @@ def check_run(run: Path):
         raise PdiffError(f"--run '{run}' is a file, not a run folder", 2)
 
 
-def check_output(path: Optional[Path], option: str, suffix: str):
-    if path is None:
-        return
-    if path.is_dir():
-        raise PdiffError(f"{option} '{path}' is a folder; give a file name", 2)
-    if path.suffix.lower() != suffix:
-        raise PdiffError(f"{option} '{path}' should end in {suffix}", 2)
+def check_outputs(run: Path, outputs: dict):
+    """{option: (path or None, suffix)}: files sample may write; never a folder, each its own, none of the run's."""
+    given = {option: path for option, (path, _) in outputs.items() if path is not None}
+    for option, path in given.items():
+        if path.is_dir():
+            raise PdiffError(f"{option} '{path}' is a folder; give a file name", 2)
+        if path.suffix.lower() != outputs[option][1]:
+            raise PdiffError(f"{option} '{path}' should end in {outputs[option][1]}", 2)
+        if path.resolve().parent == run.resolve() and (path.name in FILES.values() or re.fullmatch(
+                r"(model|fit-checkpoint).*\.safetensors", path.name)):
+            raise PdiffError(f"{option} '{path}' would replace one of the run's own files; write it elsewhere", 2)
+    if len({p.resolve() for p in given.values()}) < len(given):
+        raise PdiffError(f"{', '.join(given)} name the same file; give each its own", 2)
 
 
 def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool, force: bool, outputs: list,
@@ -1926,29 +1963,39 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
     if not resume:
         existing = [p.name for p in [*outputs, ck] if p.exists()]
         if existing and not force:
-            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; pass --force to replace it or --resume "
-                             "to continue")
+            more = " or --resume to continue" if ck.exists() else ""
+            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; pass --force to replace it{more}")
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
     with checkpoint_errors(TypeError):
         saved = type(cfg)(**meta["config"])
         saved = dataclasses.replace(saved, checkpoint_every=cfg.checkpoint_every) if "checkpoint_every" in given \
             else saved
-    for name in sorted(given - {"checkpoint_every"}):
-        if hasattr(cfg, name) and getattr(cfg, name) != getattr(saved, name):
-            raise PdiffError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts the checkpoint in {ck} "
-                             f"({getattr(saved, name)}); leave it out to resume, or start again with --force", 2)
+    agree(cfg, saved, given, f"the checkpoint in {ck}")
     for kind_, expected in parents.items():
         check_parent(ck, meta, kind_, expected, f"pdiff {stage} --force")
     return saved, Loop(ck, kind, {"config": dataclasses.asdict(saved), "parents": parents},
                        every=saved.checkpoint_every, resume=(t, meta))
 
 
-def finished(path: Path, kind: str, stage: str, json_out: bool):
+def agree(cfg, saved, given: set, where: str):
+    """--resume: every option given on the command line must say what the run was started with."""
+    for name in sorted(given - {"checkpoint_every"}):
+        if hasattr(cfg, name) and getattr(cfg, name) != getattr(saved, name):
+            raise PdiffError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {where} "
+                             f"({getattr(saved, name)}); leave it out to resume, or start again with --force", 2)
+
+
+def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool):
     """--resume on a stage that already finished: say so and repeat its report; exit 0."""
     _, meta = load_artifact(path, kind)
-    err.print(f"{stage} already finished: {path} is complete; nothing to resume")
-    emit(meta.get("report", {}), json_out)
+    with checkpoint_errors(TypeError):
+        saved = type(cfg)(**meta["config"])
+    agree(cfg, saved, given, f"the finished {path}")
+    report = meta.get("report", {})
+    err.print(table(f"{stage} already finished: {path} is complete; nothing to resume",
+                    {k: v for k, v in report.items() if isinstance(v, dict) and "median" in v}))
+    emit(report, json_out)
 
 
 def collection(cfg: CollectConfig) -> dict:
@@ -1978,7 +2025,7 @@ def resolve(cfg: CollectConfig) -> CollectConfig:
                                data_dir=str(Path(cfg.data_dir).resolve()))
 
 
-@command(CollectConfig)
+@command(CollectConfig, "Train a network and save K snapshots of its parameters.")
 def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume: ResumeOpt = False,
                 run: RunOpt = DEFAULT_RUN, device: DeviceOpt = DEVICES[0], json_out: JsonOpt = False):
     """Train a network, then keep training only the parameters to generate and save K snapshots of them.
@@ -1990,7 +2037,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     cfg, loop = open_stage(run, "collect", run / FILES["collect-checkpoint"], resolve(cfg), given, resume=resume,
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
-        return finished(snap_path, "snapshots", "collect", json_out)
+        return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
@@ -2029,7 +2076,7 @@ NameOpt = Annotated[str, typer.Option("--name", help="Fit a named model beside t
                                                   "safetensors): several fits of one collection, for ablations.")]
 
 
-@command(FitConfig)
+@command(FitConfig, "Fit the parameter autoencoder and the latent DDPM.")
 def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: ForceOpt = False,
             resume: ResumeOpt = False, run: RunOpt = DEFAULT_RUN, data_dir: DataDirOpt = None,
             device: DeviceOpt = DEVICES[0], json_out: JsonOpt = False):
@@ -2042,9 +2089,11 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
         return
     (out, ck), r = model_files(run, name), open_run(run, dev, data_dir=data_dir)
     parents = {"network": r.ids["network"], "snapshots": r.ids["snapshots"]}
+    if cfg.latent > r.layout.D:
+        raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
-        return finished(out, "model", "fit", json_out)
+        return finished(out, "model", "fit", cfg, given, json_out)
     with progress() as prog:
         loop.prog = prog
         model = fit(cfg, r.snapshots, r.layout, device=dev, loop=loop)
@@ -2073,7 +2122,7 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
 FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]
 
 
-@command(SampleConfig)
+@command(SampleConfig, "Generate networks; report accuracy and novelty.")
 def sample_cmd(cfg: SampleConfig,
                model: Annotated[str, typer.Option(help="Which fitted model (fit --name).")] = DEFAULT_MODEL,
                save: FileOpt("Write every generated set and its accuracy (NaN: failed) to this .safetensors file.",
@@ -2088,9 +2137,8 @@ def sample_cmd(cfg: SampleConfig,
     """Generate parameter sets from noise, load them into the network, report accuracy and novelty."""
     t0 = time.perf_counter()
     check_run(run)
-    for path, option, suffix in ((save, "--save", ".safetensors"), (plot_file, "--plot", ".png"),
-                                 (export, "--export", ".safetensors")):
-        check_output(path, option, suffix)
+    check_outputs(run, {"--save": (save, ".safetensors"), "--plot": (plot_file, ".png"),
+                        "--export": (export, ".safetensors")})
     dev = pick_device(device)
     sampler_steps(cfg, None), noise_levels(cfg)  # usage errors before anything loads
     r = open_run(run, dev, model=model, data_dir=data_dir)
@@ -2099,8 +2147,10 @@ def sample_cmd(cfg: SampleConfig,
     if save:
         save_artifact(save, "samples", {"samples": s.sets["generated"], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
+        err.print(f"wrote {save}: {len(s.accuracies)} generated sets and their accuracies")
     if plot_file and rank() == 0:
         plot(s, r.model, r.snapshots, plot_file)
+        err.print(f"wrote {plot_file}")
     if export:
         export_best(s, r, export, model)
     s.report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
@@ -2119,7 +2169,7 @@ def export_best(s: Sampled, r: Run, path: Path, model: str):
     save_artifact(path, "export", r.net.state_dict(), {
         "picked": f"the most accurate of {len(s.accuracies)} generated sets, chosen on the test set (so its test "
                   "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
-        "model": model, "arch": r.config.arch, "parents": r.ids})
+        "model": model, "arch": r.config.arch, "parents": r.ids, "input": r.prep.to_dict()})
     err.print(f"wrote {path}: generated set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
 
 
@@ -2146,7 +2196,7 @@ def print_sample(rep: dict):
 
 def table(title: str, rows: dict, extra: dict | None = None) -> Table:
     """Accuracy summary rows (percent), plus extra columns computed from each row; fits 80 columns."""
-    tb = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    tb = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     cols = ["models", "n", "best", "mean", "median", "min"] + list((extra or {}).keys())
     for c in cols:
         tb.add_column(c, justify="left" if c == "models" else "right", no_wrap=True)

@@ -251,13 +251,17 @@ def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
     rep = json.loads(r.stdout)
     net, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
     net.load_state_dict(read(out), strict=True)
-    d = pdiff.load_data("digits")
-    net.eval()
-    with torch.no_grad():
-        acc = (net(pdiff.Prep(d.mean, d.std, 1, 8)(d.x_test)).argmax(1) == d.y_test).float().mean().item() * 100
-    assert acc == pytest.approx(rep["generated"]["best"], abs=1e-3)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
+    inp = json.loads(meta["input"])  # how to prepare images, as the file says: used here with plain torch
+    assert (inp["channels"], inp["size"]) == (1, 8) and "mean" in inp["steps"]
+    d = pdiff.load_data("digits")
+    mean, std = (torch.tensor(inp[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    x = (d.x_test.float() / 255 - mean) / std
+    net.eval()
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == d.y_test).float().mean().item() * 100
+    assert acc == pytest.approx(rep["generated"]["best"], abs=1e-3)
     assert "test set" in json.loads(meta["picked"]) and json.loads(meta["accuracy"]) == pytest.approx(acc, abs=1e-3)
 
 
@@ -446,6 +450,7 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["sample", "--plot", "out.pdf"], 2), (["sample", "-n", "abc"], 2), (["sample", "--bogus"], 2),
     (["collect", "--lr"], 2), (["fit", "--ema-decay", "1"], 2), (["fit", "--beta-start", "0"], 2),
     (["collect", "--lr", "-1"], 2), (["collect", "--seeds", 2, "--init", "x.safetensors"], 2),
+    (["collect", "--data", "imagefolder"], 1), (["collect", "--arch", "convnet3", "--params", "norm"], 2),
 ])
 def test_errors_are_one_line(tmp_path, args, code):
     run = tmp_path / "empty-run"
@@ -468,6 +473,18 @@ def test_run_that_is_a_file_and_outputs_that_are_folders(tmp_path):
     r = cli("sample", "--run", tmp_path / "none", "--save", tmp_path)
     assert r.exit_code == 2 and "is a folder" in r.stderr
     assert f.read_text() == "x"
+
+
+def test_sample_never_writes_over_the_runs_own_files(digits_run, tmp_path):
+    before = folder_state(digits_run)
+    for option, name in (("--save", "snapshots.safetensors"), ("--export", "network.safetensors"),
+                         ("--save", "model.safetensors")):
+        r = cli("sample", "--run", digits_run, "-n", 2, option, digits_run / name)
+        assert r.exit_code == 2 and "run's own files" in r.stderr, r.output
+    r = cli("sample", "--run", digits_run, "-n", 2, "--save", tmp_path / "a.safetensors", "--export",
+            tmp_path / "a.safetensors")
+    assert r.exit_code == 2 and "same file" in r.stderr
+    assert folder_state(digits_run) == before and not (tmp_path / "a.safetensors").exists()
 
 
 def test_sample_before_fit_and_existing_run(tmp_path):
@@ -588,6 +605,9 @@ def test_sigint_saves_and_says_how_to_resume(tmp_path):
     assert code == 130, errs
     assert "--resume" in errs and "Traceback" not in errs
     assert ck.exists()
+    for cmd in ("fit", "sample"):  # the next stages point at the command that finishes collect
+        r = cli(cmd, "--run", run)
+        assert r.exit_code == 1 and f"pdiff collect --resume --run {run}" in r.stderr
     r = cli("collect", "--run", run, "--resume", "-k", 5)  # contradicts the checkpoint: refused, nothing changes
     assert r.exit_code == 2 and "-k" in r.stderr and "contradicts" in r.stderr and len(r.stderr.splitlines()) == 1
     assert cli("collect", "--run", run, "--resume", "-k", 200, "--checkpoint-every", 7).exit_code == 0  # agree
@@ -600,11 +620,16 @@ def test_resume_on_a_finished_stage_says_so_and_exits_0(tmp_path):
     assert first.exit_code == 0
     for _ in range(2):  # a script retrying --resume until it succeeds
         r = cli("collect", "--run", run, "--resume", "--json")
-        assert r.exit_code == 0 and "already finished" in r.stderr
+        assert r.exit_code == 0 and "already finished" in r.stderr and "snapshots" in r.stderr  # its table again
         assert json.loads(r.stdout) == json.loads(first.stdout)
+    r = cli("collect", "--run", run, "--resume", "-k", 10)  # not what the finished run was made with
+    assert r.exit_code == 2 and "-k 10 contradicts the finished" in r.stderr
     fitted = cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5, "--json")
     r = cli("fit", "--run", run, "--resume", "--json")
     assert r.exit_code == 0 and "already finished" in r.stderr and json.loads(r.stdout) == json.loads(fitted.stdout)
+    assert cli("fit", "--run", run, "--resume", "--latent", 8).exit_code == 2
+    r = cli("fit", "--run", run)
+    assert r.exit_code == 1 and "--force" in r.stderr and "--resume" not in r.stderr  # finished: nothing to resume
     r = cli("fit", "--run", tmp_path / "never", "--resume")
     assert r.exit_code == 1  # nothing ever ran there: still an error
 
@@ -616,6 +641,8 @@ def test_fit_replaces_a_model_only_with_force(tmp_path):
     before = folder_state(run)
     r = cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5)
     assert r.exit_code == 1 and "--force" in r.stderr and folder_state(run) == before
+    r = cli("fit", "--run", run, "--latent", 5000, "--force")  # more than D = 3,466: refused before anything goes
+    assert r.exit_code == 2 and "more than the 3466 parameters" in r.stderr and folder_state(run) == before
     assert cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5, "--force").exit_code == 0
     assert folder_state(run)["model.safetensors"] != before["model.safetensors"]
     assert "--force" in cli("fit", "--help").stdout
@@ -817,6 +844,14 @@ def not_a_module(channels, size, classes):
     return "a string"
 
 
+def wrong_input(channels, size, classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(10, classes))
+
+
+def few_classes(channels, size, classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 5))
+
+
 class Branchy(nn.Module):  # data-dependent control flow: vmap cannot batch it
     def __init__(self, classes):
         super().__init__()
@@ -848,11 +883,17 @@ def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
                                        .replace("LayerNorm(16)", "LayerNorm(24)").replace("Linear(16, classes)",
                                                                                           "Linear(24, classes)"))
     r = cli("sample", "--run", run, "-n", 4)
-    assert r.exit_code == 1 and "does not fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 1 and "does not fit" in r.stderr and "size mismatch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "mynet.py").write_text(MYNET.replace("def make(", "def made("))  # the function is gone
+    r = cli("sample", "--run", run, "-n", 4)
+    assert r.exit_code == 1 and "cannot rebuild the network collect recorded" in r.stderr
 
 
 @pytest.mark.parametrize("arch,code,words", [("nofile.py:make", 2, "not found"), ("mynet.py:missing", 2, "no function"),
-                                             ("mynet.py:not_a_module", 2, "not a torch.nn.Module")])
+                                             ("mynet.py:not_a_module", 2, "not a torch.nn.Module"),
+                                             ("mynet.py:wrong_input", 2, "does not take 1x8x8 images"),
+                                             ("mynet.py:few_classes", 2, "returns (2, 5); the data needs (2, 10)")])
 def test_your_own_network_errors(tmp_path, monkeypatch, arch, code, words):
     (tmp_path / "mynet.py").write_text(MYNET)
     monkeypatch.chdir(tmp_path)

@@ -1,12 +1,13 @@
 # Sourced by the experiment scripts: the scale's settings, how to run pdiff and read its --json.
-#   QUICK=1      a tiny version that runs in seconds (the tests use it)
+#   QUICK=1      a tiny version that runs in about a minute (a test uses it)
 #   (default)    offline, on scikit-learn's digits: minutes on 2 CPU cores
 #   SCALE=paper  ResNet-18 on CIFAR-100 as in the paper (a GPU, and --download once)
-# Runs go to $OUT (default: a new temporary folder); PDIFF is the command (default: this checkout's pdiff.py).
+# Runs go to $OUT and stay there; without OUT, to a temporary folder removed at the end. PDIFF is the command
+# (default: this checkout's pdiff.py).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PDIFF=${PDIFF:-"python3 $here/../pdiff.py"}
-OUT=${OUT:-$(mktemp -d)}
+if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 if [[ ${QUICK:-0} == 1 ]]; then
   SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --ddpm-steps 30"; SAMPLE="-n 8 --sampler ddim --steps 10"
 elif [[ ${SCALE:-} == paper ]]; then  # the v3 code's protocol (README: "The paper's protocols")

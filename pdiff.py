@@ -24,6 +24,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -296,9 +297,10 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
         ds = cls(root, **({"split": split[not train]} if split else {"train": train}), download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found ... You can use download=True"
         hint = "" if download else "; pass --download (collect) to fetch it, or --data-dir to point at it"
-        raise PdiffError(f"{name} not found under '{root}' ({e}){hint}") from None
+        raise PdiffError(f"{name} not found under '{root}' ({one_line(e)}){hint}") from None
     if name in ("flowers102", "pets", "food101"):  # image files of many sizes, read one by one
-        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), len(ds.classes)
+        classes = 102 if name == "flowers102" else len(ds.classes)  # Flowers102.classes: torchvision 0.21 on
+        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), classes
     x = torch.as_tensor(np.asarray(ds.data))
     x = x[:, None] if x.ndim == 3 else x if name in ("stl10", "svhn") else x.permute(0, 3, 1, 2)  # to (N, C, H, W)
     y = ds.labels if name in ("stl10", "svhn") else ds.targets
@@ -391,10 +393,13 @@ class Prep(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
 
-    def to_dict(self) -> dict:  # what forward does, for a user of an exported network
-        return {"channels": self.channels, "size": self.size, "mean": self.mean.flatten().tolist(),
-                "std": self.std.flatten().tolist(), "steps": "uint8 images / 255; grayscale repeated to `channels`; "
-                "resized to `size` (bilinear, antialiased) if needed; (x - mean) / std per channel"}
+    def to_dict(self, loaded: int) -> dict:  # for a user of an exported network: what loading and forward do
+        return {"image_size": loaded, "channels": self.channels, "size": self.size,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "steps": "images not `image_size` square were brought to it as pdiff loaded them (shorter side "
+                         "resized, antialiased, then centre crop); uint8 images / 255; grayscale repeated to "
+                         "`channels`; resized to `size` (bilinear, antialiased) if needed; (x - mean) / std per "
+                         "channel"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,7 +437,7 @@ def build_net(arch: str, channels: int, size: int, classes: int, *, width: int =
         try:  # built as torchvision builds them with weights, also when a saved network follows
             net = models.get_model(arch, weights=w if weights else None, **as_trained)
         except Exception as e:  # no network, proxy, corrupt cache, ...
-            raise PdiffError(f"could not load torchvision's pretrained {arch} weights ({e})") from None
+            raise PdiffError(f"could not load torchvision's pretrained {arch} weights ({one_line(e)})") from None
         if aux:
             net.aux_logits, net.aux1, net.aux2, net.AuxLogits = False, None, None, None
         return new_head(net, arch, classes), 3, w.transforms().crop_size[0]
@@ -487,20 +492,21 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception as e:
-        raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {e})") from None
+        raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {one_line(e)})") from None
     if not callable(getattr(module, fn, None)):
         raise PdiffError(f"--arch {arch}: {path} has no function {fn}", 2)
     try:
         net = getattr(module, fn)(channels, size, classes)
     except Exception as e:
         raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) failed "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(net, nn.Module):
         raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
                          "torch.nn.Module", 2)
-    try:  # a batch of two images of the data's shape must give (2, classes) logits
+    training, dev = net.training, next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
+    try:  # a batch of two images of the data's shape must give (2, classes) logits (eval mode: no statistics move)
         with torch.no_grad():
-            out = net.eval()(torch.zeros(2, channels, size, size))
+            out = net.eval()(torch.zeros(2, channels, size, size, device=dev))
     except Exception as e:
         raise PdiffError(f"--arch {arch}: the network does not take {channels}x{size}x{size} images "
                          f"({type(e).__name__}: {one_line(e)})", 2) from None
@@ -508,8 +514,7 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
         got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise PdiffError(f"--arch {arch}: for 2 images of {channels}x{size}x{size} the network returns {got}; the "
                          f"data needs (2, {classes}): one logit per class", 2)
-    return net
-
+    return net.train(training)
 
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -1657,7 +1662,7 @@ def open_network(run: Path, device) -> tuple:
     try:
         cfg, inp, layout = CollectConfig(**meta["config"]), meta["input"], Layout.from_dict(meta["layout"])
     except (KeyError, TypeError) as e:
-        raise PdiffError(f"{path}: metadata incomplete ({e})") from None
+        raise PdiffError(f"{path}: metadata incomplete ({one_line(e)})") from None
     try:
         net, ch, size = build_net(cfg.arch, inp["channels"], inp["size"], inp["classes"], width=cfg.width,
                                   pretrained=cfg.pretrained, weights=False)
@@ -1943,8 +1948,8 @@ def check_outputs(run: Path, outputs: dict):
             raise PdiffError(f"{option} '{path}' is a folder; give a file name", 2)
         if path.suffix.lower() != outputs[option][1]:
             raise PdiffError(f"{option} '{path}' should end in {outputs[option][1]}", 2)
-        if path.resolve().parent == run.resolve() and (path.name in FILES.values() or re.fullmatch(
-                r"(model|fit-checkpoint).*\.safetensors", path.name)):
+        if path.parent.resolve() == run.resolve() and (path.name.lower() in FILES.values() or re.fullmatch(
+                r"(model|fit-checkpoint).*\.safetensors", path.name.lower())):
             raise PdiffError(f"{option} '{path}' would replace one of the run's own files; write it elsewhere", 2)
     if len({p.resolve() for p in given.values()}) < len(given):
         raise PdiffError(f"{', '.join(given)} name the same file; give each its own", 2)
@@ -2089,11 +2094,11 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
         return
     (out, ck), r = model_files(run, name), open_run(run, dev, data_dir=data_dir)
     parents = {"network": r.ids["network"], "snapshots": r.ids["snapshots"]}
-    if cfg.latent > r.layout.D:
-        raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
+    if cfg.latent > r.layout.D:
+        raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
     with progress() as prog:
         loop.prog = prog
         model = fit(cfg, r.snapshots, r.layout, device=dev, loop=loop)
@@ -2169,7 +2174,8 @@ def export_best(s: Sampled, r: Run, path: Path, model: str):
     save_artifact(path, "export", r.net.state_dict(), {
         "picked": f"the most accurate of {len(s.accuracies)} generated sets, chosen on the test set (so its test "
                   "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
-        "model": model, "arch": r.config.arch, "parents": r.ids, "input": r.prep.to_dict()})
+        "model": model, "arch": r.config.arch, "parents": r.ids,
+        "input": r.prep.to_dict(r.data.x_test.shape[-1])})
     err.print(f"wrote {path}: generated set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
 
 

@@ -5,6 +5,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -481,6 +482,15 @@ def test_sample_never_writes_over_the_runs_own_files(digits_run, tmp_path):
                          ("--save", "model.safetensors")):
         r = cli("sample", "--run", digits_run, "-n", 2, option, digits_run / name)
         assert r.exit_code == 2 and "run's own files" in r.stderr, r.output
+    store = tmp_path / "store"  # a run whose file is a link to elsewhere: the link is what would be replaced
+    shutil.copytree(digits_run, store)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in store.iterdir():
+        (linked / f.name).symlink_to(f)
+    for name in ("snapshots.safetensors", "Model.safetensors"):  # a case-insensitive file system is one file
+        r = cli("sample", "--run", linked, "-n", 2, "--save", linked / name)
+        assert r.exit_code == 2 and "run's own files" in r.stderr, r.output
     r = cli("sample", "--run", digits_run, "-n", 2, "--save", tmp_path / "a.safetensors", "--export",
             tmp_path / "a.safetensors")
     assert r.exit_code == 2 and "same file" in r.stderr
@@ -620,14 +630,16 @@ def test_resume_on_a_finished_stage_says_so_and_exits_0(tmp_path):
     assert first.exit_code == 0
     for _ in range(2):  # a script retrying --resume until it succeeds
         r = cli("collect", "--run", run, "--resume", "--json")
-        assert r.exit_code == 0 and "already finished" in r.stderr and "snapshots" in r.stderr  # its table again
+        assert r.exit_code == 0 and "already finished" in r.stderr
+        assert re.search(r"snapshots +4 +[\d.]+ +[\d.]+", r.stderr), r.stderr  # its table again: the row of 4
         assert json.loads(r.stdout) == json.loads(first.stdout)
     r = cli("collect", "--run", run, "--resume", "-k", 10)  # not what the finished run was made with
     assert r.exit_code == 2 and "-k 10 contradicts the finished" in r.stderr
     fitted = cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5, "--json")
     r = cli("fit", "--run", run, "--resume", "--json")
     assert r.exit_code == 0 and "already finished" in r.stderr and json.loads(r.stdout) == json.loads(fitted.stdout)
-    assert cli("fit", "--run", run, "--resume", "--latent", 8).exit_code == 2
+    r = cli("fit", "--run", run, "--resume", "--latent", 8)
+    assert r.exit_code == 2 and "--latent 8 contradicts the finished" in r.stderr
     r = cli("fit", "--run", run)
     assert r.exit_code == 1 and "--force" in r.stderr and "--resume" not in r.stderr  # finished: nothing to resume
     r = cli("fit", "--run", tmp_path / "never", "--resume")
@@ -643,6 +655,10 @@ def test_fit_replaces_a_model_only_with_force(tmp_path):
     assert r.exit_code == 1 and "--force" in r.stderr and folder_state(run) == before
     r = cli("fit", "--run", run, "--latent", 5000, "--force")  # more than D = 3,466: refused before anything goes
     assert r.exit_code == 2 and "more than the 3466 parameters" in r.stderr and folder_state(run) == before
+    small = tmp_path / "small"  # D = 10 < the default --latent 16: a fit with --latent 4 resumes without it
+    assert cli("collect", "--run", small, "--epochs", 1, "-k", 5, "--params", "5.bias").exit_code == 0
+    assert cli("fit", "--run", small, "--latent", 4, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    assert cli("fit", "--run", small, "--resume").exit_code == 0
     assert cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5, "--force").exit_code == 0
     assert folder_state(run)["model.safetensors"] != before["model.safetensors"]
     assert "--force" in cli("fit", "--help").stdout
@@ -844,6 +860,10 @@ def not_a_module(channels, size, classes):
     return "a string"
 
 
+def raises(channels, size, classes):
+    raise ValueError("first line\\nsecond line")
+
+
 def wrong_input(channels, size, classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(10, classes))
 
@@ -871,6 +891,7 @@ def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "mynet.py").write_text(MYNET)
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
+    assert pdiff.build_net("mynet.py:make", 1, 8, 10)[0].training  # probed in eval mode, handed back in train mode
     r = cli("collect", "--run", run, "--arch", "mynet.py:make", "--epochs", 2, "-k", 10, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -893,6 +914,7 @@ def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch,code,words", [("nofile.py:make", 2, "not found"), ("mynet.py:missing", 2, "no function"),
                                              ("mynet.py:not_a_module", 2, "not a torch.nn.Module"),
                                              ("mynet.py:wrong_input", 2, "does not take 1x8x8 images"),
+                                             ("mynet.py:raises", 1, "ValueError: first line second line"),
                                              ("mynet.py:few_classes", 2, "returns (2, 5); the data needs (2, 10)")])
 def test_your_own_network_errors(tmp_path, monkeypatch, arch, code, words):
     (tmp_path / "mynet.py").write_text(MYNET)

@@ -124,7 +124,8 @@ class CollectConfig:
     snapshot_optimizer: typing.Literal[OPTIMIZERS] = opt("adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 "
                                                                   "code); constant lr.")
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
-                                             "--params all: whole networks move further per step).", min=0)
+                                             "--params all: whole networks move further per step, 0.001 after "
+                                             "--seeds: each network has finished training).", min=0)
     snapshot_wd: float = opt(5e-4, "Stage-2 weight decay.", min=0)
     snapshot_every: int = opt(1, "Stage-2 steps per snapshot (the paper's v1: one epoch; v3: 1).", min=1)
     snapshot_norm: typing.Literal["train", "eval"] = opt("train", "Normalisation layers in stage 2: train updates "
@@ -1019,7 +1020,8 @@ def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) ->
         return say("unknown", "baselines are off (--no-baselines): no verdict without them")
     below_orig = g_acc < o_acc - delta
     if below_orig and (best_base is None or g_acc < best_base - delta):
-        return say("inferior", f"generated median {g_acc:.2f}% is more than {delta:g} points below the originals "
+        points = f"{delta:g} point{'s' * (delta != 1)}"
+        return say("inferior", f"generated median {g_acc:.2f}% is more than {points} below the originals "
                    f"({o_acc:.2f}%)" + (f" and the best baseline ({best_base:.2f}%)" if best_base is not None else ""))
     if d_noise is not None and d_g <= d_noise:
         return say("memorised", f"generated models lie as close to an original ({d_g:.3g}) as an original plus "
@@ -1653,11 +1655,11 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
 def open_network(run: Path, device) -> tuple:
     """network.safetensors -> (net, prep, layout, collect config, id), checked against the arch."""
     path = run / FILES["network"]
+    if not run.is_dir():
+        raise PdiffError(f"run folder '{run}' does not exist: run `pdiff collect --run {run}` first")
     hint = f" (collect did not finish in '{run}': `pdiff collect --resume --run {run}`)" \
         if (run / FILES["collect-checkpoint"]).is_file() else f" (no collected run in '{run}': run `pdiff collect " \
                                                                 f"--run {run}` first)"
-    if not run.is_dir():
-        raise PdiffError(f"run folder '{run}' does not exist{hint}")
     t, meta = load_artifact(path, "network", hint)
     try:
         cfg, inp, layout = CollectConfig(**meta["config"]), meta["input"], Layout.from_dict(meta["layout"])
@@ -1987,8 +1989,10 @@ def agree(cfg, saved, given: set, where: str):
     """--resume: every option given on the command line must say what the run was started with."""
     for name in sorted(given - {"checkpoint_every"}):
         if hasattr(cfg, name) and getattr(cfg, name) != getattr(saved, name):
-            raise PdiffError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {where} "
-                             f"({getattr(saved, name)}); leave it out to resume, or start again with --force", 2)
+            new, old = getattr(cfg, name), getattr(saved, name)
+            flag = lambda v: f"--{'no-' * (v is False)}{name.replace('_', '-')}{'' if isinstance(v, bool) else f' {v}'}"
+            raise PdiffError(f"{flag(new)} contradicts {where} ({flag(old)}); leave it out to resume, or start "
+                             "again with --force", 2)
 
 
 def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool):
@@ -2016,7 +2020,7 @@ def resolve(cfg: CollectConfig) -> CollectConfig:
     if user_arch(arch):  # your own network: recorded with its absolute path
         arch = f"{Path(arch.rpartition(':')[0]).resolve()}:{arch.rpartition(':')[2]}"
     params = cfg.params or ("all" if cfg.arch in SYMMETRIC or cfg.seeds else "norm")
-    lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.01 if params == "all" else 0.03
+    lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.001 if cfg.seeds else 0.01 if params == "all" else 0.03
     align = cfg.align if cfg.align is not None else bool(cfg.seeds) and cfg.arch in SYMMETRIC
     k = cfg.k if cfg.k is not None else 0 if cfg.seeds else 200
     if cfg.seeds and params != "all":

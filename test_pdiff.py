@@ -810,6 +810,15 @@ def test_experiment_script_prints_a_table(tmp_path):
                     "model-none.safetensors"]
 
 
+def test_experiment_script_stops_on_a_failed_pdiff(tmp_path):
+    """A pdiff command that fails stops the script with its error line, not a table row of zeros."""
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'} --bogus"}
+    p = subprocess.run(["bash", str(HERE / "experiments" / "ablate_k.sh")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 1 and len(p.stdout.splitlines()) == 2  # the table's header, no row
+    assert "experiment stopped: pdiff collect failed: pdiff: error: No such option: --bogus" in p.stderr
+
+
 def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     assert cli("collect", "--run", tmp_path / "four", "--seeds", 4, "--epochs", 5, "--no-align").exit_code == 0
     assert cli("collect", "--run", tmp_path / "one", "--seeds", 1, "--seed", 2, "--epochs", 5).exit_code == 0

@@ -7,7 +7,8 @@ KS=${KS:-$([[ $SCALE == quick ]] && echo "1 10" || echo "1 10 50 200")}
 ARCH=$([[ $SCALE == paper ]] && echo resnet18 || echo mlp3)
 header K
 for k in $KS; do
-  $PDIFF collect --run "$OUT/k$k" --arch "$ARCH" -k "$k" $NET --json >/dev/null 2>&1
-  $PDIFF fit --run "$OUT/k$k" $FIT >/dev/null 2>&1
-  row "$k" "$($PDIFF sample --run "$OUT/k$k" $SAMPLE --json 2>/dev/null)"
+  pd collect --run "$OUT/k$k" --arch "$ARCH" -k "$k" $NET >/dev/null
+  pd fit --run "$OUT/k$k" $FIT >/dev/null
+  s=$(pd sample --run "$OUT/k$k" $SAMPLE --json)
+  row "$k" "$s"
 done

@@ -7,8 +7,9 @@ EPOCHS=$([[ $SCALE == digits ]] && echo "--epochs 5" || echo "")
 header "generated layers"
 for layers in "layer1.1.bn*" "layer3.1.bn*" "layer4.1.bn*"; do
   run="$OUT/${layers%%.bn*}"
-  $PDIFF collect --run "$run" --arch resnet18 --params "$layers" $NET $EPOCHS \
-    $([[ $SCALE == quick ]] && echo "-k 10") >/dev/null 2>&1
-  $PDIFF fit --run "$run" $FIT >/dev/null 2>&1
-  row "\`$layers\`" "$($PDIFF sample --run "$run" $SAMPLE --json 2>/dev/null)"
+  pd collect --run "$run" --arch resnet18 --params "$layers" $NET $EPOCHS $([[ $SCALE == quick ]] && echo "-k 10") \
+    >/dev/null
+  pd fit --run "$run" $FIT >/dev/null
+  s=$(pd sample --run "$run" $SAMPLE --json)
+  row "\`$layers\`" "$s"
 done

@@ -4,12 +4,13 @@
 #   bash experiments/ablate_noise.sh     (digits: mlp3; SCALE=paper: resnet18's last two BN layers)
 source "$(dirname "$0")/common.sh"
 ARCH=$([[ $SCALE == paper ]] && echo resnet18 || echo mlp3)
-$PDIFF collect --run "$OUT/noise" --arch "$ARCH" $NET $([[ $SCALE == quick ]] && echo "-k 20") >/dev/null 2>&1
+pd collect --run "$OUT/noise" --arch "$ARCH" $NET $([[ $SCALE == quick ]] && echo "-k 20") >/dev/null
 header "noise augmentation"
 for setting in "none:--input-noise 0 --latent-noise 0" "input only:--latent-noise 0" \
                "latent only:--input-noise 0" "both (default):"; do
   name=${setting%%:*}
   model=$(tr -cd 'a-z' <<<"${name%% *}")
-  $PDIFF fit --run "$OUT/noise" --name "$model" ${setting#*:} $FIT >/dev/null 2>&1
-  row "$name" "$($PDIFF sample --run "$OUT/noise" --model "$model" $SAMPLE --json 2>/dev/null)"
+  pd fit --run "$OUT/noise" --name "$model" ${setting#*:} $FIT >/dev/null
+  s=$(pd sample --run "$OUT/noise" --model "$model" $SAMPLE --json)
+  row "$name" "$s"
 done

@@ -16,6 +16,14 @@ else
   SCALE=digits; NET=""; FIT=""; SAMPLE="-n 50"
 fi
 
+# pd ARGS: run pdiff (its stdout passes through); if it fails, say which command and its error line, and stop
+pd() {
+  local log; log=$(mktemp)
+  if $PDIFF "$@" 2>"$log"; then rm -f "$log"; return; fi
+  echo "experiment stopped: pdiff $1 failed: $(grep -h "pdiff: error" "$log" || tail -n 3 "$log")" >&2
+  rm -f "$log"; exit 1
+}
+
 # get PATH: the value at a dotted path (.generated.best) of the JSON on stdin; jq where installed, else Python
 get() {
   if command -v jq >/dev/null; then jq -r "$1"; else

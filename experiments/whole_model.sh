@@ -6,14 +6,13 @@
 source "$(dirname "$0")/common.sh"
 N=${N:-$([[ $SCALE == quick ]] && echo 12 || echo 200)}
 ARCH=$([[ $SCALE == paper ]] && echo "convnet3 --data cifar10 --download" || echo mlp3)
-echo "| $N seeds | originals | decoded | generated best / median | average of 16 | ensemble | gaussian | verdict |"
+echo "| $N seeds | originals | decoded | generated best / median | average of $((N < 16 ? N : 16)) | ensemble | gaussian | verdict |"
 echo "|---|---|---|---|---|---|---|---|"
 for align in align no-align; do
   run="$OUT/$align"
-  $PDIFF collect --run "$run" --arch $ARCH --seeds "$N" --$align $([[ $SCALE == quick ]] && echo "--epochs 3") \
-    >/dev/null 2>&1
-  $PDIFF fit --run "$run" $FIT >/dev/null 2>&1
-  s=$($PDIFF sample --run "$run" $SAMPLE --json 2>/dev/null)
+  pd collect --run "$run" --arch $ARCH --seeds "$N" --$align $([[ $SCALE == quick ]] && echo "--epochs 3") >/dev/null
+  pd fit --run "$run" $FIT >/dev/null
+  s=$(pd sample --run "$run" $SAMPLE --json)
   printf "| %s | %.2f | %.2f | %.2f / %.2f | %.2f | %.2f | %.2f | %s |\n" "$align" \
     "$(get .original.median <<<"$s")" "$(get .decoded.median <<<"$s")" "$(get .generated.best <<<"$s")" \
     "$(get .generated.median <<<"$s")" "$(get .baselines.average.median <<<"$s")" \

@@ -1827,7 +1827,8 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
     if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
         idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
         pts = torch.stack([(model.standardise(model.decode(s.trajectory[i][1])) - m_o) @ pc for i in idx])
-        d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1)
+        lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
+        lines[0].set_label(f"{len(lines)} generated samples, a line each")
         d.invert_xaxis()
     d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
           title="reverse trajectories")

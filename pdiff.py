@@ -450,19 +450,27 @@ def build_net(arch: str, channels: int, size: int, classes: int, *, width: int =
         if arch.startswith("vit_"):  # whole patches; the patch size ends the name
             s = math.ceil(s / int(arch.split("_")[-1])) * int(arch.split("_")[-1])
             net = models.get_model(arch, num_classes=classes, image_size=s)
-        if accepts(net, 3, s, classes):
+        if misfit(net, 3, s, classes) is None:
             return net, 3, s
     raise PdiffError(f"--arch {arch}: found no input size from {size} to 299 px that it accepts")
 
 
-def accepts(net: nn.Module, channels: int, size: int, classes: int) -> bool:
-    """Does a batch of (channels, size, size) images give (batch, classes) logits?"""
+def misfit(net: nn.Module, channels: int, size: int, classes: int) -> Optional[str]:
+    """Why a batch of two (channels, size, size) images does not give (2, classes) logits; None when it does.
+    Zeros on the network's device, in eval mode (no statistics move); the network keeps its mode."""
+    training, dev = net.training, next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
     try:
         with torch.no_grad():
-            out = net.eval()(torch.zeros(2, channels, size, size))
-        return torch.is_tensor(out) and tuple(out.shape) == (2, classes)
-    except Exception:
-        return False
+            out = net.eval()(torch.zeros(2, channels, size, size, device=dev))
+    except Exception as e:
+        return f"the network does not take {channels}x{size}x{size} images ({type(e).__name__}: {one_line(e)})"
+    finally:
+        net.train(training)
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, classes):
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        return (f"for 2 images of {channels}x{size}x{size} the network returns {got}; the data needs (2, {classes}): "
+                "one logit per class")
+    return None
 
 
 def new_head(net: nn.Module, arch: str, classes: int) -> nn.Module:
@@ -504,18 +512,10 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
                          "torch.nn.Module", 2)
-    training, dev = net.training, next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
-    try:  # a batch of two images of the data's shape must give (2, classes) logits (eval mode: no statistics move)
-        with torch.no_grad():
-            out = net.eval()(torch.zeros(2, channels, size, size, device=dev))
-    except Exception as e:
-        raise PdiffError(f"--arch {arch}: the network does not take {channels}x{size}x{size} images "
-                         f"({type(e).__name__}: {one_line(e)})", 2) from None
-    if not torch.is_tensor(out) or tuple(out.shape) != (2, classes):
-        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise PdiffError(f"--arch {arch}: for 2 images of {channels}x{size}x{size} the network returns {got}; the "
-                         f"data needs (2, {classes}): one logit per class", 2)
-    return net.train(training)
+    why = misfit(net, channels, size, classes)
+    if why:
+        raise PdiffError(f"--arch {arch}: {why}", 2)
+    return net
 
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -1056,6 +1056,7 @@ def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) ->
 FILES = {"network": "network.safetensors", "snapshots": "snapshots.safetensors",
          "collect-checkpoint": "collect-checkpoint.safetensors"}
 DEFAULT_MODEL = "default"
+MODEL_GLOBS = ("model*.safetensors", "fit-checkpoint*.safetensors")  # fit's files in a run, of every --name
 
 
 def model_files(run: Path, name: str) -> tuple[Path, Path]:
@@ -1799,6 +1800,19 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
     import matplotlib.pyplot as plt
 
     fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
+    plot_accuracy(a, b, s)
+    plot_latents(c, s, model, originals)
+    plot_trajectories(d, s, model, originals)
+    for ax in (a, b, c, d):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy histograms (b); every group
     groups = ["original"] + [k for k in s.per_model if k != "original"]  # originals underneath
     accs = [v for g in groups for v in s.per_model[g]["accuracy"]]
     bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
@@ -1810,6 +1824,9 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
     a.set(xlabel="max IoU of wrong predictions to any original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
+
+
+def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
     z_o = model.encode(originals)  # (K, latent)
     mu, axes = z_o.mean(0), principal_axes(z_o, 2)
     for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k == "generated" or
@@ -1818,6 +1835,9 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
         pts = (model.encode(sets[ok]) - mu) @ axes.T
         c.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.6, label=name)
     c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
+
+
+def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
     x_o = model.standardise(originals)
     m_o, pc = x_o.mean(0), principal_axes(x_o, 1)[0]
     proj = (x_o - m_o) @ pc
@@ -1832,13 +1852,6 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
         d.invert_xaxis()
     d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
           title="reverse trajectories")
-    for ax in (a, b, c, d):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1951,8 +1964,9 @@ def check_outputs(run: Path, outputs: dict):
             raise PdiffError(f"{option} '{path}' is a folder; give a file name", 2)
         if path.suffix.lower() != outputs[option][1]:
             raise PdiffError(f"{option} '{path}' should end in {outputs[option][1]}", 2)
-        if path.parent.resolve() == run.resolve() and (path.name.lower() in FILES.values() or re.fullmatch(
-                r"(model|fit-checkpoint).*\.safetensors", path.name.lower())):
+        name = path.name.lower()  # one file on a case-insensitive file system
+        if path.parent.resolve() == run.resolve() and (name in FILES.values() or any(
+                fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_GLOBS)):
             raise PdiffError(f"{option} '{path}' would replace one of the run's own files; write it elsewhere", 2)
     if len({p.resolve() for p in given.values()}) < len(given):
         raise PdiffError(f"{', '.join(given)} name the same file; give each its own", 2)
@@ -2057,7 +2071,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     if not cfg.seeds and min(cfg.batch_size, len(d.y_train)) % world():
         raise PdiffError(f"--batch-size {cfg.batch_size} does not split evenly over {world()} processes", 2)
     if not resume and rank() == 0:
-        for p in [*run.glob("model*.safetensors"), *run.glob("fit-checkpoint*.safetensors")]:
+        for p in [f for pattern in MODEL_GLOBS for f in run.glob(pattern)]:
             p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog

@@ -157,6 +157,9 @@ class FitConfig:
     beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
     clip: float = opt(0.1, "Sampling clamps each predicted clean latent to the training latents' range, "
                            "widened by this share of it on each side.", min=0)
+    holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
+                              "test: a share below 1, else a count; whole networks with --seeds; at least 5 when "
+                              "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
@@ -176,8 +179,12 @@ class SampleConfig:
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     eta: float = opt(0.0, "DDIM eta: 0 deterministic, 1 as noisy as DDPM.", min=0)
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines.")
-    noise_std: str = opt("0.001,0.05,0.15", "Noise baselines: an original plus noise of each of these stds, in "
-                         "standardised parameter units (0.001: the autoencoder's input noise, the same point to it).")
+    noise_std: str = opt("0.001,0.05,0.15", "Noise baselines: a training original plus noise of each of these stds "
+                                            "(the reference code's levels), in --noise-units.")
+    noise_units: typing.Literal["values", "spread", "raw"] = opt(
+        "values", "The unit of --noise-std: values, the std of each tensor's values in that original (the reference "
+                  "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
+                  "units (arXiv 2506.07998).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
@@ -668,6 +675,13 @@ def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes:
     return perms
 
 
+def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
+    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,)."""
+    pairs, g, r = layer_pairs(layout), rng(seed, "align"), layout.unflatten(ref)
+    out = [permute(layout.unflatten(v), pairs, match_units(r, layout.unflatten(v), pairs, g)) for v in sets]
+    return torch.stack([layout.pack(p) for p in out]) if out else sets
+
+
 def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> torch.Tensor:
     """(K, D) -> (K, D): every network permuted to match the first. Rows come in groups of `per` (one network's
     snapshots) that share the permutation found for the group's last row."""
@@ -936,117 +950,203 @@ def wrong_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
+# ----------------------------------------------------------------------------------------------------
+# novelty: every group of parameter sets (generated, baselines, a file to judge, the held-out originals) is
+# measured against the *training* originals, and judged against the *held-out* originals: fresh draws of the
+# process the generator learns, never fitted to (the data-copying test of Meehan, Chaudhuri & Dasgupta 2020)
+
+MIN_HELD_OUT = 5  # held-out networks the test needs; with fewer the verdict is "unknown"
+ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over its metrics)
+# metric: (the label a significant shift in this direction gives, the direction: -1 lower, +1 higher)
+TESTS = {"nearest_ratio": ("copying", -1), "max_iou": ("copying", 1), "to_mean": ("averaging", -1),
+         "accuracy": ("inferior", -1)}
+METRIC_WORDS = {"nearest_ratio": "relative nearest-original distance", "max_iou": "max IoU",
+                "to_mean": "distance to their mean", "accuracy": "accuracy"}
+
+
+def held_out_rows(collection: dict, K: int, holdout: float) -> list[int]:
+    """Rows of the (K, D) originals kept away from the generator: whole networks (with --seeds N -k k, all k
+    snapshots of a held-out seed), spread evenly through the collection (for consecutive snapshots each held-out
+    one lies between two training ones), never the first network (the alignment reference). holdout: a share
+    below 1, else a count; a share above 0 holds out at least MIN_HELD_OUT networks (at most half of them)."""
+    seeds = collection.get("kind") == "seeds"
+    units, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
+    n = round(holdout * units) if holdout < 1 else int(holdout)
+    n = max(n, min(MIN_HELD_OUT, units // 2)) if 0 < holdout < 1 else n
+    if n >= units and n:
+        raise PdiffError(f"--holdout {holdout:g} would hold out {n} of {units} {'networks' if seeds else 'snapshots'}"
+                         "; at least one must remain to fit", 2)
+    return [(1 + int((j + 0.5) * (units - 1) / n)) * per + i for j in range(n) for i in range(per)]
+
+
+def products(a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *,
+             chunk: int = 1 << 22) -> tuple:
+    """Inner products of standardised vectors, (v - mean) / std: ((n, m) a_i . b_j, (n,) |a_i|^2, (m,) |b_j|^2),
+    float64, for a (n, D) and b (m, D) raw parameters. A block of columns at a time: no standardised copy of
+    either is held whole (the originals of a large network are GBs)."""
+    ab = torch.zeros(len(a), len(b), dtype=torch.float64)
+    aa, bb = torch.zeros(len(a), dtype=torch.float64), torch.zeros(len(b), dtype=torch.float64)
+    step = max(1, chunk // max(1, len(a) + len(b)))
+    for i in range(0, a.shape[1], step):
+        za, zb = (((v[:, i:i + step] - mean[i:i + step]) / std[i:i + step]).double() for v in (a, b))
+        ab += za @ zb.T
+        aa += za.pow(2).sum(1)
+        bb += zb.pow(2).sum(1)
+    return ab, aa, bb
+
+
+@dataclass
+class Ruler:
+    """What every group is measured against: the training originals in the standardised space the model sees,
+    centred at their mean (so a vector's length is its distance to that mean), and their masks."""
+    train: torch.Tensor  # (K_t, D) the training originals, raw
+    correct: torch.Tensor  # (K_t, N) their masks
+    mean: torch.Tensor  # (D,) the standardisation: the training originals' mean ...
+    std: torch.Tensor  # (D,) ... and spread (tensor_stats)
+    gram: torch.Tensor = None  # (K_t, K_t) their standardised inner products
+
+    def __post_init__(self):
+        self.gram = products(self.train, self.train, self.mean, self.std)[0]
+
+    def measure(self, sets: torch.Tensor, correct: torch.Tensor) -> dict:
+        """Per model of a group (sets (n, D) raw and finite, correct (n, N)): accuracy; the distance to the nearest
+        training original, also relative (nearest_ratio); the distance to their mean; the max IoU of wrong
+        predictions with a training original; the share of its deviation from the mean outside their span."""
+        ab, aa, _ = products(sets, self.train, self.mean, self.std)
+        inside = (ab @ torch.linalg.pinv(self.gram, rtol=1e-9, hermitian=True) * ab).sum(1)  # they sum to 0: rank K-1
+        return {**distances(ab, aa, self.gram.diagonal()), "accuracy": accuracy(correct).double(), "to_mean": aa.sqrt(),
+                "max_iou": wrong_iou(correct, self.correct).max(1).values.double(),
+                "off_span": ((aa - inside).clamp_min(0) / aa.clamp_min(1e-30)).sqrt().where(aa > 1e-12, 0.0)}
+
+    def measure_training(self) -> dict:
+        """The training originals, each against the *other* training originals (leave one out)."""
+        g, c = self.gram, self.correct
+        return {**distances(g.clone().fill_diagonal_(math.nan), g.diagonal(), g.diagonal()),
+                "accuracy": accuracy(c).double(), "to_mean": g.diagonal().sqrt(),
+                "max_iou": wrong_iou(c, c).fill_diagonal_(-math.inf).max(1).values.double(),
+                "off_span": off_span_loo(g)}
+
+
+def distances(ab: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> dict:
+    """Per model, from its deviations' inner products with the training originals' (ab (n, K), NaN: left out) and
+    the squared lengths (aa (n,), bb (K,)): the distance to the nearest training original, and the smallest
+    distance relative to sqrt(|a|^2 + |b|^2), what it would be if the two deviations were unrelated (orthogonal):
+    0 for a copy, ~1 for a blend near the mean (as far from every original as they are from the mean) or a
+    network unrelated to each original; copying is a small ratio, not merely a short distance."""
+    d2 = (aa[:, None] + bb[None] - 2 * ab).clamp_min(0)  # (n, K); NaN stays NaN
+    nearest = d2.nan_to_num(math.inf).min(1).values.sqrt()
+    ratio = (d2 / (aa[:, None] + bb[None]).clamp_min(1e-30)).nan_to_num(math.inf).min(1).values.sqrt()
+    return {"nearest": nearest.where(nearest.isfinite(), math.nan), "nearest_ratio": ratio.where(ratio.isfinite(), math.nan)}
+
+
+def off_span_loo(gram: torch.Tensor) -> torch.Tensor:
+    """For each of K centred vectors with (K, K) Gram matrix `gram`: the share of its deviation from the mean of
+    the *others* that lies outside the span of their deviations (0: a mix of them, ~1: a new direction)."""
+    K = len(gram)
+    if K < 2:
+        return torch.full((K,), math.nan, dtype=torch.float64)
+    lam, Q = torch.linalg.eigh(gram)
+    big = lam > 1e-9 * lam.max().clamp_min(1e-300)
+    G_pinv = (Q[:, big] / lam[big]) @ Q[:, big].T
+    # vector i's distance to the affine hull of the others is 1 / sqrt(G+_ii) (the height of a simplex's vertex),
+    # or 0 when i takes part in an affine dependency (a null vector of G orthogonal to the ones)
+    dep = Q[:, ~big] - Q[:, ~big].mean(0)
+    height = torch.where(dep.norm(dim=1) > 1e-6, 0.0, G_pinv.diagonal().clamp_min(1e-300).rsqrt())
+    return height / (K / (K - 1) * gram.diagonal().clamp_min(0).sqrt()).clamp_min(1e-30)  # |x_i - mean of others|
+
+
+def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float]:
+    """Is group a shifted against reference b? -> (effect, p): effect = P(a > b) - P(a < b) (Cliff's delta, -1..1),
+    p two-sided. Mann-Whitney U, normal approximation with ties (the statistic of Meehan et al.'s data-copying
+    test); b counts as n_b draws (k snapshots of one held-out network are one draw). A single model cannot be
+    ranked: it gets a t prediction interval from b's mean and spread instead."""
+    from scipy import stats
+
+    n_a = len(a)
+    if n_a == 1:
+        sd = b.std().item() if len(b) > 1 else 0.0
+        diff = (a[0] - b.mean()).item()
+        if sd == 0:
+            return float(math.copysign(1, diff)) if diff else 0.0, 1.0 if diff == 0 else 0.0
+        t = diff / (sd * math.sqrt(1 + 1 / n_b))
+        return ((a[0] > b).double().mean() - (a[0] < b).double().mean()).item(), float(2 * stats.t.sf(abs(t), max(1, n_b - 1)))
+    ranks = torch.as_tensor(stats.rankdata(torch.cat([a, b]).numpy()))
+    auc = (ranks[:n_a].sum().item() - n_a * (n_a + 1) / 2) / (n_a * len(b))  # P(a > b) + P(a = b) / 2
+    _, counts = torch.unique(torch.cat([a, b]), return_counts=True)
+    n = n_a + len(b)
+    ties = 1 - (counts.double().pow(3) - counts).sum().item() / max(1, n**3 - n)
+    var = ties * (n_a + n_b + 1) / (12 * n_a * n_b)
+    z = (auc - 0.5) / math.sqrt(var) if var > 0 else 0.0
+    return 2 * auc - 1, math.erfc(abs(z) / math.sqrt(2))
+
+
+def judge(group: dict, ref: dict, n_ref: int) -> dict:
+    """A group's label from its per-model numbers (measure) against the held-out originals' (ref, n_ref networks):
+    each metric's two-sample test, Holm-corrected over the metrics, then the first that applies of
+    copying (significantly closer to particular training originals, in parameters or in behaviour), averaging
+    (closer to their mean), inferior (less accurate), and fresh (as new as a held-out original, as accurate)."""
+    tests = {}
+    for metric in TESTS:
+        a, b = group[metric][group[metric].isfinite()], ref[metric][ref[metric].isfinite()]
+        effect, p = two_sample(a, b, n_ref) if len(a) and len(b) > 1 else (0.0, 1.0)
+        tests[metric] = {"median": rnd(a.quantile(0.5)) if len(a) else None,
+                          "held_out": rnd(b.quantile(0.5)) if len(b) else None,
+                         "effect": rnd(effect), "p": p}
+    order = sorted(tests, key=lambda m: tests[m]["p"])
+    adjusted = 0.0
+    for i, m in enumerate(order):  # Holm: the i-th smallest p times the tests left, never below the one before
+        adjusted = max(adjusted, min(1.0, (len(order) - i) * tests[m]["p"]))
+        tests[m]["p"] = float(f"{adjusted:.3g}")
+        tests[m]["shift"] = "same" if adjusted >= ALPHA else "higher" if tests[m]["effect"] > 0 else "lower"
+    shifted = lambda label: [m for m, (lab, sign) in TESTS.items()
+                             if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
+    label = next((lab for lab in ("copying", "averaging", "inferior") if shifted(lab)), "fresh")
+    return {"label": label, "tests": tests}
+
+
+rnd = lambda v: round(float(v), 4)
+
+
 def summary(acc: torch.Tensor) -> dict:
     """best / mean / median / min of the finite accuracies (failed sets are NaN and left out)."""
     a = acc[acc.isfinite()].tolist()
     if not a:
         return {"count": 0, "best": None, "mean": None, "median": None, "min": None}
-    r = lambda v: round(float(v), 4)
-    return {"count": len(a), "best": r(max(a)), "mean": r(statistics.fmean(a)), "median": r(statistics.median(a)),
-            "min": r(min(a))}
+    return {"count": len(a), "best": rnd(max(a)), "mean": rnd(statistics.fmean(a)), "median": rnd(statistics.median(a)),
+            "min": rnd(min(a))}
 
 
-def novelty(correct: torch.Tensor, z: torch.Tensor, correct_o: torch.Tensor, z_o: torch.Tensor, *,
-            originals=False) -> dict:
-    """Novelty of a group of models (correct masks (n, N), standardised vectors z (n, D)) against the
-    originals. With originals=True the group is the originals themselves and each is compared with the
-    *other* originals (every number leaves the model itself out). Per-model values under "per_model"."""
-    iou = wrong_iou(correct, correct_o)  # (n, K)
-    dist = torch.cdist(z.double(), z_o.double())  # (n, K)
-    if originals:
-        iou.fill_diagonal_(float("nan"))
-        dist.fill_diagonal_(float("nan"))
-    max_iou = iou.nan_to_num(float("-inf")).max(1).values if iou.numel() else iou.new_zeros(len(z))
-    nearest = dist.nan_to_num(float("inf")).min(1).values if dist.numel() else dist.new_zeros(len(z))
-    pair = wrong_iou(correct, correct).fill_diagonal_(float("nan")).flatten()
-
-    def stat(v, f):  # over the finite values; None when there are none (one original, every set failed)
-        v = v[v.isfinite()].double()
-        return round(float(f(v)), 4) if len(v) else None
-
+def novelty(m: dict, correct: torch.Tensor) -> dict:
+    """A group's novelty numbers for the report, from its per-model numbers m (Ruler.measure) and masks."""
+    stat = lambda v, f: rnd(f(v[v.isfinite()])) if v.isfinite().any() else None
     median = lambda v: v.quantile(0.5)
-    return {
-        "max_iou": {"mean": stat(max_iou, torch.mean), "max": stat(max_iou, torch.max)},
-        "pairwise_iou": stat(pair, torch.mean),
-        "nearest_distance": {"median": stat(nearest, median), "min": stat(nearest, torch.min)},
-        "off_span": stat(off_span(z, z_o, leave_one_out=originals) if len(z) else z.new_zeros(0), median),
-        "per_model": {"max_iou": max_iou.tolist(), "nearest_distance": nearest.tolist()},
-    }
+    pair = wrong_iou(correct, correct).fill_diagonal_(math.nan).flatten()
+    return {"max_iou": {"mean": stat(m["max_iou"], torch.mean), "max": stat(m["max_iou"], torch.max)},
+            "pairwise_iou": stat(pair, torch.mean),
+            "nearest_distance": {"median": stat(m["nearest"], median), "min": stat(m["nearest"], torch.min)},
+            "to_mean": stat(m["to_mean"], median), "off_span": stat(m["off_span"], median)}
 
 
-def off_span(z: torch.Tensor, z_o: torch.Tensor, *, leave_one_out=False) -> torch.Tensor:
-    """For each vector (n, D): the share of its deviation from the originals' mean that lies outside the
-    span of the originals' deviations (0: a mix of originals, ~1: a new direction). With leave_one_out
-    (z is z_o) each original is measured against the others: their mean and the span of their deviations.
-    Everything comes from one eigendecomposition of the originals' (K, K) Gram matrix."""
-    K = len(z_o)
-    X = z_o.double() - z_o.double().mean(0)  # (K, D) the originals' deviations
-    lam, Q = torch.linalg.eigh(X @ X.T)
-    big = lam > 1e-9 * lam.max().clamp_min(1e-300)
-    G_pinv = (Q[:, big] / lam[big]) @ Q[:, big].T  # (K, K) pseudo-inverse of the Gram matrix
-    if not leave_one_out:
-        d = z.double() - z_o.double().mean(0)  # (n, D)
-        a = d @ X.T  # (n, K)
-        inside = (a @ G_pinv * a).sum(1)  # squared length of d's projection onto the span
-        share = (d.pow(2).sum(1) - inside).clamp_min(0).sqrt() / d.norm(dim=1).clamp_min(1e-30)
-        return share.where(d.norm(dim=1) > 1e-6 * X.norm(dim=1).max(), 0.0).float()  # the mean itself: inside
-    if K < 2:
-        return torch.full((K,), float("nan"))
-    # original i's distance to the affine hull of the others is 1 / sqrt(G+_ii) (the height of a simplex's
-    # vertex), or 0 when i takes part in an affine dependency (a null vector of G orthogonal to the ones)
-    dep = Q[:, ~big] - Q[:, ~big].mean(0)
-    height = torch.where(dep.norm(dim=1) > 1e-6, 0.0, G_pinv.diagonal().clamp_min(1e-300).rsqrt())
-    return (height / (K / (K - 1) * X.norm(dim=1)).clamp_min(1e-30)).float()  # |x_i - mean of others|
-
-
-MIN_K_NOVEL = 10  # fewer snapshots than this cannot show that anything is new
-
-
-def verdict(orig: dict, gen: dict, base: dict, *, k: int, delta: float = 1.0) -> dict:
-    """The README's rule, on summary numbers (accuracy medians in %, median nearest-original distances in
-    the standardised parameter space, the median off-span fraction; "noise" is the smallest noise level): the
-    first of the rules below that applies; "unknown" without baselines."""
-    g_acc, o_acc, d_g, d_o = gen["median"], orig["median"], gen["nearest_distance"]["median"], \
-        orig["nearest_distance"]["median"]
-    noise = min((k for k in base if k.startswith("noise-")), key=lambda k: float(k[6:]), default="noise")
-    d_noise, d_avg, d_gauss = (base.get(b, {}).get("nearest_distance", {}).get("median")
-                               for b in (noise, "average", "gaussian"))
-    iou_g, iou_noise = gen["max_iou"]["mean"], base.get(noise, {}).get("max_iou", {}).get("mean")
-    best_base = max((b["median"] for b in base.values() if b.get("median") is not None), default=None)
-    say = lambda label, text: {"label": label, "text": text}
-    if g_acc is None:
-        return say("inferior", "no generated model had finite parameters")
-    if not base:
-        return say("unknown", "baselines are off (--no-baselines): no verdict without them")
-    below_orig = g_acc < o_acc - delta
-    if below_orig and (best_base is None or g_acc < best_base - delta):
-        points = f"{delta:g} point{'s' * (delta != 1)}"
-        return say("inferior", f"generated median {g_acc:.2f}% is more than {points} below the originals "
-                   f"({o_acc:.2f}%)" + (f" and the best baseline ({best_base:.2f}%)" if best_base is not None else ""))
-    if d_noise is not None and d_g <= d_noise:
-        return say("memorised", f"generated models lie as close to an original ({d_g:.3g}) as an original plus "
-                   f"noise ({d_noise:.3g})")
-    if d_o is None or d_g < d_o:
-        return say("interpolating", f"generated models lie closer to an original ({d_g:.3g}) than the originals "
-                   f"lie to each other ({'-' if d_o is None else f'{d_o:.3g}'})")
-    if d_avg is not None and d_g <= d_avg:
-        return say("interpolating", f"generated models lie no further from the originals ({d_g:.3g}) than "
-                   f"averages of originals ({d_avg:.3g})")
-    if gen.get("off_span") is not None and gen["off_span"] < 0.5:
-        return say("interpolating", f"generated models lie mostly in the span of the originals (median "
-                   f"{gen['off_span']:.0%} of each deviation outside it)")
-    if iou_noise is not None and iou_g is not None and iou_g >= iou_noise:
-        return say("interpolating", f"far in weight space, but they get the same test examples wrong as an "
-                   f"original (max IoU {iou_g:.3f}) as closely as an original plus noise does ({iou_noise:.3f})")
-    if d_gauss is not None and d_g > d_gauss:
-        return say("inferior", f"generated models lie further from the originals ({d_g:.3g}) than samples of a "
-                   f"per-coordinate Gaussian fitted to them ({d_gauss:.3g}): no better than that baseline")
-    if k < MIN_K_NOVEL:
-        return say("interpolating", f"only {k} snapshots: too few to call anything novel (needs {MIN_K_NOVEL})")
-    if below_orig:
-        return say("inferior", f"far from the originals but {o_acc - g_acc:.2f} points less accurate")
-    return say("novel", f"generated models lie as far from the originals ({d_g:.3g}) as the originals from each "
-               f"other ({d_o:.3g}), at equal accuracy")
+def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict:
+    """The generator's word: the label of its group g (or of the judged sets), then set against the baselines,
+    which need no generator: `novel` only when it is `fresh` and more accurate (median) than every baseline."""
+    if held_out < MIN_HELD_OUT:
+        return {"label": "unknown", "text": f"{held_out} held-out networks: too few to judge anything (needs "
+                f"{MIN_HELD_OUT}; fit --holdout)"}
+    if g.get("label") is None:
+        return {"label": "unknown", "text": f"no {name} set had finite parameters"}
+    why = "; ".join(f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} "
+                    f"({t['shift']}, p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same")
+    if g["label"] != "fresh":
+        return {"label": g["label"], "text": f"{name} sets: {why}"}
+    better = sorted((k for k, b in base.items() if b["median"] is not None and b["median"] >= g["median"]),
+                    key=lambda k: (base[k].get("label") != "fresh", -base[k]["median"]))
+    if better:
+        b = base[better[0]]
+        return {"label": "fresh", "text": f"fresh, but no better than `{better[0]}` ({b.get('label')}, median "
+                f"{b['median']:.2f} % against {g['median']:.2f} %)" + (f"; {why}" if why else "")}
+    return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %) than every baseline"
+            + (f"; {why}" if why else "")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1613,8 +1713,22 @@ class Run:
     correct: torch.Tensor  # (K, N_test) which test examples each original gets right
     data: Data
     ids: dict  # artifact ids: network, snapshots (and model)
+    collection: dict  # where the snapshots come from (collection())
+    held_out: list  # rows of the originals kept away from the generator (the model's; else fit's default)
     model: Optional[Model] = None
     fit_config: Optional[FitConfig] = None
+
+    @property
+    def training(self) -> list:  # rows of the originals the generator and the baselines are made from
+        held = set(self.held_out)
+        return [i for i in range(len(self.snapshots)) if i not in held]
+
+    def ruler(self) -> Ruler:
+        """The training originals, standardised as the model sees them (computed alike without a model)."""
+        train = self.training
+        mean, std = (self.model.mean.cpu(), self.model.std.cpu()) if self.model is not None else \
+            tensor_stats(self.layout, self.snapshots[train])
+        return Ruler(self.snapshots[train], self.correct[train], mean, std)
 
 
 def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir: Optional[str] = None) -> Run:
@@ -1634,8 +1748,10 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     if len(d.y_test) != t["correct"].shape[1]:
         raise PdiffError(f"the {cfg.data} test set under '{data_dir or cfg.data_dir}' has {len(d.y_test)} "
                          f"examples; the snapshots were evaluated on {t['correct'].shape[1]}")
+    collected = meta.get("collection", {"kind": "steps", "networks": 1, "per_network": len(t["snapshots"])})
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), d,
-              {"network": net_id, "snapshots": meta["id"]})
+              {"network": net_id, "snapshots": meta["id"]}, collected,
+              held_out_rows(collected, len(t["snapshots"]), FitConfig().holdout))
     if model is not None:
         model_path, ck = model_files(path, model)
         named = '' if model == DEFAULT_MODEL else ' --name ' + model
@@ -1649,7 +1765,10 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
             run.model.to(device)
         except (KeyError, TypeError, RuntimeError) as e:
             raise PdiffError(f"{model_path} does not fit this run ({one_line(e)})") from None
-        run.ids["model"] = meta["id"]
+        if "held_out" not in meta:
+            raise PdiffError(f"{model_path} was fitted by an older pdiff that held no originals out for the "
+                             f"memorisation test: run `pdiff fit --force --run {path}{named}`")
+        run.ids["model"], run.held_out = meta["id"], meta["held_out"]
     return run
 
 
@@ -1703,25 +1822,43 @@ def noise_levels(cfg: SampleConfig) -> list[float]:
     return levels
 
 
-def make_baselines(x: torch.Tensor, n: int, cfg: SampleConfig) -> dict:
-    """The baselines any generator must beat (arXiv 2506.07998), in the standardised space x (K, D): an original
-    plus noise (one group per level), the mean of m random originals, a per-coordinate Gaussian fitted to
-    them, and the paper's "ensemble" (the weight average of all K originals: one model)."""
+def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(n, D) -> what one unit of noise is for each coordinate of each original: `values`, the std of the values
+    of its tensor in that original (the reference code's noise-added models); `spread`, pdiff's standardised
+    units (the training originals' per-tensor spread); `raw`, parameter units (arXiv 2506.07998)."""
+    if units == "values":
+        return torch.cat([t.std(1, keepdim=True).nan_to_num(0).expand_as(t) for t in x.split(layout.sizes, dim=1)], 1)
+    return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
+
+
+BASELINE_KINDS = ("average", "gaussian", "ensemble")
+
+
+def baselines(x: torch.Tensor, n: int, cfg: SampleConfig, spread: torch.Tensor, layout: Layout) -> dict:
+    """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
+    originals x (K, D) only: an original plus noise (one group per level), the mean of m random originals, a
+    per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
     K, D = x.shape
-    g = rng(cfg.seed, "baselines")
-    out = {f"noise-{s:g}": x[torch.randint(0, K, (n,), generator=g)] + s * torch.randn(n, D, generator=g)
-           for s in noise_levels(cfg)}
-    pick = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
+    out = {}
+    for s in noise_levels(cfg):
+        g = rng(cfg.seed, "noise", s)
+        picked = x[torch.randint(0, K, (n,), generator=g)]
+        out[f"noise-{s:g}"] = picked + s * noise_unit(picked, cfg.noise_units, spread, layout) * torch.randn(
+            n, D, generator=g)
+    g = rng(cfg.seed, "average")
+    picks = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
     sd = x.std(0) if K > 1 else torch.zeros(D)
-    return out | {"average": x[pick].mean(1), "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=g),
+    return out | {"average": torch.stack([x[p].mean(0) for p in picks]),
+                  "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=rng(cfg.seed, "gaussian")),
                   "ensemble": x.mean(0, keepdim=True)}
 
 
 @dataclass
 class Sampled:
     report: dict  # the JSON document's body (without run, device and totals the command adds)
-    sets: dict  # {group: (n, D) parameter sets}: "generated" and each baseline; failed sets (NaN/Inf) kept
-    accuracies: torch.Tensor  # (n,) of the generated sets, percent, NaN where a set failed
+    name: str  # the group under test: "generated", or "judged" (sample --judge)
+    sets: dict  # {group: (n, D) parameter sets}: the group under test and each baseline; failed sets (NaN) kept
+    accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
     per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
     trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
 
@@ -1729,55 +1866,111 @@ class Sampled:
 TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
 
 
-def describe(sets: torch.Tensor, correct: torch.Tensor, z: torch.Tensor, correct_o, z_o) -> tuple:
-    """One group of models: (accuracies (n,) with NaN for failed sets, its report row, per-model values)."""
+def describe(sets: torch.Tensor, correct: torch.Tensor, ruler: Ruler, ref: Optional[tuple]) -> tuple:
+    """One group of models: (accuracies (n,) with NaN for failed sets, its report row with the label from the
+    test against ref = (the held-out originals' per-model numbers, their networks), per-model values)."""
     ok = torch.isfinite(sets).all(1)
     acc = accuracy(correct).masked_fill(~ok, float("nan"))
-    nov = novelty(correct[ok], z[ok], correct_o, z_o)
-    per_model = {"accuracy": acc[ok].tolist(), **nov.pop("per_model")}
-    return acc, {**summary(acc), "failed": int((~ok).sum()), **nov}, per_model
+    m = ruler.measure(sets[ok], correct[ok])
+    row = {**summary(acc), "failed": int((~ok).sum()), **novelty(m, correct[ok])}
+    if ref is not None and ok.any():
+        row |= judge(m, *ref)
+    return acc, row, per_model_values(m)
 
 
-def sample(cfg: SampleConfig, run: Run, *, prog: Optional[Progress] = None, trace: bool = False) -> Sampled:
-    """Generate cfg.n parameter sets with run.model, evaluate them and the baselines in one pass, and
-    measure how they relate to the originals. trace=True keeps the reverse trajectories of a few samples."""
-    t0 = time.perf_counter()
+per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
+                              "nearest_distance": m["nearest"].tolist()}
+
+
+def held_out_group(ruler: Ruler, sets: torch.Tensor, correct: torch.Tensor, per: int) -> tuple:
+    """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
+    them as on any group: one half of the held-out networks judged with the other half as the reference."""
+    m = ruler.measure(sets, correct)
+    units = len(sets) // per
+    a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
+    b = [i for i in range(len(sets)) if i not in set(a)]
+    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, correct)}
+    if units >= 2:
+        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
+    return m, row
+
+
+def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
+           trace: bool = False) -> Sampled:
+    """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
+    decoded originals and the baselines in one pass, and judge every group against the held-out originals.
+    trace=True keeps the reverse trajectories of a few samples."""
+    t0, trajectory = time.perf_counter(), []
+    ruler, held = run.ruler(), run.held_out
+    name, sets = ("judged", judged) if judged is not None else ("generated", generate(cfg, run, prog, trajectory, trace))
+    groups = {name: sets} | ({"decoded": run.model.roundtrip(ruler.train)} if run.model is not None else {})
+    groups |= baselines(ruler.train, cfg.n, cfg, ruler.std, run.layout) if cfg.baselines else {}
+    t1 = time.perf_counter()
+    correct = evaluate(run.net, run.prep, run.layout, torch.cat(list(groups.values())), run.data.x_test,
+                       run.data.y_test, spread=True)  # one pass
+    t2 = time.perf_counter()
+    per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
+    m_held, held_row = held_out_group(ruler, run.snapshots[held], run.correct[held], per) if held else (None, None)
+    ref = (m_held, len(held) // per) if held else None
+    accs, rows, per_model = {}, {}, {}
+    for (g, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
+        accs[g], rows[g], per_model[g] = describe(s, c, ruler, ref)
+    m_train = ruler.measure_training()
+    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
+    report = {
+        "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
+        sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units,
+        "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
+        **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
+        name: {**rows.pop(name), "accuracies": [None if math.isnan(a) else rnd(a) for a in accs[name].tolist()]},
+        "baselines": rows,
+        "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)}}
+    report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
+    per_model.pop("decoded", None)
+    kept = {name: sets, "held-out": run.snapshots[held]} | {k: v for k, v in groups.items() if k != "decoded"}
+    return Sampled(report, name, kept, accs[name], per_model, trajectory)
+
+
+def generate(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> torch.Tensor:
+    """cfg.n parameter sets (n, D) from run.model; under torchrun every process uses rank 0's."""
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    tick, trajectory = ticker(prog, f"{cfg.sampler} sampling", total), []
-    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta, tick=tick,
+    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
+                         tick=ticker(prog, f"{cfg.sampler} sampling", total),
                          trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
     if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
         gen = gather(gen, [len(gen)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
-    t1 = time.perf_counter()
-    z_o = model.standardise(run.snapshots)  # (K, D)
-    zs = {"generated": model.standardise(gen), "decoded": model.standardise(model.roundtrip(run.snapshots))}
-    zs |= make_baselines(z_o, cfg.n, cfg) if cfg.baselines else {}
-    groups = {k: gen if k == "generated" else model.unstandardise(z) for k, z in zs.items()}  # parameters
-    sets = torch.cat(list(groups.values()))
-    correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, spread=True)  # one pass
-    t2 = time.perf_counter()
-    accs, rows, per_model = {}, {}, {}
-    for (name, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
-        accs[name], rows[name], per_model[name] = describe(s, c, zs[name], run.correct, z_o)
-    nov_o = novelty(run.correct, z_o, run.correct, z_o, originals=True)
-    per_model["original"] = {"accuracy": accuracy(run.correct).tolist(), **nov_o.pop("per_model")}
-    orig, gen_row, decoded = summary(accuracy(run.correct)), rows.pop("generated"), rows.pop("decoded")
-    per_model.pop("decoded")
-    report = {
-        "sampler": cfg.sampler, "steps": steps, "original": orig,
-        "decoded": {k: decoded[k] for k in (*orig, "failed", "nearest_distance")},
-        "generated": {**{k: gen_row[k] for k in (*orig, "failed")},
-                      "accuracies": [None if math.isnan(a) else round(a, 4) for a in accs["generated"].tolist()]},
-        "novelty": {"original": nov_o, "generated": {k: gen_row[k] for k in NOVELTY_KEYS}},
-        "baselines": rows,
-        "verdict": verdict({**orig, **nov_o}, gen_row, rows, k=len(run.snapshots)),
-        "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
-    }
-    return Sampled(report, groups, accs["generated"], per_model, trajectory)
+    return gen
 
 
-NOVELTY_KEYS = ("max_iou", "pairwise_iou", "nearest_distance", "off_span")
+def read_judged(path: Path, run: Run) -> torch.Tensor:
+    """Parameter sets (n, D) to judge from a safetensors file: a pdiff samples or snapshots file of this layout,
+    one (n, D) tensor, or tensors named as the layout's parameters, each of the parameter's shape (one network:
+    an --export, a fine-tuned copy's state dict) or with a leading n (n networks). With an aligned many-seed
+    collection each set is aligned to the reference network first, as the held-out networks were."""
+    if not path.is_file():
+        raise PdiffError(f"--judge {path} not found", 2)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not safetensors, truncated, ...
+        raise PdiffError(f"--judge {path} is not a readable safetensors file ({one_line(e)})") from None
+    L = run.layout
+    if meta.get("layout") and Layout.from_dict(json.loads(meta["layout"])) != L:
+        raise PdiffError(f"--judge {path}: its parameter layout differs from this run's", 2)
+    flat = [t for t in tensors.values() if t.ndim == 2 and t.shape[1] == L.D and t.is_floating_point()]
+    if all(n in tensors for n in L.names):
+        one = all(tuple(tensors[n].shape) == tuple(s) for n, s in zip(L.names, L.shapes))
+        sets = L.pack({n: tensors[n].float()[None] if one else tensors[n].float() for n in L.names}, batch=1)
+    elif len(flat) == 1:
+        sets = flat[0].float()
+    else:
+        raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
+                         f"({', '.join(L.names[:3])}, ...)", 2)
+    if run.collection.get("aligned"):
+        per = run.collection["per_network"]
+        sets = align_to(sets, run.snapshots[per - 1], L)
+    return sets
 
 
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
@@ -1801,8 +1994,11 @@ def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
 
     fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
     plot_accuracy(a, b, s)
-    plot_latents(c, s, model, originals)
-    plot_trajectories(d, s, model, originals)
+    if model is not None:
+        plot_latents(c, s, model, originals)
+        plot_trajectories(d, s, model, originals)
+    for ax in (c, d) if model is None else ():
+        ax.text(0.5, 0.5, "no fitted model: no latents", ha="center", va="center", transform=ax.transAxes)
     for ax in (a, b, c, d):
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1818,10 +2014,11 @@ def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy h
     bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
     for name in groups:
         pm = s.per_model[name]
-        a.scatter(pm["max_iou"], pm["accuracy"], s=14, alpha=0.6, label=name)
+        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
+        a.scatter(pm["max_iou"], pm["accuracy"], label=name, **marks)
         style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
         b.hist(pm["accuracy"], bins=bins, label=name, **style)
-    a.set(xlabel="max IoU of wrong predictions to any original", ylabel="test accuracy (%)",
+    a.set(xlabel="max IoU of wrong predictions with a training original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
 
@@ -1829,11 +2026,12 @@ def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy h
 def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
     z_o = model.encode(originals)  # (K, latent)
     mu, axes = z_o.mean(0), principal_axes(z_o, 2)
-    for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k == "generated" or
+    for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k in (s.name, "held-out") or
                                                    k.startswith("noise"))]:
         ok = torch.isfinite(sets).all(1)
         pts = (model.encode(sets[ok]) - mu) @ axes.T
-        c.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.6, label=name)
+        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
+        c.scatter(pts[:, 0], pts[:, 1], label=name, **marks)
     c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
 
 
@@ -2118,23 +2316,25 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
         return finished(out, "model", "fit", cfg, given, json_out)
     if cfg.latent > r.layout.D:
         raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
+    r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    x = r.snapshots[r.training]
     with progress() as prog:
         loop.prog = prog
-        model = fit(cfg, r.snapshots, r.layout, device=dev, loop=loop)
-    decoded, pca = model.roundtrip(r.snapshots), pca_roundtrip(model, r.snapshots, cfg.latent)
+        model = fit(cfg, x, r.layout, device=dev, loop=loop)
+    decoded, pca = model.roundtrip(x), pca_roundtrip(model, x, cfg.latent)
     correct = evaluate(r.net, r.prep, r.layout, torch.cat([decoded, pca]), r.data.x_test, r.data.y_test).split(
         len(decoded))
-    rt, rt_pca = ({**summary(accuracy(c)), "rel_error": model.rel_error(r.snapshots, s)}
-                  for c, s in zip(correct, (decoded, pca)))
+    rt, rt_pca = ({**summary(accuracy(c)), "rel_error": model.rel_error(x, s)} for c, s in zip(correct, (decoded, pca)))
     loop.stop_point()
-    orig = summary(accuracy(r.correct))
+    orig = summary(accuracy(r.correct[r.training]))
     report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, "original": orig, "decoded": rt, "pca": rt_pca,
-              "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+              "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out), "original": orig, "decoded": rt,
+              "pca": rt_pca, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
-                                                     "parents": parents, "report": report})
+                                                     "parents": parents, "held_out": r.held_out, "report": report})
     loop.finish()
-    err.print(table(f"fit: round trip of {len(r.snapshots)} snapshots of {r.layout.D:,} parameters", {
+    err.print(table(f"fit: round trip of {len(x)} training snapshots of {r.layout.D:,} parameters ("
+                    f"{len(r.held_out)} held out)", {
         "original": orig, "decoded": rt, f"PCA-{cfg.latent}": rt_pca}, {"rel. error": lambda s: s.get("rel_error")}))
     err.print(f"decoded: through the autoencoder; PCA-{cfg.latent}: projected on the snapshots' first {cfg.latent} "
               "principal directions (a linear latent of the same size); rel. error: 0 exact, 1 no better than the "
@@ -2156,59 +2356,68 @@ def sample_cmd(cfg: SampleConfig,
                export: FileOpt("Write the network with the best generated set loaded (picked on the test set) "
                                "to this .safetensors file: a state dict for load_state_dict(strict=True).",
                                "--export") = None,
+               judge_file: FileOpt("Judge the parameter sets in this .safetensors file instead of generating: a "
+                                   "--save file, a snapshots file of the same network, one (n, D) tensor, or "
+                                   "tensors named as the network's parameters (one network, or n stacked).",
+                                   "--judge") = None,
                run: RunOpt = DEFAULT_RUN, data_dir: DataDirOpt = None, device: DeviceOpt = DEVICES[0],
                json_out: JsonOpt = False):
-    """Generate parameter sets from noise, load them into the network, report accuracy and novelty."""
+    """Generate parameter sets from noise (or take --judge's), load them into the network, and report accuracy
+    and novelty: every group judged against originals that fit held out."""
     t0 = time.perf_counter()
     check_run(run)
     check_outputs(run, {"--save": (save, ".safetensors"), "--plot": (plot_file, ".png"),
                         "--export": (export, ".safetensors")})
     dev = pick_device(device)
     sampler_steps(cfg, None), noise_levels(cfg)  # usage errors before anything loads
-    r = open_run(run, dev, model=model, data_dir=data_dir)
+    fitted = judge_file is None or model_files(run, model)[0].is_file()  # --judge needs no model
+    r = open_run(run, dev, model=model if fitted else None, data_dir=data_dir)
+    judged = read_judged(judge_file, r) if judge_file is not None else None
     with progress() as prog:
-        s = sample(cfg, r, prog=prog, trace=plot_file is not None)
+        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None)
     if save:
-        save_artifact(save, "samples", {"samples": s.sets["generated"], "accuracies": s.accuracies},
+        save_artifact(save, "samples", {"samples": s.sets[s.name], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
-        err.print(f"wrote {save}: {len(s.accuracies)} generated sets and their accuracies")
+        err.print(f"wrote {save}: {len(s.accuracies)} {s.name} sets and their accuracies")
     if plot_file and rank() == 0:
-        plot(s, r.model, r.snapshots, plot_file)
+        plot(s, r.model, r.snapshots[r.training], plot_file)
         err.print(f"wrote {plot_file}")
     if export:
         export_best(s, r, export, model)
     s.report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    report = {"run": str(run), "model": model, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, **s.report}
+    report = {"run": str(run), "model": model if r.model is not None else None, "arch": r.config.arch,
+              "data": r.config.data, "params": r.layout.D, "device": str(dev), "seed": cfg.seed,
+              **({"judge": str(judge_file)} if judge_file is not None else {}), **s.report}
     print_sample(report)
     emit(report, json_out)
 
 
 def export_best(s: Sampled, r: Run, path: Path, model: str):
-    """The whole network with the most accurate generated set loaded, as a plain state dict."""
+    """The whole network with the most accurate generated (or judged) set loaded, as a plain state dict."""
     if not s.accuracies.isfinite().any():
-        raise PdiffError("no generated set had finite parameters: nothing to export")
+        raise PdiffError(f"no {s.name} set had finite parameters: nothing to export")
     best = int(s.accuracies.nan_to_num(-1.0).argmax())
-    r.layout.load(r.net, s.sets["generated"][best])
+    r.layout.load(r.net, s.sets[s.name][best])
     save_artifact(path, "export", r.net.state_dict(), {
-        "picked": f"the most accurate of {len(s.accuracies)} generated sets, chosen on the test set (so its test "
+        "picked": f"the most accurate of {len(s.accuracies)} {s.name} sets, chosen on the test set (so its test "
                   "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
         "model": model, "arch": r.config.arch, "parents": r.ids,
         "input": r.prep.to_dict(r.data.x_test.shape[-1])})
-    err.print(f"wrote {path}: generated set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
+    err.print(f"wrote {path}: {s.name} set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
 
 
 def print_sample(rep: dict):
-    g = rep["generated"]
-    rows = {"original": {**rep["original"], **rep["novelty"]["original"]}, "decoded": rep["decoded"],
-            "generated": {**g, **rep["novelty"]["generated"]}, **rep["baselines"]}
-    err.print(table(f"sample: {g['count'] + g['failed']} generated with {rep['sampler']} ({rep['steps']} steps); "
-                    "accuracy in %", rows, {
-                        "max IoU": lambda s: s.get("max_iou", {}).get("mean"),
-                        "NN dist": lambda s: s["nearest_distance"]["median"],
-                        "outside": lambda s: s.get("off_span")}))
-    err.print("max IoU: mean over models of the max IoU of wrong predictions to an original; NN dist: median "
-              "distance to the nearest original; outside: median share of the deviation outside the originals' span",
+    name = "judged" if "judged" in rep else "generated"
+    g = rep[name]
+    how = f"with {rep['sampler']} ({rep['steps']} steps)" if name == "generated" else f"from {rep.get('judge')}"
+    rows = {"original": rep["original"], **({"held-out": rep["held_out"]} if rep["held_out"] else {}),
+            **({"decoded": rep["decoded"]} if "decoded" in rep else {}), name: g, **rep["baselines"]}
+    err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in %", rows, {
+        "NN dist": lambda s: s["nearest_distance"]["median"], "to mean": lambda s: s["to_mean"],
+        "max IoU": lambda s: s["max_iou"]["mean"], "label": lambda s: s.get("label")}, mean=False))
+    err.print("original: the training originals; NN dist: median distance to the nearest training original "
+              "(standardised units); to mean: median distance to their mean; max IoU: mean over models of the max "
+              "IoU of wrong predictions with a training original; label: the test against the held-out originals",
               style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:
@@ -2219,15 +2428,15 @@ def print_sample(rep: dict):
     err.print(f"generate {s['generate']:.1f} s, evaluate {s['evaluate']:.1f} s, total {s['total']:.1f} s")
 
 
-def table(title: str, rows: dict, extra: dict | None = None) -> Table:
+def table(title: str, rows: dict, extra: dict | None = None, *, mean: bool = True) -> Table:
     """Accuracy summary rows (percent), plus extra columns computed from each row; fits 80 columns."""
     tb = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    cols = ["models", "n", "best", "mean", "median", "min"] + list((extra or {}).keys())
-    for c in cols:
+    stats = ["count", "best", "mean", "median", "min"] if mean else ["count", "best", "median", "min"]
+    for c in ["models", *(s.replace("count", "n") for s in stats), *(extra or {})]:
         tb.add_column(c, justify="left" if c == "models" else "right", no_wrap=True)
     f = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     for name, s in rows.items():
-        tb.add_row(name, *[f(s.get(c)) for c in ("count", "best", "mean", "median", "min")],
+        tb.add_row(name, *[f(s.get(c)) for c in stats],
                    *[f(fn(s)) for fn in (extra or {}).values()])
     return tb
 

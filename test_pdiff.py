@@ -4,6 +4,7 @@
 """
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -159,22 +160,113 @@ def test_pack_unpack_optimizer_state():
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
-def _summary(median, dist, iou=0.9, off_span=0.9):
-    return {"median": median, "nearest_distance": {"median": dist}, "max_iou": {"mean": iou}, "off_span": off_span}
+def test_two_sample_statistic_hand_checked():
+    from scipy import stats
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0, 7.0])
+    effect, p = pdiff.two_sample(a, b, len(b))
+    assert effect == -1.0  # every a below every b
+    z = (0 - 6) / math.sqrt(3 * 4 * 8 / 12)  # U = 0, its mean n_a n_b / 2 = 6 and variance n_a n_b (n + 1) / 12
+    assert p == pytest.approx(math.erfc(abs(z) / math.sqrt(2)))
+    assert p == pytest.approx(stats.mannwhitneyu(a, b, method="asymptotic", use_continuity=False).pvalue)
+    assert pdiff.two_sample(b, b, 4) == (0.0, 1.0)
+    assert pdiff.two_sample(a, b, 2)[1] > p  # 4 values counted as 2 draws (k snapshots of a network): less evidence
+    effect, p = pdiff.two_sample(torch.tensor([10.0]), b, 4)  # one model: t prediction interval from b
+    t = (10 - 5.5) / (b.std().item() * math.sqrt(1 + 1 / 4))
+    assert effect == 1.0 and p == pytest.approx(2 * stats.t.sf(t, 3))
 
 
-def test_verdict_rule_each_label():
-    orig = _summary(90.0, 10.0)
-    base = {"noise": _summary(90.0, 0.5, iou=0.99), "average": _summary(89.0, 6.0), "gaussian": _summary(20.0, 40.0)}
-    assert pdiff.verdict(orig, _summary(70.0, 12.0), base, k=200)["label"] == "inferior"
-    assert pdiff.verdict(orig, _summary(90.0, 0.3), base, k=200)["label"] == "memorised"
-    assert pdiff.verdict(orig, _summary(90.0, 5.0), base, k=200)["label"] == "interpolating"  # closer than originals
-    assert pdiff.verdict(orig, _summary(90.0, 12.0, off_span=0.1), base, k=200)["label"] == "interpolating"  # in span
-    assert pdiff.verdict(orig, _summary(90.0, 12.0, iou=0.995), base, k=200)["label"] == "interpolating"  # same errors
-    assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=200)["label"] == "novel"
-    assert pdiff.verdict(orig, _summary(89.5, 12.0), base, k=2)["label"] != "novel"  # too few snapshots
-    assert pdiff.verdict(orig, _summary(89.5, 50.0), base, k=200)["label"] == "inferior"  # beyond the gaussian baseline
-    assert pdiff.verdict(orig, _summary(89.5, 12.0), {}, k=200)["label"] == "unknown"  # --no-baselines: no verdict
+def _numbers(n, nearest_ratio=0.5, max_iou=0.8, to_mean=50.0, acc=95.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    jitter = lambda v, s: v + s * torch.randn(n, generator=g, dtype=torch.float64)
+    return {"nearest_ratio": jitter(nearest_ratio, 0.05), "max_iou": jitter(max_iou, 0.02),
+            "to_mean": jitter(to_mean, 3.0), "accuracy": jitter(acc, 0.5)}
+
+
+def test_judge_gives_each_label_by_its_rule():
+    held = _numbers(20, seed=1)
+    label = lambda **k: pdiff.judge(_numbers(40, **k), held, 20)
+    assert label()["label"] == "fresh"
+    assert label(nearest_ratio=0.1)["label"] == "copying"  # close to a particular original
+    assert label(max_iou=0.95)["label"] == "copying"  # its mistakes are an original's
+    assert label(to_mean=20.0)["label"] == "averaging"
+    assert label(acc=90.0)["label"] == "inferior"
+    assert label(nearest_ratio=0.1, to_mean=20.0, acc=90.0)["label"] == "copying"  # the first rule that applies
+    far = label(nearest_ratio=0.9, to_mean=80.0)  # farther than held-out originals: shown, still fresh
+    assert far["label"] == "fresh" and far["tests"]["to_mean"]["shift"] == "higher"
+    t = label(to_mean=20.0)["tests"]["to_mean"]
+    assert t["median"] == pytest.approx(20.0, abs=2) and t["held_out"] == pytest.approx(50.0, abs=3) and t["p"] < 0.05
+
+
+def test_judge_corrects_for_several_metrics():
+    # one metric at p ~ 0.03 alone: significant by itself, not after Holm over the four
+    held = {k: torch.arange(10, dtype=torch.float64) for k in pdiff.TESTS}
+    group = {k: torch.arange(10, dtype=torch.float64) for k in pdiff.TESTS}
+    group["to_mean"] = torch.arange(10, dtype=torch.float64) - 3.2
+    raw = pdiff.two_sample(group["to_mean"], held["to_mean"], 10)[1]
+    r = pdiff.judge(group, held, 10)
+    assert 0.0125 < raw < 0.05 and r["tests"]["to_mean"]["p"] == pytest.approx(min(1, 4 * raw), rel=1e-2)
+    assert r["label"] == "fresh"
+
+
+def test_held_out_rows_are_whole_networks_spread_through_the_collection():
+    steps = {"kind": "steps", "networks": 1, "per_network": 200}
+    assert pdiff.held_out_rows(steps, 200, 0.1) == list(range(5, 200, 10))  # each between two training snapshots
+    assert pdiff.held_out_rows(steps, 200, 0) == []
+    assert pdiff.held_out_rows(steps, 200, 30) == [1 + int((j + 0.5) * 199 / 30) for j in range(30)]  # a count
+    assert len(pdiff.held_out_rows(steps, 20, 0.1)) == 5  # at least a handful
+    assert pdiff.held_out_rows(steps, 1, 0.1) == []  # nothing to spare
+    seeds = {"kind": "seeds", "networks": 10, "per_network": 3}
+    rows = pdiff.held_out_rows(seeds, 30, 0.1)  # 5 of 10 networks, all 3 snapshots of each, never the first
+    assert rows == [3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23, 27, 28, 29]
+    assert pdiff.held_out_rows(steps, 6, 5) == [1, 2, 3, 4, 5]  # a count may leave one to fit (ablate_k.sh's K=1)
+    with pytest.raises(pdiff.PdiffError, match="at least one must remain"):
+        pdiff.held_out_rows(seeds, 30, 10)
+
+
+def test_ruler_numbers_equal_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train, sets = torch.randn(12, 30, generator=g), torch.randn(5, 30, generator=g) * 2
+    correct_t, correct_s = torch.rand(12, 40, generator=g) > 0.3, torch.rand(5, 40, generator=g) > 0.3
+    mean, std = train.mean(0), torch.rand(30, generator=g) + 0.5
+    ruler = pdiff.Ruler(train, correct_t, mean, std)
+    m = ruler.measure(sets, correct_s)
+    zt, zs = (train - mean) / std, (sets - mean) / std
+    d = torch.cdist(zs.double(), zt.double())
+    assert torch.allclose(m["nearest"], d.min(1).values)
+    rel = d / (zs.double().norm(dim=1)[:, None] ** 2 + zt.double().norm(dim=1)[None] ** 2).sqrt()
+    assert torch.allclose(m["nearest_ratio"], rel.min(1).values)
+    assert torch.allclose(m["to_mean"], zs.double().norm(dim=1))
+    assert torch.equal(m["max_iou"], pdiff.wrong_iou(correct_s, correct_t).max(1).values.double())
+    U, S, _ = torch.linalg.svd(zt.double().T, full_matrices=False)  # the training deviations' span
+    Q = U[:, S > 1e-5 * S.max()]  # rank 11: they sum to zero (up to float32 rounding)
+    assert Q.shape[1] == 11
+    outside = zs.double() - zs.double() @ Q @ Q.T
+    assert torch.allclose(m["off_span"], outside.norm(dim=1) / zs.double().norm(dim=1))
+    ab, aa, bb = pdiff.products(sets, train, mean, std, chunk=7)  # a few columns at a time: the same
+    assert torch.allclose(ab, zs.double() @ zt.double().T) and torch.allclose(aa, zs.double().pow(2).sum(1))
+    mt = ruler.measure_training()  # each training original against the others
+    dt = torch.cdist(zt.double(), zt.double()).fill_diagonal_(math.inf)
+    assert torch.allclose(mt["nearest"], dt.min(1).values)
+
+
+def test_verdict_sets_a_fresh_group_against_the_baselines():
+    row = lambda label, median: {"label": label, "median": median, "tests": {}}
+    base = {"average": row("averaging", 97.0), "gaussian": row("fresh", 96.0), "noise-0.001": row("copying", 95.0)}
+    v = pdiff.verdict(row("fresh", 96.5), base, 20)
+    assert v["label"] == "fresh" and "no better than `average`" in v["text"]  # beaten by a blend
+    assert pdiff.verdict(row("fresh", 97.5), base, 20)["label"] == "novel"  # fresh, and beats every baseline
+    assert pdiff.verdict(row("averaging", 99.0), base, 20)["label"] == "averaging"  # the group's own label first
+    assert pdiff.verdict(row("fresh", 99.0), base, 4)["label"] == "unknown"  # too few held out to judge
+
+
+def test_noise_units():
+    layout = pdiff.Layout(["a", "b"], [(2, 2), (3,)])
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 6.0]])
+    spread = torch.full((7,), 0.5)
+    values = pdiff.noise_unit(x, "values", spread, layout)  # each tensor's std of its own values
+    assert torch.allclose(values, torch.tensor([[1.2910] * 4 + [3.4641] * 3]), atol=1e-4)
+    assert torch.equal(pdiff.noise_unit(x, "spread", spread, layout), spread.expand(1, 7))
+    assert torch.equal(pdiff.noise_unit(x, "raw", spread, layout), torch.ones(1, 7))
 
 
 def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
@@ -183,7 +275,7 @@ def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
     rep = pdiff.sample(cfg, run).report
     noise = rep["baselines"]["noise-0"]
     assert noise["nearest_distance"]["median"] == 0.0 and noise["nearest_distance"]["min"] == 0.0
-    assert noise["max_iou"]["mean"] == 1.0
+    assert noise["max_iou"]["mean"] == 1.0 and noise["label"] == "copying"
     assert rep["baselines"]["average"]["off_span"] < 1e-3  # averages lie in the originals' span
 
 
@@ -193,14 +285,17 @@ def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
 def test_quick_start_quality_bar(digits_run, sampled):
     rep, _ = sampled
     orig, gen = rep["original"], rep["generated"]
-    assert orig["count"] == 200 and gen["count"] == 50 and len(gen["accuracies"]) == 50
+    assert orig["count"] == 180 and rep["held_out"]["count"] == 20  # fit held every 10th snapshot out
+    assert gen["count"] == 50 and len(gen["accuracies"]) == 50
     assert orig["median"] > 90.0  # mlp3 really learned digits
     assert gen["median"] >= orig["median"] - 0.5
     assert gen["best"] >= orig["best"] - 1.0
     assert rep["params"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     with safe_open(str(digits_run / "model.safetensors"), "pt") as f:  # fit's report, kept with the model
-        rt = json.loads(f.metadata()["report"])["decoded"]
-    assert rt["count"] == 200 and rt["median"] >= orig["median"] - 0.5
+        meta = f.metadata()
+    rt = json.loads(meta["report"])["decoded"]
+    assert rt["count"] == 180 and rt["median"] >= orig["median"] - 0.5
+    assert json.loads(meta["held_out"]) == list(range(5, 200, 10))
 
 
 def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
@@ -208,24 +303,28 @@ def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
     # an original as the noise baseline does. The generated sets must be neither.
     rep, out = sampled
     run = pdiff.open_run(digits_run, model="default")
-    z_o = run.model.standardise(run.snapshots)
+    z_o = run.model.standardise(run.snapshots[run.training])
     z_g = run.model.standardise(read(out / "gen.safetensors")["samples"])
     spread = lambda z: (z - z.mean(0)).norm(dim=1).median().item()  # median distance to the group's own mean
     assert spread(z_g) > 0.25 * spread(z_o), (spread(z_g), spread(z_o))
-    d_gen = rep["novelty"]["generated"]["nearest_distance"]["median"]
+    d_gen = rep["generated"]["nearest_distance"]["median"]
     assert d_gen > 10 * rep["baselines"]["noise-0.001"]["nearest_distance"]["median"]
 
 
 def test_sample_json_keys_and_plot(sampled):
     rep, out = sampled
-    for key in ("run", "model", "arch", "data", "params", "device", "seed", "original", "generated", "seconds",
-                "novelty", "baselines", "verdict"):
+    for key in ("run", "model", "arch", "data", "params", "device", "seed", "original", "held_out", "generated",
+                "decoded", "seconds", "baselines", "verdict", "noise_units"):
         assert key in rep
-    assert rep["model"] == "default"
+    assert rep["model"] == "default" and rep["noise_units"] == "values"
     assert set(rep["baselines"]) == {"noise-0.001", "noise-0.05", "noise-0.15", "average", "gaussian", "ensemble"}
-    for b in rep["baselines"].values():
-        assert {"count", "best", "mean", "median", "min", "max_iou", "nearest_distance", "pairwise_iou"} <= set(b)
-    assert rep["verdict"]["label"] in ("memorised", "interpolating", "novel", "inferior")
+    words = {"copying", "averaging", "inferior", "fresh"}
+    for b in [rep["generated"], rep["held_out"], rep["decoded"], *rep["baselines"].values()]:
+        assert {"count", "best", "mean", "median", "min", "max_iou", "nearest_distance", "pairwise_iou", "to_mean",
+                "off_span", "label", "tests"} <= set(b) and b["label"] in words
+        assert set(b["tests"]) == {"nearest_ratio", "max_iou", "to_mean", "accuracy"}
+        assert all({"median", "held_out", "effect", "p", "shift"} == set(t) for t in b["tests"].values())
+    assert rep["verdict"]["label"] in words | {"novel"}
     assert set(rep["seconds"]) >= {"generate", "evaluate", "total"}
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000
@@ -235,14 +334,17 @@ def test_sample_json_keys_and_plot(sampled):
 
 def test_baselines_ensemble_and_noise_levels(digits_run, sampled):
     rep, _ = sampled
-    run = pdiff.open_run(digits_run)
-    ens = rep["baselines"]["ensemble"]  # the weight average of all K originals, evaluated as one model
-    mean = run.snapshots.mean(0, keepdim=True)
+    run = pdiff.open_run(digits_run, model="default")
+    ens = rep["baselines"]["ensemble"]  # the weight average of the training originals, evaluated as one model
+    mean = run.snapshots[run.training].mean(0, keepdim=True)
     acc = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, mean, run.data.x_test, run.data.y_test))
     assert ens["count"] == 1 and ens["best"] == pytest.approx(acc.item(), abs=1e-3) and ens["off_span"] == 0.0
+    assert ens["to_mean"] == 0.0 and ens["label"] == "averaging"
     d = [rep["baselines"][f"noise-{s}"]["nearest_distance"]["median"] for s in ("0.001", "0.05", "0.15")]
-    D = rep["params"]  # noise of std s in D standardised coordinates lies about s * sqrt(D) from its original
-    assert d[0] < d[1] < d[2] and d[2] == pytest.approx(0.15 * D**0.5, rel=0.1)
+    assert d[0] < d[1] < d[2]
+    cfg = pdiff.SampleConfig(n=20, sampler="ddim", steps=10, noise_std="0.15", noise_units="spread")
+    d = pdiff.sample(cfg, run).report["baselines"]["noise-0.15"]["nearest_distance"]["median"]
+    assert d == pytest.approx(0.15 * rep["params"]**0.5, rel=0.1)  # std s in D standardised coordinates: s sqrt(D)
 
 
 def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
@@ -318,13 +420,86 @@ def test_same_seed_same_json(tmp_path):
     assert reports[0] == reports[1]
 
 
-def test_two_snapshots_never_novel(tmp_path):
-    run = tmp_path / "k2"
-    assert cli("collect", "--run", run, "--epochs", 5, "-k", 2).exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 100, "--ddpm-steps", 200).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 20, "--json", "--sampler", "ddim")
+def judge_file(path: Path, sets: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+    save_file({"sets": sets.contiguous()}, str(path))
+    return path
+
+
+def calibration(run: Path, rep: dict, tmp_path: Path):
+    """The verdict's calibration cases on one run: copies, blends and fresh draws get the label that is true."""
+    assert rep["held_out"]["label"] == "fresh"  # one half of the held-out originals against the other half
+    assert rep["baselines"]["noise-0.001"]["label"] == "copying"  # each a training original plus the smallest noise
+    assert rep["baselines"]["average"]["label"] == "averaging"  # means of 16 training originals
+    r = pdiff.open_run(run, model="default")
+    x = r.snapshots[r.training]
+    judged = lambda sets: json.loads(cli("sample", "--run", run, "--judge", judge_file(tmp_path / "j.safetensors", sets),
+                                         "-n", 20, "--json").stdout)
+    got = judged(x)  # the training originals themselves
+    assert got["judged"]["label"] == "copying" and got["verdict"]["label"] == "copying"
+    assert got["judged"]["count"] == len(x) and got["judged"]["nearest_distance"]["max"] == 0.0
+    big = x[:40] + 1.0 * r.model.std * torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(0))
+    got = judged(big)  # an original plus noise that leaves the span: never novel
+    assert got["judged"]["off_span"] > 0.5 and got["verdict"]["label"] != "novel"
+
+
+def test_verdict_calibration_on_the_quick_start(digits_run, sampled, tmp_path):
+    calibration(digits_run, sampled[0], tmp_path)
+
+
+def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
+    run = tmp_path / "seeds"
+    assert cli("collect", "--run", run, "--seeds", 100, "--epochs", 10).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 200, "--ddpm-steps", 400).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--steps", 20, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["verdict"]["label"] != "novel"
+    rep = json.loads(r.stdout)
+    assert rep["held_out"]["networks"] == 10 and rep["original"]["count"] == 90
+    calibration(run, rep, tmp_path)
+    # permutation-aware: a held-out network with its hidden units shuffled is aligned back before it is measured
+    o = pdiff.open_run(run, model="default")
+    net = o.snapshots[o.held_out[0]]
+    p = o.layout.unflatten(net)
+    pairs = pdiff.layer_pairs(o.layout)
+    shuffled = o.layout.pack(pdiff.permute(p, pairs, [torch.randperm(32), torch.randperm(32)]))
+    assert (shuffled - net).abs().max() > 0.1
+    both = json.loads(cli("sample", "--run", run, "--judge", judge_file(tmp_path / "p.safetensors",
+                                                                         torch.stack([net, shuffled])), "--json").stdout)
+    d = both["judged"]["nearest_distance"]
+    assert d["min"] == pytest.approx(d["median"], rel=1e-4)  # the same network, wherever its units sit
+
+
+def test_judge_reads_state_dicts_sample_files_and_refuses_the_rest(digits_run, sampled, tmp_path):
+    rep, out = sampled
+    best = tmp_path / "best.safetensors"
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--steps", 10, "--export", best, "--json")
+    exported = json.loads(r.stdout)["generated"]["best"]
+    got = json.loads(cli("sample", "--run", digits_run, "--judge", best, "--json").stdout)  # a whole state dict
+    assert got["judged"]["count"] == 1 and got["judged"]["best"] == pytest.approx(exported, abs=1e-3)
+    assert got["sampler"] is None and got["judge"] == str(best)
+    got = json.loads(cli("sample", "--run", digits_run, "--judge", out / "gen.safetensors", "--json").stdout)
+    assert got["judged"]["accuracies"] == rep["generated"]["accuracies"]  # a --save file: the same 50 sets
+    stacked = tmp_path / "stacked.safetensors"
+    run = pdiff.open_run(digits_run)
+    from safetensors.torch import save_file
+    save_file({n: t.contiguous() for n, t in run.layout.unflatten(run.snapshots[:3]).items()}, str(stacked))
+    got = json.loads(cli("sample", "--run", digits_run, "--judge", stacked, "--json").stdout)
+    assert got["judged"]["count"] == 3 and got["judged"]["label"] == "copying"  # n stacked networks
+    wrong = judge_file(tmp_path / "wrong.safetensors", torch.zeros(3, 10))
+    for f in (wrong, tmp_path / "missing.safetensors"):
+        r = cli("sample", "--run", digits_run, "--judge", f)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--judge" in r.stderr
+
+
+def test_without_held_out_originals_the_verdict_is_unknown(tmp_path):
+    run = tmp_path / "k30"
+    assert cli("collect", "--run", run, "--epochs", 5, "-k", 30).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 50, "--ddpm-steps", 50, "--holdout", 0).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--steps", 10)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["verdict"]["label"] == "unknown" and rep["held_out"] is None and rep["original"]["count"] == 30
+    assert "label" not in rep["generated"]
 
 
 def write_idx(path: Path, array: torch.Tensor):

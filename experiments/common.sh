@@ -29,19 +29,21 @@ get() {
   if command -v jq >/dev/null; then jq -r "$1"; else
     python3 -c 'import json, sys
 d = json.load(sys.stdin)
-for k in sys.argv[1].strip(".").split("."): d = d[k]
-print(d)' "$1"; fi
+for k in sys.argv[1].strip(".").split("."): d = None if d is None else d[k]
+print("null" if d is None else d)' "$1"; fi
 }
 
 # row LABEL JSON: one Markdown row of a `pdiff sample --json` report
 row() {
   local g=() o=() k
   for k in best mean median; do g+=("$(get ".generated.$k" <<<"$2")"); o+=("$(get ".original.$k" <<<"$2")"); done
-  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" \
+  local held; held=$(get .held_out.median <<<"$2")
+  [[ $held == null ]] && held=- || held=$(printf "%.2f" "$held")
+  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %s | %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" "$held" \
     "$(get .baselines.ensemble.median <<<"$2")" "$(get .verdict.label <<<"$2")"
 }
 
 header() {
-  echo "| $1 | generated best / mean / median | originals best / mean / median | ensemble | verdict |"
-  echo "|---|---|---|---|---|"
+  echo "| $1 | generated best / mean / median | training originals best / mean / median | held-out median | ensemble | verdict |"
+  echo "|---|---|---|---|---|---|"
 }

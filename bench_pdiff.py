@@ -11,7 +11,7 @@ CUDA); "median" means the median of --repeat timings. Random data come from torc
 1. evaluate: n=64 BN-subset parameter sets of a CIFAR-shaped resnet18 (layer4.1.bn1 + bn2, D=2048) on
    a random 3x32x32 uint8 test set with 100 classes (size printed; small so the loop stays short), labelled
    with the unperturbed net's own predictions; sets = the net's vector + N(0, 0.05^2) noise.
-   batched = pdiff.evaluate (frozen front once, vmapped tail), loop = pdiff.evaluate_loop (one full forward
+   batched = pdiff.evaluate (frozen front once, vmapped tail), loop = pdiff.evaluate(path="loop") (one full forward
    per set), floor = one front pass over the test set + 64 x one tail pass for a single set.
    That floor counts layer4.1.conv1 (before bn1, so the same for every set) 64 times where evaluate can
    run it once; "tight floor" = front + that conv once + 64 x (tail - that conv) is reported beside it.
@@ -148,9 +148,9 @@ def bench_evaluate(dev, n_test: int, n_sets: int, repeat: int, noise: float = 0.
     floor = t_front + n_sets * t_tail
     tight = t_front + t_shared + n_sets * (t_tail - t_shared)
     pdiff.evaluate(net, prep, layout, sets[:2], x, y)  # warm-up (vmap, allocator)
-    pdiff.evaluate_loop(net, prep, layout, sets[:1], x, y)
+    pdiff.evaluate(net, prep, layout, sets[:1], x, y, path="loop")
     t_batched, tb, mask_b = timed(lambda: pdiff.evaluate(net, prep, layout, sets, x, y), dev, repeat)
-    t_loop, _, mask_l = timed(lambda: pdiff.evaluate_loop(net, prep, layout, sets, x, y), dev, 1)  # the slow one: once
+    t_loop, _, mask_l = timed(lambda: pdiff.evaluate(net, prep, layout, sets, x, y, path="loop"), dev, 1)  # the slow one: once
     diff = int((mask_b != mask_l).sum())
     err.print(f"    masks batched vs loop: {'identical' if diff == 0 else f'[red]{diff} entries differ[/red]'} "
               f"(accuracy {pdiff.accuracy(mask_b).mean():.2f}% mean over sets)")
@@ -234,7 +234,7 @@ def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
 
     def one(shortcut: bool, k: int):
         net, layout, prep = resnet(dev)
-        cfg = pdiff.resolve(pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9))
+        cfg = pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9)
         ticks = Ticks()
         sync(dev)
         t = time.perf_counter()
@@ -262,7 +262,7 @@ def bench_seeds(dev, n: int, epochs: int) -> dict:
     """[5] N mlp3 networks on digits, stage 1 (30 epochs): trained together (pdiff's stacked, vmapped path, one
     group) vs one after another (pdiff's single-network train_network, N times). Same seeds, same recipe."""
     d = pdiff.load_data("digits").to(dev)
-    cfg = pdiff.resolve(pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9))
+    cfg = pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9)
     prep = pdiff.Prep(d.mean, d.std, 1, 8).to(dev)
     make = lambda s: pdiff.collect_network(pdiff.dataclasses.replace(cfg, seed=s), d, dev, weights=True)
     layout, seeds = make(0)[2], list(range(n))
@@ -340,8 +340,8 @@ def bench_paper(dev, quick: bool) -> dict:
     write_cifar100(root, n_train, n_test)
     CIFAR100._check_integrity, cifar.check_integrity = (lambda self: True), (lambda *a, **k: True)
     d = pdiff.load_data("cifar100", str(root)).to(dev)
-    cfg = pdiff.resolve(pdiff.CollectConfig(arch="resnet18", data="cifar100", epochs=epochs, k=k, batch_size=128,
-                                            checkpoint_every=10**9))
+    cfg = pdiff.CollectConfig(arch="resnet18", data="cifar100", epochs=epochs, k=k, batch_size=128,
+                              checkpoint_every=10**9)
     net, prep, layout, _ = pdiff.collect_network(cfg, d, dev, weights=False)
     err.print(f"[7] paper scale: resnet18 on CIFAR-100-shaped data ({n_train:,} + {n_test:,} random images), "
               f"{epochs} epochs, K={k}, n={n}, {dev}")

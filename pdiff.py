@@ -3,19 +3,30 @@ honest answer to whether the generated networks are new or copies (arXiv 2506.07
 
     pip install -r requirements.txt && pip install -e .
     pdiff collect                  # mlp3 on scikit-learn's digits (offline): train, then K=200 snapshots
-    pdiff fit                      # parameter autoencoder, then a DDPM on its latents
-    pdiff sample -n 50             # noise -> latents -> parameters -> accuracy, novelty, baselines
+    pdiff fit                      # parameter autoencoder, then a DDPM on its latents (10 % of the snapshots held out)
+    pdiff sample -n 50             # noise -> latents -> parameters -> accuracy, novelty, baselines, verdict
     pdiff sample -n 50 --json | jq .generated.best
+    pdiff sample --judge other.safetensors   # the same test for parameter sets made by anything else
     pdiff collect --arch resnet18 --data cifar100 --download   # the paper's main setting (GPU)
 
-Measured (the first three commands, defaults, seed 0; 2 cores of an AMD EPYC, torch 2.14.1 CPU): test accuracy
-of the 200 snapshots best/median/min 98.05/95.82/89.97 %, of 50 generated 97.77/96.38/94.71 %, of the weight
-average of 16 snapshots (a baseline) median 97.21 %; verdict: interpolating (the generated networks lie among the
-snapshots). collect 7 s, fit 56 s, sample 7 s. Whole networks from 200 seeds (collect --seeds 200), aligned:
-generated median 88.4 % where averages of aligned originals reach 89.4; not aligned: 11.4 (chance). README.md has
-the tables, the paper's protocols and ablations as scripts (experiments/), and the speed benchmark (bench_pdiff.py).
-Files of a run folder (all safetensors, each with a format string, version, content hash, config and
-parent ids): network and snapshots (collect), model (fit), checkpoints while a stage runs.
+Measured (the first three commands, defaults, seed 0; 2 cores of an AMD EPYC, torch 2.14.1 CPU): QUICKSTART
+README.md has the tables, the paper's protocols and ablations as scripts (experiments/), and the speed benchmark
+(bench_pdiff.py).
+
+Map of this file. The method, in the order the data flows:
+    config        CollectConfig, FitConfig, SampleConfig: every option, its default and help, in one place
+    data          data sets as uint8 tensors on the device (digits offline; torchvision's loaders)
+    networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
+    parameter vectors   Layout (which parameters, flattened to D floats), standardisation, alignment
+    autoencoder   AE: parameter vector <-> latent
+    diffusion     Denoiser, Diffusion (DDPM / DDIM)
+    evaluation    evaluate() -> which test examples each parameter set gets right
+    novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
+    collect       stage 1 (train the network), stage 2 (snapshots), or many seeds
+    fit           Model (what fit writes), fit()
+    sample        generate, baselines, one evaluation pass, a label for every group, plots
+The machinery: devices and processes (torchrun), the run folder (artifacts, open_run), the training loop (Loop:
+checkpoints, resume, signals), the CLI (options from the config dataclasses, one-line errors).
 """
 from __future__ import annotations
 
@@ -102,7 +113,7 @@ class CollectConfig:
     image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share one "
                                           "square size; else 64).", min=1)
     download: bool = opt(False, "Let torchvision fetch the data set.")
-    params: str = opt("", "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
+    params: Optional[str] = opt(None, "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
                           "comma-separated globs over parameter names. Default: all for mlp3, convnet3 and --seeds; "
                           "else norm.")
     pretrained: bool = opt(False, "Start from torchvision's ImageNet weights (inputs resized to their size, a new "
@@ -111,27 +122,76 @@ class CollectConfig:
     width: int = opt(32, "Hidden width of mlp3 / convnet3.", min=1)
     epochs: Optional[int] = opt(None, "Stage-1 epochs (default: 30; 0 with --init; 2 with --pretrained).", min=0)
     batch_size: int = opt(64, "Batch size of both stages.", min=1)
-    optimizer: typing.Literal[OPTIMIZERS] = opt("sgd", "Stage 1: sgd (Nesterov momentum 0.9) or adamw; cosine "
-                                                       "schedule.")
+    optimizer: typing.Literal[OPTIMIZERS] = opt("sgd", "Stage 1: sgd (momentum 0.9) or adamw.")
+    nesterov: bool = opt(True, "SGD with Nesterov momentum; --no-nesterov: plain momentum (the v1 code).")
     lr: float = opt(0.05, "Stage-1 learning rate.", min=0)
     weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
+    schedule: typing.Literal["cosine", "multistep"] = opt("cosine", "Stage-1 learning rate: cosine to 0 over the "
+                                                          "epochs, or multistep: times --gamma at each of --milestones.")
+    milestones: str = opt("10,20,30", "Epochs at which --schedule multistep multiplies the lr by --gamma (the v1 "
+                                      "code's).")
+    gamma: float = opt(0.1, "The factor of --schedule multistep.", min=0)
     k: Optional[int] = opt(None, "Snapshots to save (default 200); with --seeds, snapshots per network (default: "
                                  "none, each network's final parameters).", "-k", "--k", min=1)
     seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
                                      "whole-model protocol) instead of taking the snapshots of one.", min=1)
     align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the first "
                                       "(weight matching; default on for mlp3 and convnet3, the archs pdiff knows).")
-    snapshot_optimizer: typing.Literal[OPTIMIZERS] = opt("adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 "
-                                                                  "code); constant lr.")
+    snapshot_optimizer: typing.Literal[OPTIMIZERS + ("continue",)] = opt(
+        "adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 code) at a constant lr; or continue: stage 1's "
+                 "optimizer and schedule go on (the v1 code; needs --schedule multistep).")
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
                                              "--params all: whole networks move further per step, 0.001 after "
                                              "--seeds: each network has finished training).", min=0)
     snapshot_wd: float = opt(5e-4, "Stage-2 weight decay.", min=0)
     snapshot_every: int = opt(1, "Stage-2 steps per snapshot (the paper's v1: one epoch; v3: 1).", min=1)
-    snapshot_norm: typing.Literal["train", "eval"] = opt("train", "Normalisation layers in stage 2: train updates "
-                                                         "their running statistics (the v3 code); eval keeps them.")
+    snapshot_norm: typing.Literal["train", "eval", "v3"] = opt(
+        "train", "Normalisation layers in stage 2: train updates their running statistics; eval keeps them; v3, as "
+                 "the v3 code runs: train for its first two steps (the second ends with the first snapshot), eval "
+                 "after (its test() switches to eval and never back).")
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+
+    # Defaults that depend on other settings. The fields keep what was asked (None: the default), these say what
+    # it means, so dataclasses.replace(cfg, seeds=200) can never keep a value resolved for another setting.
+    selection = property(lambda c: c.params or ("all" if c.arch in SYMMETRIC or c.seeds else "norm"))
+    train_epochs = property(lambda c: c.epochs if c.epochs is not None else 0 if c.init else 2 if c.pretrained else 30)
+    snapshot_count = property(lambda c: c.k if c.k is not None else 0 if c.seeds else 200)  # per network with seeds
+    stage2_lr = property(lambda c: c.snapshot_lr if c.snapshot_lr is not None else 0.001 if c.seeds else
+                         0.01 if c.selection == "all" else 0.03)
+    aligned = property(lambda c: c.align if c.align is not None else bool(c.seeds) and c.arch in SYMMETRIC)
+    first_snapshot = property(lambda c: 1 if c.snapshot_norm == "v3" else 0)  # stage-2 steps before the first one
+
+    @property
+    def milestone_epochs(self) -> list[int]:
+        try:
+            epochs = [int(v) for v in self.milestones.split(",") if v.strip()]
+        except ValueError:
+            epochs = [-1]
+        if min(epochs, default=0) < 0:
+            raise PdiffError(f"--milestones takes comma-separated epochs, not '{self.milestones}'", 2)
+        return epochs
+
+    def __post_init__(self):  # paths made absolute (fit and sample run from anywhere); what cannot work, refused
+        if user_arch(self.arch):
+            path, _, fn = self.arch.rpartition(":")
+            self.arch = f"{Path(path).resolve()}:{fn}"
+        self.data_dir = str(Path(self.data_dir).resolve())
+        if self.seeds and self.selection != "all":
+            raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
+        if self.seeds and self.init:
+            raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
+        self.milestone_epochs  # a usage error now, not after stage 1
+        if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.seeds):
+            raise PdiffError("--snapshot-optimizer continue carries stage 1's optimizer and lr on: it needs "
+                             "--schedule multistep (a cosine schedule ends at lr 0) and one network (no --seeds)", 2)
+        if self.aligned and (not self.seeds or self.arch not in SYMMETRIC):
+            raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose "
+                             f"symmetry pdiff knows ({', '.join(SYMMETRIC)})", 2)
+
+    def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record
+        return dataclasses.replace(self, params=self.selection, epochs=self.train_epochs, k=self.snapshot_count,
+                                   snapshot_lr=self.stage2_lr, align=self.aligned)
 
 
 @dataclass
@@ -190,43 +250,6 @@ class SampleConfig:
 
 
 DDIM_STEPS = 50  # --steps default for ddim
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The one device decision. Under torchrun it also joins the process group (NCCL on CUDA, gloo otherwise),
-    takes the GPU of its local rank, and silences every process but rank 0."""
-    if name not in DEVICES:
-        raise PdiffError(f"unknown --device '{name}' (choose from {', '.join(DEVICES)})", 2)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise PdiffError(f"--device {name} is not available on this machine", 2)
-    if name == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
-        if name == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if name == "cuda" else "gloo", timeout=timedelta(hours=6))
-        err.quiet = rank() != 0
-    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
-
-
-# Many processes (torchrun): each runs the same command on its share of the work; rank 0 writes and prints.
-distributed = lambda: dist.is_available() and dist.is_initialized()
-rank = lambda: dist.get_rank() if distributed() else 0
-world = lambda: dist.get_world_size() if distributed() else 1
-
-
-def gather(t: torch.Tensor, counts: list) -> torch.Tensor:
-    """Every process's rows of t (process r holds counts[r] rows), concatenated in rank order on every process."""
-    if not distributed():
-        return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    pad = torch.zeros(max(counts), *t.shape[1:], dtype=torch.uint8 if t.dtype == torch.bool else t.dtype, device=dev)
-    pad[:len(t)] = t.to(dev)
-    parts = [torch.empty_like(pad) for _ in counts]
-    dist.all_gather(parts, pad)
-    return torch.cat([q[:c] for q, c in zip(parts, counts)]).to(t.dtype).cpu()
 
 
 def autocast(device: torch.device):
@@ -827,7 +850,7 @@ class Diffusion(nn.Module):
         """x_T ~ N(0, I) -> x_0 (n, dim). tick() after each step; trace(t, x_t) before each step and with t=-1
         at the end."""
         x = randn((n, dim), g, self.betas.device)  # x_T
-        ts = list(reversed(range(self.T))) if sampler == "ddpm" else self.ddim_times(steps or DDIM_STEPS)
+        ts = list(reversed(range(self.T))) if sampler == "ddpm" else self.ddim_times(steps)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
             if trace:
                 trace(t, x)
@@ -882,27 +905,44 @@ def _activation_bytes(tail, params: dict, h: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-             batch: int = 1000, memory: int = EVAL_MEMORY, spread: bool = False) -> torch.Tensor:
+             batch: int = 1000, memory: int = EVAL_MEMORY, spread: bool = False, path: str = "") -> torch.Tensor:
     """correct[i, j]: parameter set i (a row of sets, (n, D)) classifies test example j right. The frozen
     front runs once per test batch; the tail runs for a chunk of sets at once (vmap over stacked
     parameters), chunks sized so activations stay under `memory` bytes. Sets with NaN/Inf are all wrong.
-    A network vmap cannot batch (data-dependent control flow, say) is evaluated one set at a time.
+    path: "batched", or "loop" (one set at a time); by default eval_path's probe decides.
     spread=True (every process calls it): each process evaluates its share of the sets, all get every row."""
     if spread and distributed():
         counts = [len(s) for s in sets.tensor_split(world())]
-        mine = evaluate(net, prep, layout, sets.tensor_split(world())[rank()], x, y, batch=batch, memory=memory)
+        mine = evaluate(net, prep, layout, sets.tensor_split(world())[rank()], x, y, batch=batch, memory=memory,
+                        path=path)
         return gather(mine, counts)
     correct = torch.zeros(sets.shape[0], len(y), dtype=torch.bool)
     if len(sets):
         net.eval()
-        try:
+        if (path or eval_path(net, prep, layout, x)) == "batched":
             evaluate_batched(net, prep, layout, sets, x, y, correct, batch, memory)
-        except Exception as e:
-            err.print(f"note: batched evaluation failed ({type(e).__name__}); evaluating one set at a time",
-                      style="dim")
-            correct = evaluate_loop(net, prep, layout, sets, x, y, batch=batch)
-    correct[~torch.isfinite(sets).all(1)] = False
+        else:
+            evaluate_loop(net, prep, layout, sets, x, y, correct, batch)
+    correct[~torch.isfinite(sets).all(1)] = False  # a failed set counts as wrong everywhere
     return correct
+
+
+@torch.no_grad()
+def eval_path(net, prep, layout: Layout, x: torch.Tensor) -> str:
+    """"batched" if vmap can run the generated tail over stacked parameter sets, else "loop". One probe: the
+    network's own parameters twice, on two examples. Only vmap's own refusals (data-dependent control flow,
+    .item(), ...) mean "loop"; any other error is a bug and propagates."""
+    net.eval()
+    front, tail = split_net(net, prep, layout)
+    p = layout.unflatten(layout.flatten(net).to(x.device).expand(2, -1))
+    try:
+        with autocast(x.device):
+            vmap(lambda q, h: run_tail(tail, q, h), in_dims=(0, None))(p, front(x[:2]))
+    except RuntimeError as e:
+        if not str(e).startswith("vmap"):
+            raise
+        return "loop"
+    return "batched"
 
 
 def evaluate_batched(net, prep, layout: Layout, sets, x, y, correct, batch: int, memory: int):
@@ -922,19 +962,14 @@ def evaluate_batched(net, prep, layout: Layout, sets, x, y, correct, batch: int,
                 correct[s:s + chunk, i:i + batch] = (logits.argmax(-1) == yb).cpu()
 
 
-@torch.no_grad()
-def evaluate_loop(net, prep, layout: Layout, sets, x, y, *, batch: int = 1000) -> torch.Tensor:
+def evaluate_loop(net, prep, layout: Layout, sets, x, y, correct, batch: int):
     """The reference path: one full forward pass of the whole network per parameter set."""
-    net.eval()
-    correct = torch.zeros(sets.shape[0], len(y), dtype=torch.bool)
     for k, vec in enumerate(sets):
         p = layout.unflatten(vec.to(x.device))
         for i in range(0, len(y), batch):
             with autocast(x.device):
                 logits = functional_call(net, p, (prep(x[i:i + batch]),))
             correct[k, i:i + batch] = (logits.argmax(-1) == y[i:i + batch]).cpu()
-    correct[~torch.isfinite(sets).all(1)] = False
-    return correct
 
 
 def accuracy(correct: torch.Tensor) -> torch.Tensor:  # (n, N) -> (n,) percent
@@ -988,10 +1023,10 @@ def products(a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Te
     aa, bb = torch.zeros(len(a), dtype=torch.float64), torch.zeros(len(b), dtype=torch.float64)
     step = max(1, chunk // max(1, len(a) + len(b)))
     for i in range(0, a.shape[1], step):
-        za, zb = (((v[:, i:i + step] - mean[i:i + step]) / std[i:i + step]).double() for v in (a, b))
-        ab += za @ zb.T
-        aa += za.pow(2).sum(1)
-        bb += zb.pow(2).sum(1)
+        sa, sb = (((v[:, i:i + step] - mean[i:i + step]) / std[i:i + step]).double() for v in (a, b))
+        ab += sa @ sb.T
+        aa += sa.pow(2).sum(1)
+        bb += sb.pow(2).sum(1)
     return ab, aa, bb
 
 
@@ -1036,7 +1071,8 @@ def distances(ab: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> dict:
     d2 = (aa[:, None] + bb[None] - 2 * ab).clamp_min(0)  # (n, K); NaN stays NaN
     nearest = d2.nan_to_num(math.inf).min(1).values.sqrt()
     ratio = (d2 / (aa[:, None] + bb[None]).clamp_min(1e-30)).nan_to_num(math.inf).min(1).values.sqrt()
-    return {"nearest": nearest.where(nearest.isfinite(), math.nan), "nearest_ratio": ratio.where(ratio.isfinite(), math.nan)}
+    finite = lambda v: v.where(v.isfinite(), math.nan)
+    return {"nearest": finite(nearest), "nearest_ratio": finite(ratio)}
 
 
 def off_span_loo(gram: torch.Tensor) -> torch.Tensor:
@@ -1069,22 +1105,25 @@ def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float
         if sd == 0:
             return float(math.copysign(1, diff)) if diff else 0.0, 1.0 if diff == 0 else 0.0
         t = diff / (sd * math.sqrt(1 + 1 / n_b))
-        return ((a[0] > b).double().mean() - (a[0] < b).double().mean()).item(), float(2 * stats.t.sf(abs(t), max(1, n_b - 1)))
+        effect = ((a[0] > b).double().mean() - (a[0] < b).double().mean()).item()
+        return effect, float(2 * stats.t.sf(abs(t), max(1, n_b - 1)))
     ranks = torch.as_tensor(stats.rankdata(torch.cat([a, b]).numpy()))
     auc = (ranks[:n_a].sum().item() - n_a * (n_a + 1) / 2) / (n_a * len(b))  # P(a > b) + P(a = b) / 2
     _, counts = torch.unique(torch.cat([a, b]), return_counts=True)
     n = n_a + len(b)
     ties = 1 - (counts.double().pow(3) - counts).sum().item() / max(1, n**3 - n)
     var = ties * (n_a + n_b + 1) / (12 * n_a * n_b)
-    z = (auc - 0.5) / math.sqrt(var) if var > 0 else 0.0
-    return 2 * auc - 1, math.erfc(abs(z) / math.sqrt(2))
+    score = (auc - 0.5) / math.sqrt(var) if var > 0 else 0.0  # standard normal without a shift
+    return 2 * auc - 1, math.erfc(abs(score) / math.sqrt(2))
 
 
 def judge(group: dict, ref: dict, n_ref: int) -> dict:
     """A group's label from its per-model numbers (measure) against the held-out originals' (ref, n_ref networks):
-    each metric's two-sample test, Holm-corrected over the metrics, then the first that applies of
-    copying (significantly closer to particular training originals, in parameters or in behaviour), averaging
-    (closer to their mean), inferior (less accurate), and fresh (as new as a held-out original, as accurate)."""
+    each metric's two-sample test, Holm-corrected over the metrics, then the first that applies of averaging
+    (significantly closer to the training originals' mean: blends), copying (closer to particular training
+    originals, in parameters or in behaviour), inferior (less accurate), and fresh (as new as a held-out original,
+    as accurate). Averaging comes first because a blend of m originals is also a little closer to each of its m
+    parts (measured: means of 16 aligned networks, relative nearest distance 0.935 against 0.955)."""
     tests = {}
     for metric in TESTS:
         a, b = group[metric][group[metric].isfinite()], ref[metric][ref[metric].isfinite()]
@@ -1100,7 +1139,7 @@ def judge(group: dict, ref: dict, n_ref: int) -> dict:
         tests[m]["shift"] = "same" if adjusted >= ALPHA else "higher" if tests[m]["effect"] > 0 else "lower"
     shifted = lambda label: [m for m, (lab, sign) in TESTS.items()
                              if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
-    label = next((lab for lab in ("copying", "averaging", "inferior") if shifted(lab)), "fresh")
+    label = next((lab for lab in ("averaging", "copying", "inferior") if shifted(lab)), "fresh")
     return {"label": label, "tests": tests}
 
 
@@ -1147,6 +1186,643 @@ def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict
                 f"{b['median']:.2f} % against {g['median']:.2f} %)" + (f"; {why}" if why else "")}
     return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %) than every baseline"
             + (f"; {why}" if why else "")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# collect: (1) train the whole network; (2) train only the selected parameters, one snapshot per step
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def batches(cfg: CollectConfig, data: Data, key: str, *, share: bool = False) -> tuple[Callable, int]:
+    """(step -> (x, y), steps per epoch): the same batch for the same (seed, key, step), resumed or not.
+    share=True: this process's equal share of it (under torchrun, DDP averages the shares' gradients)."""
+    N = len(data.y_train)
+    B = min(cfg.batch_size, N)
+
+    def batch(step: int):
+        epoch, i = divmod(step, N // B)
+        idx = torch.randperm(N, generator=rng(cfg.seed, key, epoch))[i * B:(i + 1) * B]
+        x = data.x_train[idx.to(data.x_train.device)]
+        x = augment(x, rng(cfg.seed, key, "augment", step)) if data.augment else x
+        y = data.y_train[idx.to(data.y_train.device)]
+        return (x.tensor_split(world())[rank()], y.tensor_split(world())[rank()]) if share else (x, y)
+
+    return batch, N // B
+
+
+def every(n: int, store: Callable[[int], None], skip: int = 0) -> Callable[[int], None]:
+    """Loop.run's after(step) for stage 2: store(i) after every n-th optimizer step once `skip` steps are done,
+    i = 0, 1, ... the snapshot."""
+    return lambda step: store((step + 1 - skip) // n - 1) if step >= skip and (step + 1 - skip) % n == 0 else None
+
+
+def ddp(module: nn.Module) -> nn.Module:  # under torchrun: gradients averaged over the processes
+    if not distributed():
+        return module
+    ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def optimizer(name: str, params, lr: float, weight_decay: float, nesterov: bool = True) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def schedule(cfg: CollectConfig, opt: torch.optim.Optimizer, total: int, per_epoch: int):
+    """Stage 1's lr schedule, stepped after every optimizer step: cosine to 0 over `total` steps, or multistep."""
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [m * per_epoch for m in cfg.milestone_epochs], cfg.gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+
+
+def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop") -> tuple:
+    """Stage 1: the whole network. -> (optimizer, schedule), which stage 2 may continue."""
+    batch, per_epoch = batches(cfg, data, "train", share=True)
+    total = cfg.train_epochs * per_epoch
+    opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay, cfg.nesterov)
+    sched = schedule(cfg, opt, total, per_epoch)
+    model = ddp(net)
+
+    def loss(step):
+        x, y = batch(step)
+        with autocast(x.device):
+            return F.cross_entropy(model(prep(x)), y)
+
+    net.train()
+    loop.run("train network", total, loss, opt, sched=sched, keep={"net": net, "opt_net": opt, "sched_net": sched})
+    return opt, sched
+
+
+def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
+                      *, stage1: tuple = (None, None), shortcut: bool = True) -> torch.Tensor:
+    """Stage 2: everything but the selected parameters frozen; a snapshot every `snapshot_every` optimizer
+    steps -> (K, D). Normalisation layers as cfg.snapshot_norm says. stage1: stage 1's (optimizer, schedule), for
+    --snapshot-optimizer continue. shortcut=False lets gradients flow through the frozen part (the benchmark's
+    naive path)."""
+    named = dict(net.named_parameters())
+    selected = [named[n] for n in layout.names]
+    net.requires_grad_(not shortcut)
+    for p in selected:
+        p.requires_grad_(True)
+    front, tail = split_net(net, prep, layout) if shortcut else (prep, [(net, {})])
+    back = ddp(nn.Sequential(*[m for m, _ in tail]))
+    batch, _ = batches(cfg, data, "snapshot", share=True)
+    opt, sched = stage1 if cfg.snapshot_optimizer == "continue" else \
+        (optimizer(cfg.snapshot_optimizer, selected, cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov), None)
+    record = State(vectors=torch.zeros(cfg.snapshot_count, layout.D))
+
+    def loss(step):
+        norm_mode(net, cfg.snapshot_norm, step)
+        x, y = batch(step)
+        with torch.no_grad() if shortcut else nullcontext(), autocast(x.device):
+            h = front(x)  # the frozen part: no autograd graph
+        with autocast(x.device):
+            return F.cross_entropy(back(h), y)
+
+    def store(i):
+        record["vectors"][i] = layout.flatten(net)
+
+    loop.run("snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, loss, opt, sched=sched,
+             after=every(cfg.snapshot_every, store, cfg.first_snapshot),
+             keep={"net": net, "opt_snap": opt, "snapshots": record})
+    net.requires_grad_(True)
+    return record["vectors"]
+
+
+def norm_mode(net: nn.Module, how: str, step: int):
+    """Stage 2's normalisation layers at `step`: train (running statistics move), eval (they stay), or v3: train
+    for the first two steps, eval after."""
+    net.train()
+    if how == "eval" or how == "v3" and step >= 2:
+        for m in net.modules():
+            if isinstance(m, NORMS):
+                m.eval()
+
+
+STACK_MEMORY = 1 << 30  # bytes of parameters, gradients and optimizer state a group of stacked networks may hold
+
+
+def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
+                  device) -> torch.Tensor:
+    """The paper's whole-model protocol: networks from seeds cfg.seed, cfg.seed + 1, ..., each with its own
+    initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
+    each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
+    process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
+    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.snapshot_count or 1, world()
+    record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
+    loop.keep(record=record)  # the seeds finished before the checkpoint stay finished
+    todo = [s for s in seeds if not record["done"][s - cfg.seed]]
+    size = max(1, STACK_MEMORY // (16 * layout.D))
+    blocks = [todo[r * len(todo) // W:(r + 1) * len(todo) // W] for r in range(W)]  # each process's seeds
+    for j in range(0, max(map(len, blocks)), size):  # a round: one group per process
+        groups = [b[j:j + size] for b in blocks]
+        group, rows = groups[rank()], torch.zeros(len(groups[rank()]), per, layout.D)
+        if group:
+            nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
+                                                              weights=True)[0] for s in group]
+            train_stacked(cfg, data, group, nets, prep, layout, loop, rows)
+        for g, r in zip(groups, gather(rows, list(map(len, groups))).split(list(map(len, groups)))):
+            for s, v in zip(g, r):
+                record["vectors"][(s - cfg.seed) * per:(s - cfg.seed + 1) * per] = v
+                record["done"][s - cfg.seed] = True
+    layout.load(net, record["vectors"][per - 1])  # the network file: the first network, as it ended
+    return record["vectors"]
+
+
+def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep: nn.Module, layout: Layout,
+                  loop: "Loop", rows: torch.Tensor):
+    """Stage 1 (and, with cfg.k, stage 2) of networks without running statistics at once: their parameters
+    stacked (N, ...), one vmapped forward and backward per step, one optimizer (SGD and AdamW act per element,
+    so these are N independent trainings). Each network draws its own batches from its own seed. Results are
+    bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
+    params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
+    base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
+    one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
+
+    def losses(key: str):  # step -> the sum of the networks' losses on their own batches
+        draws = [batches(dataclasses.replace(cfg, seed=s), data, key)[0] for s in seeds]
+
+        def loss(step):
+            xs, ys = zip(*(draw(step) for draw in draws))
+            with autocast(data.x_train.device):
+                return vmap(one, randomness="different")(dict(params), torch.stack(xs), torch.stack(ys)).sum()
+        return loss
+
+    flat = lambda: layout.pack({n: t.detach() for n, t in params.items()}, batch=1).cpu()  # (N, D)
+    per_epoch = batches(cfg, data, "train")[1]
+    opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay, cfg.nesterov)
+    sched = schedule(cfg, opt, cfg.train_epochs * per_epoch, per_epoch)
+    loop.run(f"{name}: train", cfg.train_epochs * per_epoch, losses("train"), opt, sched=sched,
+             keep={"nets": params, "opt_net": opt, "sched_net": sched})
+    if not cfg.snapshot_count:
+        rows[:, 0] = flat()
+        return
+    opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov)
+
+    def store(i):
+        rows[:, i] = flat()
+
+    loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, losses("snapshot"),
+             opt, after=every(cfg.snapshot_every, store, cfg.first_snapshot),
+             keep={"nets": params, "opt_snap": opt, "rows": State(rows=rows)})
+
+
+def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) -> tuple:
+    """The network collect trains, on the device: (net, input prep, layout, input spec). `weights`: load the
+    pretrained or --init weights (not when a checkpoint or a saved network follows)."""
+    C, S = data.x_train.shape[1], data.x_train.shape[-1]
+    torch.manual_seed(cfg.seed)
+    net, ch, size = build_net(cfg.arch, C, S, data.classes, width=cfg.width, pretrained=cfg.pretrained,
+                              weights=cfg.pretrained and weights)
+    if cfg.init and weights:
+        from safetensors.torch import load_file
+
+        try:
+            missing, _ = net.load_state_dict(load_file(cfg.init), strict=False)
+        except Exception as e:
+            raise PdiffError(f"--init {cfg.init}: cannot load it into {cfg.arch} ({one_line(e)})") from None
+        if len(missing) == len(net.state_dict()):
+            raise PdiffError(f"--init {cfg.init}: no tensor name matches the {cfg.arch} network")
+    net = net.to(device)
+    if device.type == "cuda" and cfg.arch not in ("mlp3", "vit_b_16"):
+        net = net.to(memory_format=torch.channels_last)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.pretrained else (data.mean, data.std)
+    inp = {"channels": C, "size": S, "classes": data.classes, "mean": mean, "std": std}
+    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.selection), inp
+
+
+# ----------------------------------------------------------------------------------------------------
+# fit: autoencoder on the standardised snapshots, then a DDPM on its (standardised) latents
+
+
+def ema(decay: float):
+    """A bias-corrected exponential moving average for swa_utils.AveragedModel (Adam's correction of its
+    moments): after n updates each weight counts (1 - decay) decay^(n - i) / (1 - decay^n), so the stated
+    decay acts from the first step and the untrained start leaves no trace. One device sync per step."""
+    def update(avg: list, new: list, n: torch.Tensor):  # n: updates so far, before this one (the first copies)
+        torch._foreach_lerp_(avg, new, (1 - decay) / (1 - decay ** (int(n) + 1)))
+
+    return update
+
+
+class Model(nn.Module):
+    """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
+    standardisation of parameters (mean, std: (D,), from tensor_stats) and of latents (z_mean, z_std), and the
+    box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file."""
+
+    def __init__(self, cfg: FitConfig, D: int):
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.ae = AE(D, latent=cfg.latent, width=cfg.ae_width)
+        self.denoiser = Denoiser(cfg.latent, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
+        self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(cfg.latent),
+                 "z_std": torch.ones(()), "z_lo": torch.full((cfg.latent,), -math.inf),
+                 "z_hi": torch.full((cfg.latent,), math.inf)}
+        for name, v in stats.items():
+            self.register_buffer(name, v)
+
+    def standardise(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the AE's space, on CPU
+        return (sets.cpu() - self.mean.cpu()) / self.std.cpu()
+
+    def unstandardise(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cpu() * self.std.cpu() + self.mean.cpu()
+
+    def rel_error(self, sets: torch.Tensor, decoded: torch.Tensor) -> Optional[float]:
+        """Median over sets of |decoded - x| / |x - mean| in the standardised space: 0 is a perfect round
+        trip, 1 is no better than outputting the snapshots' mean."""
+        x, xr = self.standardise(sets), self.standardise(decoded)
+        moved = x.norm(dim=1) > 1e-9  # a single snapshot is its own mean: no ratio to take
+        if not moved.any():
+            return None
+        return round((xr - x)[moved].norm(dim=1).div(x[moved].norm(dim=1)).median().item(), 4)
+
+    @torch.no_grad()
+    def roundtrip(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D) through encoder and decoder
+        x = self.standardise(sets).to(self.mean.device)
+        return self.unstandardise(self.ae.decode(self.ae.encode(x)).float())
+
+    @torch.no_grad()
+    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
+                 trace=None) -> torch.Tensor:
+        self.eval()
+        zs = self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
+                                   clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
+        return self.decode(zs)  # (n, D)
+
+    @torch.no_grad()
+    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
+        return ((self.ae.encode(self.standardise(sets).to(self.mean.device)) - self.z_mean) / self.z_std).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
+        return self.unstandardise(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float())
+
+
+def fit_autoencoder(cfg: FitConfig, ae: AE, x: torch.Tensor, loop: "Loop"):
+    """The autoencoder on standardised snapshots x (K, D): p-diff's noise augmentation on the input and on
+    the latent, MSE on the parameters, AdamW with a cosine schedule."""
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
+    dev = x.device
+
+    def loss(step):
+        g = rng(cfg.seed, "ae", step)
+        x0 = x[torch.randint(0, len(x), (cfg.ae_batch,), generator=g).to(dev)]  # (B, D)
+        with autocast(dev):
+            z = ae.encode(x0 + cfg.input_noise * randn(x0.shape, g, dev))
+            z = z + cfg.latent_noise * randn(z.shape, g, dev)
+            return F.mse_loss(ae.decode(z).float(), x0)
+
+    ae.train()
+    loop.run("autoencoder", cfg.ae_steps, loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
+    ae.eval()
+
+
+def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop") -> Denoiser:
+    """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
+    denoiser's weights."""
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_steps))
+    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.ema_decay))
+
+    def loss(step):
+        g = rng(cfg.seed, "ddpm", step)
+        z0 = zs[torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)]  # (B, latent)
+        with autocast(zs.device):
+            return diffusion.loss(denoiser, z0, g)
+
+    denoiser.train()
+    loop.run("diffusion", cfg.ddpm_steps, loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
+             keep={"denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
+    return avg.module.eval()
+
+
+def pca_roundtrip(model: Model, sets: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, D) -> (n, D): each standardised set projected onto the sets' first k principal directions, back."""
+    x = model.standardise(sets)
+    mean = x.mean(0)
+    axes = principal_axes(x, min(k, len(x)))  # (k, D)
+    return model.unstandardise(mean + (x - mean) @ axes.T @ axes)
+
+
+def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, loop: Optional["Loop"] = None) -> Model:
+    """Standardise the snapshots (K, D), fit the autoencoder, then the DDPM on its standardised latents."""
+    loop = loop or Loop()
+    m = Model(cfg, layout.D).to(device)
+    m.mean, m.std = (s.to(device) for s in tensor_stats(layout, snaps))
+    x = m.standardise(snaps).to(device)  # (K, D)
+    m.ae.set_axes(x)
+    fit_autoencoder(cfg, m.ae, x, loop)
+    with torch.no_grad():
+        z = m.ae.encode(x).float()  # (K, latent)
+    m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
+    zs = (z - m.z_mean) / m.z_std
+    lo, hi = zs.min(0).values, zs.max(0).values
+    m.z_lo, m.z_hi = lo - cfg.clip * (hi - lo), hi + cfg.clip * (hi - lo)
+    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample: generate n sets, build the baselines, evaluate everything in one pass, measure novelty
+
+
+def noise_levels(cfg: SampleConfig) -> list[float]:
+    try:
+        levels = [float(v) for v in cfg.noise_std.split(",") if v.strip()]
+    except ValueError:
+        levels = [-1.0]
+    if not levels or min(levels) < 0:
+        raise PdiffError(f"--noise-std takes comma-separated stds of at least 0, not '{cfg.noise_std}'", 2)
+    return levels
+
+
+def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(n, D) -> what one unit of noise is for each coordinate of each original: `values`, the std of the values
+    of its tensor in that original (the reference code's noise-added models); `spread`, pdiff's standardised
+    units (the training originals' per-tensor spread); `raw`, parameter units (arXiv 2506.07998)."""
+    if units == "values":
+        return torch.cat([t.std(1, keepdim=True).nan_to_num(0).expand_as(t) for t in x.split(layout.sizes, dim=1)], 1)
+    return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
+
+
+BASELINE_KINDS = ("average", "gaussian", "ensemble")
+
+
+def baselines(x: torch.Tensor, n: int, cfg: SampleConfig, spread: torch.Tensor, layout: Layout) -> dict:
+    """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
+    originals x (K, D) only: an original plus noise (one group per level), the mean of m random originals, a
+    per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
+    K, D = x.shape
+    out = {}
+    for s in noise_levels(cfg):
+        g = rng(cfg.seed, "noise", s)
+        picked = x[torch.randint(0, K, (n,), generator=g)]
+        out[f"noise-{s:g}"] = picked + s * noise_unit(picked, cfg.noise_units, spread, layout) * torch.randn(
+            n, D, generator=g)
+    g = rng(cfg.seed, "average")
+    picks = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
+    sd = x.std(0) if K > 1 else torch.zeros(D)
+    return out | {"average": torch.stack([x[p].mean(0) for p in picks]),
+                  "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=rng(cfg.seed, "gaussian")),
+                  "ensemble": x.mean(0, keepdim=True)}
+
+
+@dataclass
+class Sampled:
+    report: dict  # the JSON document's body (without run, device and totals the command adds)
+    name: str  # the group under test: "generated", or "judged" (sample --judge)
+    sets: dict  # {group: (n, D) parameter sets}: the group under test and each baseline; failed sets (NaN) kept
+    accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
+    per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
+    trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
+
+
+TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
+
+
+def describe(sets: torch.Tensor, correct: torch.Tensor, ruler: Ruler, ref: Optional[tuple]) -> tuple:
+    """One group of models: (accuracies (n,) with NaN for failed sets, its report row with the label from the
+    test against ref = (the held-out originals' per-model numbers, their networks), per-model values)."""
+    ok = torch.isfinite(sets).all(1)
+    acc = accuracy(correct).masked_fill(~ok, float("nan"))
+    m = ruler.measure(sets[ok], correct[ok])
+    row = {**summary(acc), "failed": int((~ok).sum()), **novelty(m, correct[ok])}
+    if ref is not None and ok.any():
+        row |= judge(m, *ref)
+    return acc, row, per_model_values(m)
+
+
+per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
+                              "nearest_distance": m["nearest"].tolist()}
+
+
+def held_out_group(ruler: Ruler, sets: torch.Tensor, correct: torch.Tensor, per: int) -> tuple:
+    """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
+    them as on any group: one half of the held-out networks judged with the other half as the reference."""
+    m = ruler.measure(sets, correct)
+    units = len(sets) // per
+    a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
+    b = [i for i in range(len(sets)) if i not in set(a)]
+    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, correct)}
+    if units >= 2:
+        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
+    return m, row
+
+
+def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
+           trace: bool = False) -> Sampled:
+    """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
+    decoded originals and the baselines in one pass, and judge every group against the held-out originals.
+    trace=True keeps the reverse trajectories of a few samples."""
+    t0, trajectory = time.perf_counter(), []
+    ruler, held = run.ruler(), run.held_out
+    name = "judged" if judged is not None else "generated"
+    sets = judged if judged is not None else generate(cfg, run, prog, trajectory, trace)
+    groups = {name: sets} | ({"decoded": run.model.roundtrip(ruler.train)} if run.model is not None else {})
+    groups |= baselines(ruler.train, cfg.n, cfg, ruler.std, run.layout) if cfg.baselines else {}
+    t1 = time.perf_counter()
+    path = eval_path(run.net, run.prep, run.layout, run.data.x_test)
+    correct = evaluate(run.net, run.prep, run.layout, torch.cat(list(groups.values())), run.data.x_test,
+                       run.data.y_test, spread=True, path=path)  # one pass
+    t2 = time.perf_counter()
+    per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
+    m_held, held_row = held_out_group(ruler, run.snapshots[held], run.correct[held], per) if held else (None, None)
+    ref = (m_held, len(held) // per) if held else None
+    accs, rows, per_model = {}, {}, {}
+    for (g, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
+        accs[g], rows[g], per_model[g] = describe(s, c, ruler, ref)
+    m_train = ruler.measure_training()
+    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
+    report = {
+        "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
+        sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units, "evaluation": path,
+        "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
+        **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
+        name: {**rows.pop(name), "accuracies": [None if math.isnan(a) else rnd(a) for a in accs[name].tolist()]},
+        "baselines": rows,
+        "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)}}
+    report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
+    per_model.pop("decoded", None)
+    kept = {name: sets, "held-out": run.snapshots[held]} | {k: v for k, v in groups.items() if k != "decoded"}
+    return Sampled(report, name, kept, accs[name], per_model, trajectory)
+
+
+def generate(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> torch.Tensor:
+    """cfg.n parameter sets (n, D) from run.model; under torchrun every process uses rank 0's."""
+    model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
+    total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
+    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
+                         tick=ticker(prog, f"{cfg.sampler} sampling", total),
+                         trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
+    if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
+        gen = gather(gen, [len(gen)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
+    return gen
+
+
+def read_judged(path: Path, run: Run) -> torch.Tensor:
+    """Parameter sets (n, D) to judge from a safetensors file: a pdiff samples or snapshots file of this layout,
+    one (n, D) tensor, or tensors named as the layout's parameters, each of the parameter's shape (one network:
+    an --export, a fine-tuned copy's state dict) or with a leading n (n networks). With an aligned many-seed
+    collection each set is aligned to the reference network first, as the held-out networks were."""
+    if not path.is_file():
+        raise PdiffError(f"--judge {path} not found", 2)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not safetensors, truncated, ...
+        raise PdiffError(f"--judge {path} is not a readable safetensors file ({one_line(e)})") from None
+    L = run.layout
+    if meta.get("layout") and Layout.from_dict(json.loads(meta["layout"])) != L:
+        raise PdiffError(f"--judge {path}: its parameter layout differs from this run's", 2)
+    flat = [t for t in tensors.values() if t.ndim == 2 and t.shape[1] == L.D and t.is_floating_point()]
+    if all(n in tensors for n in L.names):
+        one = all(tuple(tensors[n].shape) == tuple(s) for n, s in zip(L.names, L.shapes))
+        sets = L.pack({n: tensors[n].float()[None] if one else tensors[n].float() for n in L.names}, batch=1)
+    elif len(flat) == 1:
+        sets = flat[0].float()
+    else:
+        raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
+                         f"({', '.join(L.names[:3])}, ...)", 2)
+    if run.collection.get("aligned"):
+        per = run.collection["per_network"]
+        sets = align_to(sets, run.snapshots[per - 1], L)
+    return sets
+
+
+def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
+    """The reverse steps cfg asks of a model with T diffusion steps (ddpm: all T); T=None only checks usage."""
+    if cfg.sampler == "ddpm" and (cfg.steps is not None or cfg.eta):
+        raise PdiffError("--steps and --eta apply to --sampler ddim", 2)
+    if T is not None and cfg.steps is not None and cfg.steps > T:
+        raise PdiffError(f"--steps can be at most the model's T ({T})", 2)
+    return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
+
+
+def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, path: Path):
+    """figure(), written to a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(s, model, originals)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor):
+    """Four panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
+    with every baseline and the held-out originals), the latents of originals, generated and noise-added models on
+    the first two principal directions of the originals' latents (Fig. 4c), and the reverse trajectories of a few
+    samples, decoded and projected onto the originals' first principal direction, against their spread (Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
+    plot_accuracy(a, b, s)
+    if model is not None:
+        plot_latents(c, s, model, originals)
+        plot_trajectories(d, s, model, originals)
+    for ax in (c, d) if model is None else ():
+        ax.text(0.5, 0.5, "no fitted model: no latents", ha="center", va="center", transform=ax.transAxes)
+    for ax in (a, b, c, d):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy histograms (b); every group
+    groups = ["original"] + [k for k in s.per_model if k != "original"]  # originals underneath
+    accs = [v for g in groups for v in s.per_model[g]["accuracy"]]
+    bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
+    for name in groups:
+        pm = s.per_model[name]
+        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
+        a.scatter(pm["max_iou"], pm["accuracy"], label=name, **marks)
+        style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
+        b.hist(pm["accuracy"], bins=bins, label=name, **style)
+    a.set(xlabel="max IoU of wrong predictions with a training original", ylabel="test accuracy (%)",
+          title="similarity vs accuracy")
+    b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
+
+
+def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
+    z_o = model.encode(originals)  # (K, latent)
+    mu, axes = z_o.mean(0), principal_axes(z_o, 2)
+    for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k in (s.name, "held-out") or
+                                                   k.startswith("noise"))]:
+        ok = torch.isfinite(sets).all(1)
+        pts = (model.encode(sets[ok]) - mu) @ axes.T
+        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
+        c.scatter(pts[:, 0], pts[:, 1], label=name, **marks)
+    c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
+
+
+def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
+    x_o = model.standardise(originals)
+    m_o, pc = x_o.mean(0), principal_axes(x_o, 1)[0]
+    proj = (x_o - m_o) @ pc
+    d.axhspan(proj.min().item(), proj.max().item(), color="grey", alpha=0.15, label="originals: range")
+    d.axhspan((proj.mean() - proj.std()).item(), (proj.mean() + proj.std()).item(), color="grey", alpha=0.3,
+              label="originals: mean ± std")
+    if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
+        idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
+        pts = torch.stack([(model.standardise(model.decode(s.trajectory[i][1])) - m_o) @ pc for i in idx])
+        lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
+        lines[0].set_label(f"{len(lines)} generated samples, a line each")
+        d.invert_xaxis()
+    d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
+          title="reverse trajectories")
+
+
+# ====================================================================================================
+# The machinery below: devices and processes, the run folder and its files, the training loop, the CLI.
+# ====================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------
+# devices and processes: the one device decision; under torchrun, each process runs the same command on
+# its share of the work, and rank 0 alone writes and prints
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The one device decision. Under torchrun it also joins the process group (NCCL on CUDA, gloo otherwise),
+    takes the GPU of its local rank, and silences every process but rank 0."""
+    if name not in DEVICES:
+        raise PdiffError(f"unknown --device '{name}' (choose from {', '.join(DEVICES)})", 2)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise PdiffError(f"--device {name} is not available on this machine", 2)
+    if name == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+        if name == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", timeout=timedelta(hours=6))
+        err.quiet = rank() != 0
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+distributed = lambda: dist.is_available() and dist.is_initialized()
+rank = lambda: dist.get_rank() if distributed() else 0
+world = lambda: dist.get_world_size() if distributed() else 1
+
+
+def gather(t: torch.Tensor, counts: list) -> torch.Tensor:
+    """Every process's rows of t (process r holds counts[r] rows), concatenated in rank order on every process."""
+    if not distributed():
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    pad = torch.zeros(max(counts), *t.shape[1:], dtype=torch.uint8 if t.dtype == torch.bool else t.dtype, device=dev)
+    pad[:len(t)] = t.to(dev)
+    parts = [torch.empty_like(pad) for _ in counts]
+    dist.all_gather(parts, pad)
+    return torch.cat([q[:c] for q, c in zip(parts, counts)]).to(t.dtype).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1250,452 +1926,6 @@ def unpack(s, tensors: dict):
     if "l" in s:
         return [unpack(v, tensors) for v in s["l"]]
     return s["v"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# the training loop: one for all four trainings (network, snapshots, autoencoder, denoiser)
-
-STOP = {"signum": 0}
-
-
-@contextmanager
-def interruptible():
-    """SIGINT/SIGTERM only raise a flag; the loop finishes the step, saves a checkpoint and stops."""
-    STOP["signum"] = 0
-    handler = lambda signum, frame: STOP.update(signum=signum)
-    try:
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: leave signals alone
-        old = {}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def progress() -> Progress:
-    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, transient=False)
-
-
-def ticker(prog: Optional[Progress], description: str, total: int, done: int = 0):
-    if prog is None:
-        return lambda: None
-    task = prog.add_task(description, total=total, completed=done)
-    return lambda: prog.advance(task)
-
-
-@contextmanager
-def checkpoint_errors(*more):
-    try:
-        yield
-    except (KeyError, RuntimeError, ValueError, IndexError, *more) as e:
-        raise PdiffError(f"the checkpoint does not fit this run ({one_line(e)}); "
-                         "run the stage again without --resume") from None
-
-
-class State(dict):
-    """Named tensors a checkpoint keeps (the snapshots so far, stacked networks): the Loop asks for state_dict."""
-
-    def state_dict(self) -> dict:
-        return dict(self)
-
-    def load_state_dict(self, state: dict):
-        with torch.no_grad():
-            for k, v in state.items():
-                self[k].copy_(v)
-
-
-class Loop:
-    """pdiff's one training loop: zero_grad, backward, optimizer and scheduler steps, progress, a checkpoint
-    every `every` steps, stop on SIGINT/SIGTERM (checkpoint first), and where a resumed run continues. A
-    command's trainings are named phases of one Loop. A checkpoint holds the phase, its step, the phases done
-    before it, and the state_dict of each object the phase keeps. Without a path it writes none."""
-
-    def __init__(self, path: Optional[Path] = None, kind: str = "", meta: Optional[dict] = None, *, every: int = 0,
-                 resume: Optional[tuple] = None, prog: Optional[Progress] = None):
-        self.path, self.kind, self.meta, self.every, self.prog = path, kind, meta or {}, every, prog
-        self.tensors, self.resumed_meta = resume or ({}, {})  # the checkpoint resumed from: tensors, metadata
-        self.state = self.resumed_meta.get("state", {})
-        self.finished, self.last = list(self.state.get("done", [])), None
-
-    def done(self, phase: str) -> bool:  # had `phase` finished before the checkpoint this loop resumes from?
-        return phase in self.state.get("done", [])
-
-    def run(self, phase: str, steps: int, loss_fn: Callable[[int], torch.Tensor], opt, *, sched=None,
-            after: Optional[Callable[[int], None]] = None, keep: dict):
-        """Train `steps` steps: loss_fn(step) -> loss; after(step) runs after the optimizer step."""
-        step = self.restore(phase, steps, keep)
-        self.last, tick = (phase, steps, keep), ticker(self.prog, phase, steps, step)
-        while step < steps:
-            loss = loss_fn(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if after is not None:
-                after(step)
-            step += 1
-            tick()
-            if STOP["signum"] or self.every and step % self.every == 0 and step < steps:
-                self.checkpoint(phase, step, keep)
-            if STOP["signum"]:
-                raise Interrupted(STOP["signum"])
-        self.finished.append(phase)
-
-    def restore(self, phase: str, steps: int, keep: dict) -> int:
-        """The step `phase` starts at: the checkpoint's, `steps` for a phase finished before it, else 0. Loads
-        the kept objects the checkpoint holds (a later phase carries what it needs of an earlier one)."""
-        at = self.state.get("phase")
-        if at != phase and not self.done(phase):
-            return 0
-        self.load(keep)
-        return self.state["step"] if at == phase else steps
-
-    def load(self, keep: dict):  # the kept objects the resumed checkpoint holds, whatever its phase
-        with checkpoint_errors():
-            for name in keep.keys() & self.state.get("objects", {}).keys():
-                keep[name].load_state_dict(unpack(self.state["objects"][name], self.tensors))
-
-    def checkpoint(self, phase: str, step: int, keep: dict):
-        if self.path is not None:
-            t = {}
-            state = {"phase": phase, "step": step, "done": [p for p in self.finished if p != phase],
-                     "objects": {name: pack(obj.state_dict(), t, name) for name, obj in keep.items()}}
-            save_artifact(self.path, self.kind, t, {**self.meta, "state": state})
-
-    def stop_point(self):
-        """Between trainings (a final evaluation): on SIGINT/SIGTERM checkpoint the last phase, then stop."""
-        if STOP["signum"]:
-            if self.last is not None:
-                self.checkpoint(*self.last)
-            raise Interrupted(STOP["signum"])
-
-    def finish(self):  # the stage's outputs are written: its checkpoint is no longer needed
-        if self.path is not None and rank() == 0:
-            self.path.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# collect: (1) train the whole network; (2) train only the selected parameters, one snapshot per step
-
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def resolved_epochs(cfg: CollectConfig) -> int:
-    return cfg.epochs if cfg.epochs is not None else 0 if cfg.init else 2 if cfg.pretrained else 30
-
-
-def batches(cfg: CollectConfig, data: Data, key: str, *, share: bool = False) -> tuple[Callable, int]:
-    """(step -> (x, y), steps per epoch): the same batch for the same (seed, key, step), resumed or not.
-    share=True: this process's equal share of it (under torchrun, DDP averages the shares' gradients)."""
-    N = len(data.y_train)
-    B = min(cfg.batch_size, N)
-
-    def batch(step: int):
-        epoch, i = divmod(step, N // B)
-        idx = torch.randperm(N, generator=rng(cfg.seed, key, epoch))[i * B:(i + 1) * B]
-        x = data.x_train[idx.to(data.x_train.device)]
-        x = augment(x, rng(cfg.seed, key, "augment", step)) if data.augment else x
-        y = data.y_train[idx.to(data.y_train.device)]
-        return (x.tensor_split(world())[rank()], y.tensor_split(world())[rank()]) if share else (x, y)
-
-    return batch, N // B
-
-
-def ddp(module: nn.Module) -> nn.Module:  # under torchrun: gradients averaged over the processes
-    if not distributed():
-        return module
-    ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-
-
-def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop"):
-    """Stage 1: the whole network, cosine schedule."""
-    batch, per_epoch = batches(cfg, data, "train", share=True)
-    total = resolved_epochs(cfg) * per_epoch
-    opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
-    model = ddp(net)
-
-    def loss(step):
-        x, y = batch(step)
-        with autocast(x.device):
-            return F.cross_entropy(model(prep(x)), y)
-
-    net.train()
-    loop.run("train network", total, loss, opt, sched=sched, keep={"net": net, "opt_net": opt, "sched_net": sched})
-
-
-def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
-                      *, shortcut: bool = True) -> torch.Tensor:
-    """Stage 2: everything but the selected parameters frozen; a snapshot every `snapshot_every` optimizer
-    steps -> (K, D). Normalisation layers in eval mode (running statistics fixed) unless snapshot_norm is
-    "train". shortcut=False lets gradients flow through the frozen part (the benchmark's naive path)."""
-    named = dict(net.named_parameters())
-    selected = [named[n] for n in layout.names]
-    net.requires_grad_(not shortcut)
-    for p in selected:
-        p.requires_grad_(True)
-    net.train()
-    for m in net.modules():
-        if isinstance(m, NORMS) and cfg.snapshot_norm == "eval":
-            m.eval()
-    front, tail = split_net(net, prep, layout) if shortcut else (prep, [(net, {})])
-    back = ddp(nn.Sequential(*[m for m, _ in tail]))
-    batch, _ = batches(cfg, data, "snapshot", share=True)
-    opt = optimizer(cfg.snapshot_optimizer, selected, cfg.snapshot_lr, cfg.snapshot_wd)
-    record = State(vectors=torch.zeros(cfg.k, layout.D))
-
-    def loss(step):
-        x, y = batch(step)
-        with torch.no_grad() if shortcut else nullcontext(), autocast(x.device):
-            h = front(x)  # the frozen part: no autograd graph
-        with autocast(x.device):
-            return F.cross_entropy(back(h), y)
-
-    def take(step):
-        if (step + 1) % cfg.snapshot_every == 0:
-            record["vectors"][(step + 1) // cfg.snapshot_every - 1] = layout.flatten(net)
-
-    loop.run("snapshots", cfg.k * cfg.snapshot_every, loss, opt, after=take,
-             keep={"net": net, "opt_snap": opt, "snapshots": record})
-    net.requires_grad_(True)
-    return record["vectors"]
-
-
-STACK_MEMORY = 1 << 30  # bytes of parameters, gradients and optimizer state a group of stacked networks may hold
-
-
-def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
-                  device) -> torch.Tensor:
-    """The paper's whole-model protocol: networks from seeds cfg.seed, cfg.seed + 1, ..., each with its own
-    initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
-    each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
-    process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
-    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
-    record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
-    loop.load({"record": record})  # the seeds finished before the checkpoint stay finished
-    todo = [s for s in seeds if not record["done"][s - cfg.seed]]
-    size = max(1, STACK_MEMORY // (16 * layout.D))
-    blocks = [todo[r * len(todo) // W:(r + 1) * len(todo) // W] for r in range(W)]  # each process's seeds
-    for j in range(0, max(map(len, blocks)), size):  # a round: one group per process
-        groups = [b[j:j + size] for b in blocks]
-        group, rows = groups[rank()], torch.zeros(len(groups[rank()]), per, layout.D)
-        if group:
-            nets = [net if s == cfg.seed else collect_network(dataclasses.replace(cfg, seed=s), data, device,
-                                                              weights=True)[0] for s in group]
-            train_stacked(cfg, data, group, nets, prep, layout, loop, rows, carry={"record": record})
-        for g, r in zip(groups, gather(rows, list(map(len, groups))).split(list(map(len, groups)))):
-            for s, v in zip(g, r):
-                record["vectors"][(s - cfg.seed) * per:(s - cfg.seed + 1) * per] = v
-                record["done"][s - cfg.seed] = True
-    layout.load(net, record["vectors"][per - 1])  # the network file: the first network, as it ended
-    return record["vectors"]
-
-
-def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep: nn.Module, layout: Layout,
-                  loop: "Loop", rows: torch.Tensor, carry: dict):
-    """Stage 1 (and, with cfg.k, stage 2) of networks without running statistics at once: their parameters
-    stacked (N, ...), one vmapped forward and backward per step, one optimizer (SGD and AdamW act per element,
-    so these are N independent trainings). Each network draws its own batches from its own seed. Results are
-    bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
-    params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
-    base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
-    one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
-
-    def losses(key: str):  # step -> the sum of the networks' losses on their own batches
-        draws = [batches(dataclasses.replace(cfg, seed=s), data, key)[0] for s in seeds]
-
-        def loss(step):
-            xs, ys = zip(*(draw(step) for draw in draws))
-            with autocast(data.x_train.device):
-                return vmap(one, randomness="different")(dict(params), torch.stack(xs), torch.stack(ys)).sum()
-        return loss
-
-    flat = lambda: layout.pack({n: t.detach() for n, t in params.items()}, batch=1).cpu()  # (N, D)
-    total = resolved_epochs(cfg) * batches(cfg, data, "train")[1]
-    opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
-    loop.run(f"{name}: train", total, losses("train"), opt, sched=sched,
-             keep={"nets": params, "opt_net": opt, "sched_net": sched, **carry})
-    if not cfg.k:
-        rows[:, 0] = flat()
-        return
-    opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.snapshot_lr, cfg.snapshot_wd)
-
-    def take(step):
-        if (step + 1) % cfg.snapshot_every == 0:
-            rows[:, (step + 1) // cfg.snapshot_every - 1] = flat()
-
-    loop.run(f"{name}: snapshots", cfg.k * cfg.snapshot_every, losses("snapshot"), opt, after=take,
-             keep={"nets": params, "opt_snap": opt, "rows": State(rows=rows), **carry})
-
-
-def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) -> tuple:
-    """The network collect trains, on the device: (net, input prep, layout, input spec). `weights`: load the
-    pretrained or --init weights (not when a checkpoint or a saved network follows)."""
-    C, S = data.x_train.shape[1], data.x_train.shape[-1]
-    torch.manual_seed(cfg.seed)
-    net, ch, size = build_net(cfg.arch, C, S, data.classes, width=cfg.width, pretrained=cfg.pretrained,
-                              weights=cfg.pretrained and weights)
-    if cfg.init and weights:
-        from safetensors.torch import load_file
-
-        try:
-            missing, _ = net.load_state_dict(load_file(cfg.init), strict=False)
-        except Exception as e:
-            raise PdiffError(f"--init {cfg.init}: cannot load it into {cfg.arch} ({one_line(e)})") from None
-        if len(missing) == len(net.state_dict()):
-            raise PdiffError(f"--init {cfg.init}: no tensor name matches the {cfg.arch} network")
-    net = net.to(device)
-    if device.type == "cuda" and cfg.arch not in ("mlp3", "vit_b_16"):
-        net = net.to(memory_format=torch.channels_last)
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.pretrained else (data.mean, data.std)
-    inp = {"channels": C, "size": S, "classes": data.classes, "mean": mean, "std": std}
-    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.params), inp
-
-
-# ----------------------------------------------------------------------------------------------------
-# fit: autoencoder on the standardised snapshots, then a DDPM on its (standardised) latents
-
-
-def ema(decay: float):
-    """A bias-corrected exponential moving average for swa_utils.AveragedModel (Adam's correction of its
-    moments): after n updates each weight counts (1 - decay) decay^(n - i) / (1 - decay^n), so the stated
-    decay acts from the first step and the untrained start leaves no trace. One device sync per step."""
-    def update(avg: list, new: list, n: torch.Tensor):  # n: updates so far, before this one (the first copies)
-        torch._foreach_lerp_(avg, new, (1 - decay) / (1 - decay ** (int(n) + 1)))
-
-    return update
-
-
-class Model(nn.Module):
-    """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
-    standardisation of parameters (mean, std: (D,), from tensor_stats) and of latents (z_mean, z_std), and the
-    box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file."""
-
-    def __init__(self, cfg: FitConfig, D: int):
-        super().__init__()
-        torch.manual_seed(cfg.seed)
-        self.ae = AE(D, latent=cfg.latent, width=cfg.ae_width)
-        self.denoiser = Denoiser(cfg.latent, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
-        self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(cfg.latent),
-                 "z_std": torch.ones(()), "z_lo": torch.full((cfg.latent,), -math.inf),
-                 "z_hi": torch.full((cfg.latent,), math.inf)}
-        for name, v in stats.items():
-            self.register_buffer(name, v)
-
-    def standardise(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the AE's space, on CPU
-        return (sets.cpu() - self.mean.cpu()) / self.std.cpu()
-
-    def unstandardise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.cpu() * self.std.cpu() + self.mean.cpu()
-
-    def rel_error(self, sets: torch.Tensor, decoded: torch.Tensor) -> Optional[float]:
-        """Median over sets of |decoded - x| / |x - mean| in the standardised space: 0 is a perfect round
-        trip, 1 is no better than outputting the snapshots' mean."""
-        x, xr = self.standardise(sets), self.standardise(decoded)
-        moved = x.norm(dim=1) > 1e-9  # a single snapshot is its own mean: no ratio to take
-        if not moved.any():
-            return None
-        return round((xr - x)[moved].norm(dim=1).div(x[moved].norm(dim=1)).median().item(), 4)
-
-    @torch.no_grad()
-    def roundtrip(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D) through encoder and decoder
-        x = self.standardise(sets).to(self.mean.device)
-        return self.unstandardise(self.ae.decode(self.ae.encode(x)).float())
-
-    @torch.no_grad()
-    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
-                 trace=None) -> torch.Tensor:
-        self.eval()
-        zs = self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                   clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
-        return self.decode(zs)  # (n, D)
-
-    @torch.no_grad()
-    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
-        return ((self.ae.encode(self.standardise(sets).to(self.mean.device)) - self.z_mean) / self.z_std).float().cpu()
-
-    @torch.no_grad()
-    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
-        return self.unstandardise(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float())
-
-
-def fit_autoencoder(cfg: FitConfig, ae: AE, x: torch.Tensor, loop: "Loop"):
-    """The autoencoder on standardised snapshots x (K, D): p-diff's noise augmentation on the input and on
-    the latent, MSE on the parameters, AdamW with a cosine schedule."""
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
-    dev = x.device
-
-    def loss(step):
-        g = rng(cfg.seed, "ae", step)
-        x0 = x[torch.randint(0, len(x), (cfg.ae_batch,), generator=g).to(dev)]  # (B, D)
-        with autocast(dev):
-            z = ae.encode(x0 + cfg.input_noise * randn(x0.shape, g, dev))
-            z = z + cfg.latent_noise * randn(z.shape, g, dev)
-            return F.mse_loss(ae.decode(z).float(), x0)
-
-    ae.train()
-    loop.run("autoencoder", cfg.ae_steps, loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
-    ae.eval()
-
-
-def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop", *,
-                  carry: dict) -> Denoiser:
-    """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
-    denoiser's weights. `carry`: what a checkpoint of this phase must also hold (the autoencoder)."""
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_steps))
-    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.ema_decay))
-
-    def loss(step):
-        g = rng(cfg.seed, "ddpm", step)
-        z0 = zs[torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)]  # (B, latent)
-        with autocast(zs.device):
-            return diffusion.loss(denoiser, z0, g)
-
-    denoiser.train()
-    loop.run("diffusion", cfg.ddpm_steps, loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
-             keep={**carry, "denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
-    return avg.module.eval()
-
-
-def pca_roundtrip(model: Model, sets: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, D) -> (n, D): each standardised set projected onto the sets' first k principal directions, back."""
-    x = model.standardise(sets)
-    mean = x.mean(0)
-    axes = principal_axes(x, min(k, len(x)))  # (k, D)
-    return model.unstandardise(mean + (x - mean) @ axes.T @ axes)
-
-
-def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, loop: Optional["Loop"] = None) -> Model:
-    """Standardise the snapshots (K, D), fit the autoencoder, then the DDPM on its standardised latents."""
-    loop = loop or Loop()
-    m = Model(cfg, layout.D).to(device)
-    m.mean, m.std = (s.to(device) for s in tensor_stats(layout, snaps))
-    x = m.standardise(snaps).to(device)  # (K, D)
-    m.ae.set_axes(x)
-    fit_autoencoder(cfg, m.ae, x, loop)
-    with torch.no_grad():
-        z = m.ae.encode(x).float()  # (K, latent)
-    m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
-    zs = (z - m.z_mean) / m.z_std
-    lo, hi = zs.min(0).values, zs.max(0).values
-    m.z_lo, m.z_hi = lo - cfg.clip * (hi - lo), hi + cfg.clip * (hi - lo)
-    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop, carry={"ae": m.ae})
-    return m
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1809,247 +2039,138 @@ def check_parent(path: Path, meta: dict, kind: str, expected: str, redo: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# sample: generate n sets, build the baselines, evaluate everything in one pass, measure novelty
+# the training loop: one for all four trainings (network, snapshots, autoencoder, denoiser)
+
+STOP = {"signum": 0}
 
 
-def noise_levels(cfg: SampleConfig) -> list[float]:
+@contextmanager
+def interruptible():
+    """SIGINT/SIGTERM only raise a flag; the loop finishes the step, saves a checkpoint and stops."""
+    STOP["signum"] = 0
+    handler = lambda signum, frame: STOP.update(signum=signum)
     try:
-        levels = [float(v) for v in cfg.noise_std.split(",") if v.strip()]
-    except ValueError:
-        levels = [-1.0]
-    if not levels or min(levels) < 0:
-        raise PdiffError(f"--noise-std takes comma-separated stds of at least 0, not '{cfg.noise_std}'", 2)
-    return levels
-
-
-def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """(n, D) -> what one unit of noise is for each coordinate of each original: `values`, the std of the values
-    of its tensor in that original (the reference code's noise-added models); `spread`, pdiff's standardised
-    units (the training originals' per-tensor spread); `raw`, parameter units (arXiv 2506.07998)."""
-    if units == "values":
-        return torch.cat([t.std(1, keepdim=True).nan_to_num(0).expand_as(t) for t in x.split(layout.sizes, dim=1)], 1)
-    return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
-
-
-BASELINE_KINDS = ("average", "gaussian", "ensemble")
-
-
-def baselines(x: torch.Tensor, n: int, cfg: SampleConfig, spread: torch.Tensor, layout: Layout) -> dict:
-    """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
-    originals x (K, D) only: an original plus noise (one group per level), the mean of m random originals, a
-    per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
-    K, D = x.shape
-    out = {}
-    for s in noise_levels(cfg):
-        g = rng(cfg.seed, "noise", s)
-        picked = x[torch.randint(0, K, (n,), generator=g)]
-        out[f"noise-{s:g}"] = picked + s * noise_unit(picked, cfg.noise_units, spread, layout) * torch.randn(
-            n, D, generator=g)
-    g = rng(cfg.seed, "average")
-    picks = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
-    sd = x.std(0) if K > 1 else torch.zeros(D)
-    return out | {"average": torch.stack([x[p].mean(0) for p in picks]),
-                  "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=rng(cfg.seed, "gaussian")),
-                  "ensemble": x.mean(0, keepdim=True)}
-
-
-@dataclass
-class Sampled:
-    report: dict  # the JSON document's body (without run, device and totals the command adds)
-    name: str  # the group under test: "generated", or "judged" (sample --judge)
-    sets: dict  # {group: (n, D) parameter sets}: the group under test and each baseline; failed sets (NaN) kept
-    accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
-    per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
-    trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
-
-
-TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
-
-
-def describe(sets: torch.Tensor, correct: torch.Tensor, ruler: Ruler, ref: Optional[tuple]) -> tuple:
-    """One group of models: (accuracies (n,) with NaN for failed sets, its report row with the label from the
-    test against ref = (the held-out originals' per-model numbers, their networks), per-model values)."""
-    ok = torch.isfinite(sets).all(1)
-    acc = accuracy(correct).masked_fill(~ok, float("nan"))
-    m = ruler.measure(sets[ok], correct[ok])
-    row = {**summary(acc), "failed": int((~ok).sum()), **novelty(m, correct[ok])}
-    if ref is not None and ok.any():
-        row |= judge(m, *ref)
-    return acc, row, per_model_values(m)
-
-
-per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
-                              "nearest_distance": m["nearest"].tolist()}
-
-
-def held_out_group(ruler: Ruler, sets: torch.Tensor, correct: torch.Tensor, per: int) -> tuple:
-    """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
-    them as on any group: one half of the held-out networks judged with the other half as the reference."""
-    m = ruler.measure(sets, correct)
-    units = len(sets) // per
-    a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
-    b = [i for i in range(len(sets)) if i not in set(a)]
-    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, correct)}
-    if units >= 2:
-        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
-    return m, row
-
-
-def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
-           trace: bool = False) -> Sampled:
-    """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
-    decoded originals and the baselines in one pass, and judge every group against the held-out originals.
-    trace=True keeps the reverse trajectories of a few samples."""
-    t0, trajectory = time.perf_counter(), []
-    ruler, held = run.ruler(), run.held_out
-    name, sets = ("judged", judged) if judged is not None else ("generated", generate(cfg, run, prog, trajectory, trace))
-    groups = {name: sets} | ({"decoded": run.model.roundtrip(ruler.train)} if run.model is not None else {})
-    groups |= baselines(ruler.train, cfg.n, cfg, ruler.std, run.layout) if cfg.baselines else {}
-    t1 = time.perf_counter()
-    correct = evaluate(run.net, run.prep, run.layout, torch.cat(list(groups.values())), run.data.x_test,
-                       run.data.y_test, spread=True)  # one pass
-    t2 = time.perf_counter()
-    per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
-    m_held, held_row = held_out_group(ruler, run.snapshots[held], run.correct[held], per) if held else (None, None)
-    ref = (m_held, len(held) // per) if held else None
-    accs, rows, per_model = {}, {}, {}
-    for (g, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
-        accs[g], rows[g], per_model[g] = describe(s, c, ruler, ref)
-    m_train = ruler.measure_training()
-    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
-    report = {
-        "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
-        sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units,
-        "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
-        **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
-        name: {**rows.pop(name), "accuracies": [None if math.isnan(a) else rnd(a) for a in accs[name].tolist()]},
-        "baselines": rows,
-        "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)}}
-    report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
-    per_model.pop("decoded", None)
-    kept = {name: sets, "held-out": run.snapshots[held]} | {k: v for k, v in groups.items() if k != "decoded"}
-    return Sampled(report, name, kept, accs[name], per_model, trajectory)
-
-
-def generate(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> torch.Tensor:
-    """cfg.n parameter sets (n, D) from run.model; under torchrun every process uses rank 0's."""
-    model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
-    total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
-                         tick=ticker(prog, f"{cfg.sampler} sampling", total),
-                         trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
-    if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
-        gen = gather(gen, [len(gen)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
-    return gen
-
-
-def read_judged(path: Path, run: Run) -> torch.Tensor:
-    """Parameter sets (n, D) to judge from a safetensors file: a pdiff samples or snapshots file of this layout,
-    one (n, D) tensor, or tensors named as the layout's parameters, each of the parameter's shape (one network:
-    an --export, a fine-tuned copy's state dict) or with a leading n (n networks). With an aligned many-seed
-    collection each set is aligned to the reference network first, as the held-out networks were."""
-    if not path.is_file():
-        raise PdiffError(f"--judge {path} not found", 2)
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        old = {}
     try:
-        with safe_open(str(path), "pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # not safetensors, truncated, ...
-        raise PdiffError(f"--judge {path} is not a readable safetensors file ({one_line(e)})") from None
-    L = run.layout
-    if meta.get("layout") and Layout.from_dict(json.loads(meta["layout"])) != L:
-        raise PdiffError(f"--judge {path}: its parameter layout differs from this run's", 2)
-    flat = [t for t in tensors.values() if t.ndim == 2 and t.shape[1] == L.D and t.is_floating_point()]
-    if all(n in tensors for n in L.names):
-        one = all(tuple(tensors[n].shape) == tuple(s) for n, s in zip(L.names, L.shapes))
-        sets = L.pack({n: tensors[n].float()[None] if one else tensors[n].float() for n in L.names}, batch=1)
-    elif len(flat) == 1:
-        sets = flat[0].float()
-    else:
-        raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
-                         f"({', '.join(L.names[:3])}, ...)", 2)
-    if run.collection.get("aligned"):
-        per = run.collection["per_network"]
-        sets = align_to(sets, run.snapshots[per - 1], L)
-    return sets
-
-
-def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
-    """The reverse steps cfg asks of a model with T diffusion steps (ddpm: all T); T=None only checks usage."""
-    if cfg.sampler == "ddpm" and (cfg.steps is not None or cfg.eta):
-        raise PdiffError("--steps and --eta apply to --sampler ddim", 2)
-    if T is not None and cfg.steps is not None and cfg.steps > T:
-        raise PdiffError(f"--steps can be at most the model's T ({T})", 2)
-    return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
-
-
-def plot(s: Sampled, model: Model, originals: torch.Tensor, path: Path):
-    """Four panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
-    with every baseline), the latents of originals, generated and noise-added models on the first two
-    principal directions of the originals' latents (Fig. 4c), and the reverse trajectories of a few samples,
-    decoded and projected onto the originals' first principal direction, against the originals' spread (Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
-    plot_accuracy(a, b, s)
-    if model is not None:
-        plot_latents(c, s, model, originals)
-        plot_trajectories(d, s, model, originals)
-    for ax in (c, d) if model is None else ():
-        ax.text(0.5, 0.5, "no fitted model: no latents", ha="center", va="center", transform=ax.transAxes)
-    for ax in (a, b, c, d):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        yield
     finally:
-        plt.close(fig)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
-def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy histograms (b); every group
-    groups = ["original"] + [k for k in s.per_model if k != "original"]  # originals underneath
-    accs = [v for g in groups for v in s.per_model[g]["accuracy"]]
-    bins = torch.linspace(min(accs, default=0), max(accs, default=100) + 1e-6, 31).tolist()
-    for name in groups:
-        pm = s.per_model[name]
-        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
-        a.scatter(pm["max_iou"], pm["accuracy"], label=name, **marks)
-        style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
-        b.hist(pm["accuracy"], bins=bins, label=name, **style)
-    a.set(xlabel="max IoU of wrong predictions with a training original", ylabel="test accuracy (%)",
-          title="similarity vs accuracy")
-    b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False)
 
 
-def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
-    z_o = model.encode(originals)  # (K, latent)
-    mu, axes = z_o.mean(0), principal_axes(z_o, 2)
-    for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k in (s.name, "held-out") or
-                                                   k.startswith("noise"))]:
-        ok = torch.isfinite(sets).all(1)
-        pts = (model.encode(sets[ok]) - mu) @ axes.T
-        marks = {"marker": "x", "color": "black", "s": 30} if name == "held-out" else {"s": 14, "alpha": 0.6}
-        c.scatter(pts[:, 0], pts[:, 1], label=name, **marks)
-    c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
+def ticker(prog: Optional[Progress], description: str, total: int, done: int = 0):
+    if prog is None:
+        return lambda: None
+    task = prog.add_task(description, total=total, completed=done)
+    return lambda: prog.advance(task)
 
 
-def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
-    x_o = model.standardise(originals)
-    m_o, pc = x_o.mean(0), principal_axes(x_o, 1)[0]
-    proj = (x_o - m_o) @ pc
-    d.axhspan(proj.min().item(), proj.max().item(), color="grey", alpha=0.15, label="originals: range")
-    d.axhspan((proj.mean() - proj.std()).item(), (proj.mean() + proj.std()).item(), color="grey", alpha=0.3,
-              label="originals: mean ± std")
-    if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
-        idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
-        pts = torch.stack([(model.standardise(model.decode(s.trajectory[i][1])) - m_o) @ pc for i in idx])
-        lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
-        lines[0].set_label(f"{len(lines)} generated samples, a line each")
-        d.invert_xaxis()
-    d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
-          title="reverse trajectories")
+@contextmanager
+def checkpoint_errors(*more):
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, IndexError, *more) as e:
+        raise PdiffError(f"the checkpoint does not fit this run ({one_line(e)}); "
+                         "run the stage again without --resume") from None
+
+
+class State(dict):
+    """Named tensors a checkpoint keeps (the snapshots so far, stacked networks): the Loop asks for state_dict."""
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict):
+        with torch.no_grad():
+            for k, v in state.items():
+                self[k].copy_(v)
+
+
+class Loop:
+    """pdiff's one training loop: zero_grad, backward, optimizer and scheduler steps, progress, a checkpoint
+    every `every` steps, stop on SIGINT/SIGTERM (checkpoint first), and where a resumed run continues. A
+    command's trainings are named phases of one Loop. Each phase registers the objects it trains (keep=); the
+    loop keeps every object registered so far in every checkpoint, so a later phase's checkpoint also holds what
+    the earlier ones made, and a resumed phase restores all of them or refuses. Without a path it writes none."""
+
+    def __init__(self, path: Optional[Path] = None, kind: str = "", meta: Optional[dict] = None, *, every: int = 0,
+                 resume: Optional[tuple] = None, prog: Optional[Progress] = None):
+        self.path, self.kind, self.meta, self.every, self.prog = path, kind, meta or {}, every, prog
+        self.tensors, self.resumed_meta = resume or ({}, {})  # the checkpoint resumed from: tensors, metadata
+        self.state = self.resumed_meta.get("state", {})
+        self.finished, self.last, self.kept = list(self.state.get("done", [])), None, {}
+
+    def keep(self, **objects):
+        """Register objects (state_dict / load_state_dict) for every checkpoint from now on; restored now from the
+        checkpoint resumed from, whatever its phase, where it holds them (e.g. the seeds finished so far)."""
+        self.kept.update(objects)
+        self.load({k: v for k, v in objects.items() if k in self.state.get("objects", {})})
+
+    def run(self, phase: str, steps: int, loss_fn: Callable[[int], torch.Tensor], opt, *, sched=None,
+            after: Optional[Callable[[int], None]] = None, keep: dict):
+        """Train `steps` steps: loss_fn(step) -> loss; after(step) runs after the optimizer step."""
+        self.kept.update(keep)
+        step = self.restore(phase, steps)
+        self.last, tick = (phase, steps), ticker(self.prog, phase, steps, step)
+        while step < steps:
+            loss = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if after is not None:
+                after(step)
+            step += 1
+            tick()
+            if STOP["signum"] or self.every and step % self.every == 0 and step < steps:
+                self.checkpoint(phase, step)
+            if STOP["signum"]:
+                raise Interrupted(STOP["signum"])
+        self.finished.append(phase)
+
+    def restore(self, phase: str, steps: int) -> int:
+        """The step `phase` starts at: the checkpoint's, `steps` for a phase finished before it, else 0. For the
+        first two, every object registered so far comes back from the checkpoint."""
+        at = self.state.get("phase")
+        if at != phase and phase not in self.state.get("done", []):
+            return 0
+        missing = self.kept.keys() - self.state.get("objects", {}).keys()
+        if missing:
+            raise PdiffError(f"the checkpoint {self.path} holds no {', '.join(sorted(missing))}: run the stage again "
+                             "without --resume")
+        self.load(self.kept)
+        return self.state["step"] if at == phase else steps
+
+    def load(self, objects: dict):
+        with checkpoint_errors():
+            for name, obj in objects.items():
+                obj.load_state_dict(unpack(self.state["objects"][name], self.tensors))
+
+    def checkpoint(self, phase: str, step: int):
+        if self.path is not None:
+            t = {}
+            state = {"phase": phase, "step": step, "done": [p for p in self.finished if p != phase],
+                     "objects": {name: pack(obj.state_dict(), t, name) for name, obj in self.kept.items()}}
+            save_artifact(self.path, self.kind, t, {**self.meta, "state": state})
+
+    def stop_point(self):
+        """Between trainings (a final evaluation): on SIGINT/SIGTERM checkpoint the last phase, then stop."""
+        if STOP["signum"]:
+            if self.last is not None:
+                self.checkpoint(*self.last)
+            raise Interrupted(STOP["signum"])
+
+    def finish(self):  # the stage's outputs are written: its checkpoint is no longer needed
+        if self.path is not None and rank() == 0:
+            self.path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2091,7 +2212,9 @@ def command(config=None, short: str = ""):
     """Register a subcommand. The opt() fields of `config` become its options and reach it as one config
     object; its own Annotated parameters are options as written. Its other parameters are filled here:
     the config, and `given` (the names of options typed on the command line). Errors and interrupts end it
-    as one_line_errors says. `short`: its line in `pdiff --help`."""
+    as one_line_errors says. `short`: its line in `pdiff --help`.
+    Why a signature is rewritten: typer reads options only from a function's parameters, so without this every
+    config field would be written a second time as a parameter (its default, help and bounds twice)."""
 
     def register(fn):
         name = fn.__name__.removesuffix("_cmd")
@@ -2223,28 +2346,8 @@ def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool)
 def collection(cfg: CollectConfig) -> dict:
     """Where the snapshots come from, as the snapshot file records it."""
     if cfg.seeds:
-        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.k or 1, "aligned": cfg.align}
-    return {"kind": "steps", "networks": 1, "per_network": cfg.k, "aligned": False}
-
-
-def resolve(cfg: CollectConfig) -> CollectConfig:
-    """Defaults that depend on other settings (refusing what cannot work), the data folder as an absolute path."""
-    arch = cfg.arch
-    if user_arch(arch):  # your own network: recorded with its absolute path
-        arch = f"{Path(arch.rpartition(':')[0]).resolve()}:{arch.rpartition(':')[2]}"
-    params = cfg.params or ("all" if cfg.arch in SYMMETRIC or cfg.seeds else "norm")
-    lr = cfg.snapshot_lr if cfg.snapshot_lr is not None else 0.001 if cfg.seeds else 0.01 if params == "all" else 0.03
-    align = cfg.align if cfg.align is not None else bool(cfg.seeds) and cfg.arch in SYMMETRIC
-    k = cfg.k if cfg.k is not None else 0 if cfg.seeds else 200
-    if cfg.seeds and params != "all":
-        raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
-    if cfg.seeds and cfg.init:
-        raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
-    if align and (not cfg.seeds or cfg.arch not in SYMMETRIC):
-        raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose symmetry "
-                         f"pdiff knows ({', '.join(SYMMETRIC)})", 2)
-    return dataclasses.replace(cfg, arch=arch, params=params, snapshot_lr=lr, align=align, k=k,
-                               data_dir=str(Path(cfg.data_dir).resolve()))
+        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.snapshot_count or 1, "aligned": cfg.aligned}
+    return {"kind": "steps", "networks": 1, "per_network": cfg.snapshot_count, "aligned": False}
 
 
 @command(CollectConfig, "Train a network and save K snapshots of its parameters.")
@@ -2256,7 +2359,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     check_run(run)
     dev = pick_device(device)
     snap_path = run / FILES["snapshots"]
-    cfg, loop = open_stage(run, "collect", run / FILES["collect-checkpoint"], resolve(cfg), given, resume=resume,
+    cfg, loop = open_stage(run, "collect", run / FILES["collect-checkpoint"], cfg.resolved(), given, resume=resume,
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
@@ -2275,10 +2378,10 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         loop.prog = prog
         if cfg.seeds:
             snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
-            snaps = align(snaps, layout, cfg.k or 1, cfg.seed) if cfg.align else snaps
+            snaps = align(snaps, layout, cfg.snapshot_count or 1, cfg.seed) if cfg.aligned else snaps
         else:
-            train_network(cfg, d, net, prep, loop)
-            snaps = collect_snapshots(cfg, d, net, prep, layout, loop)
+            stage1 = train_network(cfg, d, net, prep, loop)
+            snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True)
     loop.stop_point()
     acc = summary(accuracy(correct))

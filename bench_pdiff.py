@@ -181,7 +181,7 @@ def warm_generate(run: Path, dev, repeat: int) -> dict:
     """Median seconds of model.generate(50) per sampler, in this process, after a warm-up call: the CLI's
     single cold timing carries one-time costs (first kernel calls) that weigh on DDIM's ~0.2 s."""
     model = pdiff.open_run(run, dev, model="default").model
-    gen = lambda s: model.generate(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None)
+    gen = lambda s: model.decode(model.generate(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None))
     gen("ddim")
     return {s: timed(lambda: gen(s), dev, repeat)[0] for s in ("ddim", "ddpm")}
 
@@ -353,8 +353,11 @@ def bench_paper(dev, quick: bool) -> dict:
     t_snap, _, snaps = timed(lambda: pdiff.collect_snapshots(cfg, d, net, prep, layout, pdiff.Loop()), dev)
     t_eval, _, correct = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, d.x_test, d.y_test), dev)
     fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
-    t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, layout, device=dev), dev)
-    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, d, {}, model.to(dev), fit_cfg)
+    collection = {"kind": "steps", "networks": 1, "per_network": k}
+    held = pdiff.held_out_rows(collection, k, fit_cfg.holdout)
+    train = [i for i in range(k) if i not in held]
+    t_fit, _, (model, _) = timed(lambda: pdiff.fit(fit_cfg, snaps, train, layout, device=dev), dev)
+    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, d, {}, collection, held, model.to(dev), fit_cfg)
     t_sample, _, s = timed(lambda: pdiff.sample(pdiff.SampleConfig(n=n, sampler="ddim"), run), dev)
     steps = epochs * (n_train // 128)
     flops = fc.get_total_flops() * steps / t_train
@@ -364,14 +367,93 @@ def bench_paper(dev, quick: bool) -> dict:
     res = {"n_train": n_train, "n_test": n_test, "epochs": epochs, "k": k, "n": n, "train_s": t_train,
            "train_images_per_s": epochs * n_train / t_train, "snapshot_s": t_snap, "snapshot_images_per_s": k * 128 / t_snap,
            "evaluate_s": t_eval, "evaluate_images_per_s": k * n_test / t_eval, "fit_s": t_fit, "sample_s": t_sample,
-           "sample_evaluated_images_per_s": len(torch.cat(list(s.sets.values()))) * n_test / s.report["seconds"]["evaluate"],
+           "sample_evaluated_images_per_s": evaluated_sets(s.report) * n_test / s.report["seconds"]["evaluate"],
            "train_flops_per_s": flops, "gpu": gpu, "share_of_bf16_peak": flops / peak if peak else None}
     err.print(f"    train {res['train_images_per_s']:.0f} img/s, snapshots {res['snapshot_images_per_s']:.0f} img/s, "
               f"fit {t_fit:.0f} s, sample {t_sample:.1f} s" + (f", {res['share_of_bf16_peak']:.1%} of bf16 peak" if peak else ""))
     return res
 
 
+def evaluated_sets(report: dict) -> int:  # parameter sets one sample run evaluated: generated, decoded, baselines
+    return report["generated"]["count"] + report["decoded"]["count"] + sum(b["count"] for b in report["baselines"].values())
+
+
 # ---------------------------------------------------------------------------------------------------- main
+
+
+BEFORE = "fa7590e"  # pdiff just before fit worked in the span of the training originals (its AE: D wide)
+SIZES = {"3.5k": ["--arch", "mlp3", "--width", "32"], "26k": ["--arch", "mlp3", "--width", "128"],
+         "300k": ["--arch", "mlp3", "--width", "512"], "11.2M": ["--arch", "resnet18", "--params", "all"]}
+
+
+def pdiff_before(root: Path) -> Path:
+    """pdiff.py as it was at BEFORE, from this checkout's git history (fit's cost then grew with D)."""
+    path = root / "pdiff_before.py"
+    path.write_bytes(subprocess.run(["git", "-C", str(HERE), "show", f"{BEFORE}:pdiff.py"], capture_output=True,
+                                    check=True).stdout)
+    return path
+
+
+def measured(script: Path, args: list, limit: float) -> dict:
+    """Run `python SCRIPT ARGS --json` in a fresh process: wall seconds, its peak resident memory, its JSON; or
+    how far it got when it ran past `limit` seconds (None)."""
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\ntry: runpy.run_path(sys.argv[0], run_name='__main__')"
+            "\nexcept SystemExit as e: code = e.code\nelse: code = 0\n"
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code, file=sys.stderr)")
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-c", code, str(script), *map(str, args), "--json"], capture_output=True,
+                           text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"seconds": None, "limit": limit, "peak_gb": None}
+    line = [x for x in p.stderr.splitlines() if x.startswith("maxrss")][-1].split()
+    if line[2] != "0":
+        raise SystemExit(f"bench: {script.name} {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
+    return {"seconds": time.perf_counter() - t, "peak_gb": int(line[1]) / 2**20, "json": json.loads(p.stdout)}
+
+
+def bench_fit_d(quick: bool, limit: float) -> dict:
+    """[8] fit's time and peak memory against D, K = 100 snapshots (2 epochs, then stage 2), beside BEFORE's."""
+    out, sizes = {}, list(SIZES)[:2] if quick else list(SIZES)
+    with tempfile.TemporaryDirectory() as tmp:
+        before, new = pdiff_before(Path(tmp)), HERE / "pdiff.py"
+        for size in sizes:
+            run, k = Path(tmp) / size, 20 if quick else 100
+            c = measured(new, ["collect", "--run", run, *SIZES[size], "-k", k, "--epochs", 2], 3600)
+            f = measured(new, ["fit", "--run", run], 3600)
+            b = measured(before, ["fit", "--run", run, "--name", "before"], min(limit, 3600))
+            s = measured(new, ["sample", "--run", run, "-n", 20], 3600)
+            out[size] = {"D": c["json"]["params"], "K": k, "collect_s": c["seconds"], "collect_gb": c["peak_gb"],
+                         "fit_s": f["seconds"], "fit_gb": f["peak_gb"], "before_fit_s": b["seconds"],
+                         "before_fit_gb": b["peak_gb"], "before_limit_s": b.get("limit"), "sample_s": s["seconds"],
+                         "sample_gb": s["peak_gb"], "generated_median": s["json"]["generated"]["median"],
+                         "verdict": s["json"]["verdict"]["label"]}
+            shutil.rmtree(run)
+            err.print(f"    {size}: fit {f['seconds']:.0f} s {f['peak_gb']:.2f} GB; before "
+                      + (f"{b['seconds']:.0f} s {b['peak_gb']:.2f} GB" if b["seconds"] else f"> {limit:.0f} s"))
+    return out
+
+
+def bench_fit_quality(quick: bool) -> dict:
+    """[9] the generated networks with fit in the span (now) and BEFORE: the quick start and 200 aligned seeds,
+    generated median (DDPM, n = 50) over sample seeds 0, 1, 2."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        before, new = pdiff_before(Path(tmp)), HERE / "pdiff.py"
+        for name, args in (("quick start", []), ("200 seeds", ["--seeds", 50 if quick else 200])):
+            run = Path(tmp) / name.replace(" ", "-")
+            measured(new, ["collect", "--run", run, *args], 3600)
+            fit = (["--ae-steps", 100, "--ddpm-steps", 100] if quick else [])
+            f = {"now": measured(new, ["fit", "--run", run, *fit], 3600),
+                 "before": measured(before, ["fit", "--run", run, "--name", "before", *fit], 3600)}
+            row = {f"{who}_fit_s": f[who]["seconds"] for who in f}
+            for who, script, model in (("now", new, "default"), ("before", before, "before")):
+                meds = [measured(script, ["sample", "--run", run, "--model", model, "--seed", s], 3600)["json"][
+                    "generated"]["median"] for s in range(3)]
+                row |= {f"{who}_medians": meds, f"{who}_median": statistics.median(meds)}
+            out[name] = row
+            err.print(f"    {name}: generated median now {row['now_medians']}, before {row['before_medians']}")
+    return out
 
 
 def report_table(r: dict) -> Table:
@@ -426,6 +508,17 @@ def report_table(r: dict) -> Table:
             tb.add_row(f"{what}: 1 process / 2 processes", f"{t[stage + '_1']['seconds']:.2f} / {t[stage + '_2']['seconds']:.2f} s",
                        "", "")
             tb.add_row(f"  speed-up with 2 processes", f"{t[stage + '_1_over_2']:.2f}x", "", "")
+    for size, f in r.get("fit_d", {}).items():
+        before = f"{f['before_fit_s']:.0f} s, {f['before_fit_gb']:.2f} GB" if f["before_fit_s"] else \
+            f"> {f['before_limit_s']:.0f} s"
+        tb.add_row(f"fit D={f['D']:,} K={f['K']}: now / before", f"{f['fit_s']:.0f} s, {f['fit_gb']:.2f} GB / {before}",
+                   "< 300 s, < 8 GB" if size == "11.2M" else "", "")
+        tb.add_row(f"  collect / sample -n 20 (generated median, verdict)", f"{f['collect_s']:.0f} / {f['sample_s']:.0f} s "
+                   f"({f['generated_median']:.2f}, {f['verdict']})", "sample < 120 s" if size == "11.2M" else "", "")
+    for name, q in r.get("fit_quality", {}).items():
+        tb.add_row(f"{name}: generated median, sample seeds 0/1/2: now / before",
+                   f"{'/'.join(f'{m:.2f}' for m in q['now_medians'])} / {'/'.join(f'{m:.2f}' for m in q['before_medians'])}",
+                   "within 0.3", ok(abs(q["now_median"] - q["before_median"]) <= 0.3 or q["now_median"] > q["before_median"]))
     for name, share in r.get("foreign_cpu_share", {}).items():
         tb.add_row(f"CPU taken by other processes during {name}", "n/a" if share is None else f"{share:.0%}", "0%",
                    "" if share is None else "[green]ok[/green]" if share < 0.05 else "[yellow]timings inflated[/yellow]")
@@ -433,7 +526,7 @@ def report_table(r: dict) -> Table:
     return tb
 
 
-PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "paper")
+PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "fit-d", "fit-quality", "paper")
 
 
 def main():
@@ -443,7 +536,9 @@ def main():
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (also passed to the pdiff CLI)")
     ap.add_argument("--n-test", type=int, help="test images for [1] (default 48; 16 with --quick)")
     ap.add_argument("--repeat", type=int, help="timings per median (default 3; 1 with --quick)")
-    ap.add_argument("--only", default=",".join(PARTS[:5]), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--only", default=",".join(PARTS[:5]), help=f"comma-separated subset of {','.join(PARTS)} "
+                    "(fit-d: fit against D up to a whole resnet18, ~15 min; fit-quality: ~20 min)")
+    ap.add_argument("--before-limit", type=float, default=900, help="seconds fit-d lets the earlier fit run per D")
     ap.add_argument("--scale", choices=("small", "paper"), default="small",
                     help="paper: also [7], ResNet-18 on CIFAR-100-shaped data, all three stages (a GPU)")
     ap.add_argument("--keep", action="store_true", help="keep the quick start's temporary run folder")
@@ -474,6 +569,12 @@ def main():
     if "torchrun" in only:
         with section(r, "torchrun"):
             r["torchrun"] = bench_torchrun(a.quick)
+    if "fit-d" in only:
+        with section(r, "fit-d"):
+            r["fit_d"] = bench_fit_d(a.quick, a.before_limit)
+    if "fit-quality" in only:
+        with section(r, "fit-quality"):
+            r["fit_quality"] = bench_fit_quality(a.quick)
     if "paper" in only:
         with section(r, "paper"):
             r["paper"] = bench_paper(dev, a.quick)

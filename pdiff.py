@@ -64,7 +64,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
-VERSION = "2"
+VERSION = "2"  # of the file formats; a format that changed since has its own below
+VERSIONS = {"model": "3"}  # 3: the autoencoder in the training originals' span (v2 files: fit again)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
             "pets", "food101")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -636,16 +637,54 @@ def select_params(net: nn.Module, patterns: str) -> Layout:
     return Layout(names, [tuple(named[n].shape) for n in names])
 
 
-def tensor_stats(layout: Layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardisation of the snapshots (K, D) -> (mean, std), both (D,), stored with the model: centred per
-    coordinate, scaled per tensor by the snapshots' spread around that centre. (Consecutive snapshots differ
-    by ~1e-4 of their values; scaling by the values' own std would hide that spread under the
-    autoencoder's input noise, and it collapses to the mean.)"""
-    mean = x.mean(0)
-    dev = (x - mean).split(layout.sizes, dim=1)
-    std = torch.stack([d.pow(2).mean().sqrt() for d in dev])  # RMS deviation per tensor
-    std = torch.where(std > 1e-12, std, torch.ones_like(std))  # K=1 or a tensor that never moved
-    return mean, std.repeat_interleave(torch.tensor(layout.sizes))
+def tensor_stats(layout: Layout, x: torch.Tensor, rows=None, *, chunk: int = 1 << 22) -> tuple:
+    """Standardisation of the originals x[rows] (K, D) -> (mean, std), both (D,), stored with the model: centred per
+    coordinate, scaled per tensor by the originals' spread around that centre (their RMS deviation). A block of
+    columns at a time, so no second copy of a large collection is made. (Consecutive snapshots differ by ~1e-4 of
+    their values; scaling by the values' own std would hide that spread under the autoencoder's input noise.)"""
+    rows = slice(None) if rows is None else rows
+    mean, std, start = torch.zeros(x.shape[1]), [], 0
+    for size in layout.sizes:
+        ss, n = 0.0, 0
+        for i in range(start, start + size, max(1, chunk // len(x))):
+            c = slice(i, min(i + max(1, chunk // len(x)), start + size))
+            block = x[:, c][rows].double()
+            mean[c] = block.mean(0).float()
+            ss, n = ss + (block - block.mean(0)).pow(2).sum().item(), n + block.numel()
+        rms = math.sqrt(ss / max(1, n))
+        std.append(rms if rms > 1e-12 else 1.0)  # one original, or a tensor that never moved: unscaled
+        start += size
+    return mean, torch.tensor(std).repeat_interleave(torch.tensor(layout.sizes))
+
+
+def products(a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rows=None, *,
+             rows_a=None, chunk: int = 1 << 22) -> tuple:
+    """Inner products of standardised vectors, (v - mean) / std: ((n, m) a_i . b_j, (n,) |a_i|^2, (m,) |b_j|^2),
+    float64, for a[rows_a] (n, D) and b[rows] (m, D) raw parameters (all rows when None). A block of columns at a
+    time: no standardised copy of either is held whole (the originals of a large network are GBs)."""
+    pick = lambda v, c, r: v[:, c] if r is None else v[:, c][r]
+    n, m = (len(v) if r is None else len(r) for v, r in ((a, rows_a), (b, rows)))
+    ab = torch.zeros(n, m, dtype=torch.float64)
+    aa, bb = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+    step = max(1, chunk // max(1, n + m))
+    for i in range(0, a.shape[1], step):
+        c = slice(i, i + step)
+        sa, sb = (((pick(v, c, r) - mean[c]) / std[c]).double() for v, r in ((a, rows_a), (b, rows)))
+        ab += sa @ sb.T
+        aa += sa.pow(2).sum(1)
+        bb += sb.pow(2).sum(1)
+    return ab, aa, bb
+
+
+def combine(w: torch.Tensor, x: torch.Tensor, rows: list, mean: torch.Tensor, *, chunk: int = 1 << 22) -> torch.Tensor:
+    """(n, K) weights -> (n, D) parameter sets mean + w (x[rows] - mean): affine combinations of the training
+    originals (what a decoder in their span produces), a block of columns at a time."""
+    out = torch.empty(len(w), x.shape[1])
+    step = max(1, chunk // max(1, len(rows) + len(w)))
+    for i in range(0, x.shape[1], step):
+        c = slice(i, i + step)
+        out[:, c] = mean[c] + (w.double() @ (x[:, c][rows] - mean[c]).double()).float()
+    return out
 
 
 def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -678,10 +717,12 @@ def permute(p: dict, pairs: list, perms: list) -> dict:
 def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes: int = 100) -> list:
     """Weight matching (Ainsworth et al. 2022, "Git Re-Basin"): per hidden layer, the permutation of `other`'s
     units that maximises the inner product of its weights with `ref`'s, given the neighbouring layers'
-    permutations; layers in random order, passes until one changes nothing."""
+    permutations; layers in random order, passes until one changes nothing. It starts from `other`'s units sorted
+    by the norm of their incoming weights, which no permutation changes, so a network and any shuffle of it end
+    at the same matched network."""
     from scipy.optimize import linear_sum_assignment
 
-    perms = [torch.arange(len(ref[b])) for _, b in pairs[:-1]]
+    perms = [torch.argsort(other[w].flatten(1).square().sum(1) + other[b].square()) for w, b in pairs[:-1]]
     for _ in range(passes):
         changed = False
         for l in torch.randperm(len(perms), generator=g).tolist():
@@ -700,18 +741,19 @@ def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes:
 
 def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
     """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,)."""
-    pairs, g, r = layer_pairs(layout), rng(seed, "align"), layout.unflatten(ref)
-    out = [permute(layout.unflatten(v), pairs, match_units(r, layout.unflatten(v), pairs, g)) for v in sets]
+    pairs, r = layer_pairs(layout), layout.unflatten(ref)
+    out = [permute(layout.unflatten(v), pairs, match_units(r, layout.unflatten(v), pairs, rng(seed, "align")))
+           for v in sets]
     return torch.stack([layout.pack(p) for p in out]) if out else sets
 
 
 def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> torch.Tensor:
     """(K, D) -> (K, D): every network permuted to match the first. Rows come in groups of `per` (one network's
     snapshots) that share the permutation found for the group's last row."""
-    pairs, g, out = layer_pairs(layout), rng(seed, "align"), vectors.clone()
+    pairs, out = layer_pairs(layout), vectors.clone()
     ref = layout.unflatten(vectors[per - 1])
-    for i in range(per, len(vectors), per):
-        perms = match_units(ref, layout.unflatten(vectors[i + per - 1]), pairs, g)
+    for i in range(per, len(vectors), per):  # each with the same generator: align_to's result, whatever the order
+        perms = match_units(ref, layout.unflatten(vectors[i + per - 1]), pairs, rng(seed, "align"))
         for j in range(i, i + per):
             q = permute(layout.unflatten(vectors[j]), pairs, perms)
             out[j] = layout.pack(q)
@@ -723,40 +765,51 @@ def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> tor
 
 
 class AE(nn.Module):
-    """Parameter vector (D,) <-> latent (latent,). The encoder projects onto the snapshots' first `latent`
-    principal directions, whitened; both are fixed (only its offset, the decoder's bias, trains). Every code
-    coordinate spreads about 1, so the latent noise is a share of that (a trained encoder inflates its codes
-    until any fixed noise is negligible). The decoder maps back along the same directions and adds a residual
-    MLP whose last layer starts at zero: it starts as exactly PCA and learns what a linear map misses. Measured
-    on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D conv AE, decodes them at
-    81.8 % median, PCA-64 at 89.4; a free MLP AE copies them (96.9) but decodes poorly off the training codes
-    (samples 78-85); this one decodes at 89.1 and its samples reach 88.4."""
+    """pdiff's autoencoder, working in the coordinates of the training originals' span. The standardised training
+    originals x_i (K, D) around their mean span r <= K - 1 directions; with G = X X^T = U diag(lam) U^T (their
+    (K, K) Gram matrix) the rows of lam^-1/2 U^T X are an orthonormal basis of that span, and a vector's
+    coordinates a = g U lam^-1/2 come from its inner products g with the originals. So every training target, the
+    latent and the decoder live in K-dimensional coordinates, and D enters fit only through the one pass that
+    makes G (products) and sample only through combine(): fit's cost per step does not grow with D.
+    Encoder: the first `latent` coordinates (the principal directions), whitened, fixed; only an offset trains.
+    Decoder: those coordinates back, plus a residual MLP whose last layer starts at zero, so it starts as exactly
+    PCA and learns what a linear map misses. Everything it outputs lies in the span (a generated network is an
+    affine combination of training originals); what that costs where held-out networks lie off it is measured
+    in the README. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D
+    conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, this one at 89.1."""
 
-    def __init__(self, D: int, *, latent: int = 16, width: int = 256):
+    def __init__(self, K: int, *, latent: int = 16, width: int = 256):
         super().__init__()
-        width = min(width, max(1, 2**26 // D))  # the last layer's weights stay under 64M floats for large D
-        act = nn.LeakyReLU(0.2)
-        self.register_buffer("axes", torch.zeros(latent, D))  # (latent, D) principal directions, fixed
-        self.register_buffer("scale", torch.ones(latent))  # the spread of the snapshots along each
-        self.residual = nn.Sequential(nn.Linear(latent, width), act, nn.Linear(width, width), act, nn.Linear(width, D))
+        act, r = nn.LeakyReLU(0.2), max(K, latent)  # coordinates: K (zero past the rank), at least the latent's
+        self.register_buffer("coords", torch.zeros(K, r))  # inner products with the originals -> coordinates
+        self.register_buffer("scale", torch.ones(latent))  # the originals' spread along each principal direction
+        self.residual = nn.Sequential(nn.Linear(latent, width), act, nn.Linear(width, width), act, nn.Linear(width, r))
         nn.init.zeros_(self.residual[-1].weight)
         nn.init.zeros_(self.residual[-1].bias)
-        self.bias = nn.Parameter(torch.zeros(D))
+        self.offset = nn.Parameter(torch.zeros(r))
 
     @torch.no_grad()
-    def set_axes(self, x: torch.Tensor):  # x (K, D) the standardised snapshots
-        k = min(len(self.scale), len(x))
-        axes = principal_axes(x, k)  # (k, D)
-        coef = (x - x.mean(0)) @ axes.T  # (K, k)
-        self.axes.zero_()[:k] = axes
-        self.scale.fill_(1.0)[:k] = coef.std(0).nan_to_num(0).clamp_min(1e-8) if len(x) > 1 else 1.0
-        self.bias.copy_(x.mean(0))
+    def set_span(self, gram: torch.Tensor) -> torch.Tensor:
+        """From the training originals' (K, K) standardised Gram matrix (centred): the coordinate map and the
+        latent's scale. -> the originals' own coordinates a (K, K), directions by decreasing spread, zero past
+        the rank."""
+        lam, U = torch.linalg.eigh(gram.double())
+        lam, U = lam.flip(0), U.flip(1)
+        keep = lam > 1e-9 * lam.max().clamp_min(1e-300)
+        self.coords.zero_()[:, :len(lam)] = (U / lam.clamp_min(1e-300).sqrt() * keep).float()
+        a = (gram.double() @ self.coords.double()).float()  # = U lam^1/2: the originals' coordinates
+        k = len(self.scale)
+        self.scale.copy_(a[:, :k].std(0).nan_to_num(0).clamp_min(1e-8) if len(a) > 1 else torch.ones(k))
+        return a
 
-    def encode(self, x):  # (B, D) -> (B, latent)
-        return (x - self.bias) @ self.axes.T / self.scale
+    def encode(self, a):  # (B, r) span coordinates -> (B, latent)
+        return (a - self.offset)[:, :len(self.scale)] / self.scale
 
-    def decode(self, z):  # (B, latent) -> (B, D)
-        return self.bias + (z * self.scale) @ self.axes + self.residual(z)
+    def decode(self, z):  # (B, latent) -> (B, r) span coordinates
+        return self.offset + F.pad(z * self.scale, (0, len(self.offset) - z.shape[1])) + self.residual(z)
+
+    def weights(self, a):  # (B, r) span coordinates -> (B, K) weights of the originals' deviations: combine()
+        return a @ self.coords.T
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1014,40 +1067,26 @@ def held_out_rows(collection: dict, K: int, holdout: float) -> list[int]:
     return [(1 + int((j + 0.5) * (units - 1) / n)) * per + i for j in range(n) for i in range(per)]
 
 
-def products(a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *,
-             chunk: int = 1 << 22) -> tuple:
-    """Inner products of standardised vectors, (v - mean) / std: ((n, m) a_i . b_j, (n,) |a_i|^2, (m,) |b_j|^2),
-    float64, for a (n, D) and b (m, D) raw parameters. A block of columns at a time: no standardised copy of
-    either is held whole (the originals of a large network are GBs)."""
-    ab = torch.zeros(len(a), len(b), dtype=torch.float64)
-    aa, bb = torch.zeros(len(a), dtype=torch.float64), torch.zeros(len(b), dtype=torch.float64)
-    step = max(1, chunk // max(1, len(a) + len(b)))
-    for i in range(0, a.shape[1], step):
-        sa, sb = (((v[:, i:i + step] - mean[i:i + step]) / std[i:i + step]).double() for v in (a, b))
-        ab += sa @ sb.T
-        aa += sa.pow(2).sum(1)
-        bb += sb.pow(2).sum(1)
-    return ab, aa, bb
-
-
 @dataclass
 class Ruler:
     """What every group is measured against: the training originals in the standardised space the model sees,
     centred at their mean (so a vector's length is its distance to that mean), and their masks."""
-    train: torch.Tensor  # (K_t, D) the training originals, raw
-    correct: torch.Tensor  # (K_t, N) their masks
+    originals: torch.Tensor  # (K, D) raw; the training originals are its rows `rows` (all when None)
+    correct: torch.Tensor  # (K_t, N) the training originals' masks
     mean: torch.Tensor  # (D,) the standardisation: the training originals' mean ...
     std: torch.Tensor  # (D,) ... and spread (tensor_stats)
+    rows: Optional[list] = None
     gram: torch.Tensor = None  # (K_t, K_t) their standardised inner products
 
     def __post_init__(self):
-        self.gram = products(self.train, self.train, self.mean, self.std)[0]
+        self.rows = list(range(len(self.originals))) if self.rows is None else self.rows
+        self.gram = products(self.originals, self.originals, self.mean, self.std, self.rows, rows_a=self.rows)[0]
 
     def measure(self, sets: torch.Tensor, correct: torch.Tensor) -> dict:
         """Per model of a group (sets (n, D) raw and finite, correct (n, N)): accuracy; the distance to the nearest
         training original, also relative (nearest_ratio); the distance to their mean; the max IoU of wrong
         predictions with a training original; the share of its deviation from the mean outside their span."""
-        ab, aa, _ = products(sets, self.train, self.mean, self.std)
+        ab, aa, _ = products(sets, self.originals, self.mean, self.std, self.rows)
         inside = (ab @ torch.linalg.pinv(self.gram, rtol=1e-9, hermitian=True) * ab).sum(1)  # they sum to 0: rank K-1
         return {**distances(ab, aa, self.gram.diagonal()), "accuracy": accuracy(correct).double(), "to_mean": aa.sqrt(),
                 "max_iou": wrong_iou(correct, self.correct).max(1).values.double(),
@@ -1407,15 +1446,20 @@ def ema(decay: float):
     return update
 
 
+SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a large network's sets come in chunks
+
+
 class Model(nn.Module):
     """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
-    standardisation of parameters (mean, std: (D,), from tensor_stats) and of latents (z_mean, z_std), and the
-    box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file."""
+    standardisation of parameters (mean, std: (D,), tensor_stats of the training originals) and of latents
+    (z_mean, z_std), and the box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model
+    file. The autoencoder works in the span of the training originals, so the model reads and writes parameter
+    vectors through them: bind() hands it the collection and the training rows (fit and open_run do)."""
 
-    def __init__(self, cfg: FitConfig, D: int):
+    def __init__(self, cfg: FitConfig, D: int, K: int):
         super().__init__()
         torch.manual_seed(cfg.seed)
-        self.ae = AE(D, latent=cfg.latent, width=cfg.ae_width)
+        self.ae = AE(K, latent=cfg.latent, width=cfg.ae_width)
         self.denoiser = Denoiser(cfg.latent, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
         self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(cfg.latent),
@@ -1424,57 +1468,51 @@ class Model(nn.Module):
         for name, v in stats.items():
             self.register_buffer(name, v)
 
-    def standardise(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the AE's space, on CPU
-        return (sets.cpu() - self.mean.cpu()) / self.std.cpu()
+    def bind(self, originals: torch.Tensor, rows: list):
+        self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
 
-    def unstandardise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.cpu() * self.std.cpu() + self.mean.cpu()
+    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, K) span coordinates
+        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
+        return (g @ self.ae.coords.cpu().double()).float().to(self.mean.device)
 
-    def rel_error(self, sets: torch.Tensor, decoded: torch.Tensor) -> Optional[float]:
-        """Median over sets of |decoded - x| / |x - mean| in the standardised space: 0 is a perfect round
-        trip, 1 is no better than outputting the snapshots' mean."""
-        x, xr = self.standardise(sets), self.standardise(decoded)
-        moved = x.norm(dim=1) > 1e-9  # a single snapshot is its own mean: no ratio to take
-        if not moved.any():
-            return None
-        return round((xr - x)[moved].norm(dim=1).div(x[moved].norm(dim=1)).median().item(), 4)
-
-    @torch.no_grad()
-    def roundtrip(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D) through encoder and decoder
-        x = self.standardise(sets).to(self.mean.device)
-        return self.unstandardise(self.ae.decode(self.ae.encode(x)).float())
+    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # (n, K) span coordinates -> (n, D) parameters
+        return combine(self.ae.weights(a).cpu(), self.originals, self.rows, self.mean.cpu())
 
     @torch.no_grad()
     def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
-                 trace=None) -> torch.Tensor:
+                 trace=None) -> torch.Tensor:  # -> (n, latent) standardised latents; decode() makes parameters
         self.eval()
-        zs = self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                   clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
-        return self.decode(zs)  # (n, D)
+        return self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
+                                     clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
 
     @torch.no_grad()
     def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
-        return ((self.ae.encode(self.standardise(sets).to(self.mean.device)) - self.z_mean) / self.z_std).float().cpu()
+        return ((self.ae.encode(self.coordinates(sets)) - self.z_mean) / self.z_std).float().cpu()
 
     @torch.no_grad()
     def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
-        return self.unstandardise(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float())
+        return self.parameters_of(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean))
+
+    @torch.no_grad()
+    def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # (n, K) span coordinates through encoder and decoder
+        return self.ae.decode(self.ae.encode(a.to(self.mean.device)))
 
 
-def fit_autoencoder(cfg: FitConfig, ae: AE, x: torch.Tensor, loop: "Loop"):
-    """The autoencoder on standardised snapshots x (K, D): p-diff's noise augmentation on the input and on
-    the latent, MSE on the parameters, AdamW with a cosine schedule."""
+def fit_autoencoder(cfg: FitConfig, ae: AE, a: torch.Tensor, D: int, loop: "Loop"):
+    """The autoencoder on the training originals' span coordinates a (K, K): p-diff's noise augmentation on the
+    input (its part along the encoder's directions: in coordinates, the same std) and on the latent, the
+    parameters' mean squared error (in coordinates: the squared error over D), AdamW with a cosine schedule."""
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
-    dev = x.device
+    dev = a.device
 
     def loss(step):
         g = rng(cfg.seed, "ae", step)
-        x0 = x[torch.randint(0, len(x), (cfg.ae_batch,), generator=g).to(dev)]  # (B, D)
+        a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K)
         with autocast(dev):
-            z = ae.encode(x0 + cfg.input_noise * randn(x0.shape, g, dev))
+            z = ae.encode(a0 + cfg.input_noise * randn(a0.shape, g, dev))
             z = z + cfg.latent_noise * randn(z.shape, g, dev)
-            return F.mse_loss(ae.decode(z).float(), x0)
+            return (ae.decode(z).float() - a0).pow(2).sum(1).mean() / D
 
     ae.train()
     loop.run("autoencoder", cfg.ae_steps, loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
@@ -1500,30 +1538,39 @@ def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: 
     return avg.module.eval()
 
 
-def pca_roundtrip(model: Model, sets: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, D) -> (n, D): each standardised set projected onto the sets' first k principal directions, back."""
-    x = model.standardise(sets)
-    mean = x.mean(0)
-    axes = principal_axes(x, min(k, len(x)))  # (k, D)
-    return model.unstandardise(mean + (x - mean) @ axes.T @ axes)
-
-
-def fit(cfg: FitConfig, snaps: torch.Tensor, layout: Layout, *, device, loop: Optional["Loop"] = None) -> Model:
-    """Standardise the snapshots (K, D), fit the autoencoder, then the DDPM on its standardised latents."""
+def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device,
+        loop: Optional["Loop"] = None) -> tuple:
+    """Standardise the training originals (rows of originals (K_all, D)), take their span coordinates (the one
+    pass over D: their Gram matrix), fit the autoencoder in them, then the DDPM on its standardised latents.
+    -> (model, the originals' span coordinates (K, K))."""
     loop = loop or Loop()
-    m = Model(cfg, layout.D).to(device)
-    m.mean, m.std = (s.to(device) for s in tensor_stats(layout, snaps))
-    x = m.standardise(snaps).to(device)  # (K, D)
-    m.ae.set_axes(x)
-    fit_autoencoder(cfg, m.ae, x, loop)
+    m = Model(cfg, layout.D, len(rows)).to(device)
+    mean, std = tensor_stats(layout, originals, rows)
+    m.mean, m.std = mean.to(device), std.to(device)
+    m.bind(originals, rows)
+    a = m.ae.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(device)  # (K, K)
+    fit_autoencoder(cfg, m.ae, a, layout.D, loop)
     with torch.no_grad():
-        z = m.ae.encode(x).float()  # (K, latent)
+        z = m.ae.encode(a).float()  # (K, latent)
     m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
     zs = (z - m.z_mean) / m.z_std
     lo, hi = zs.min(0).values, zs.max(0).values
     m.z_lo, m.z_hi = lo - cfg.clip * (hi - lo), hi + cfg.clip * (hi - lo)
     m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop)
-    return m
+    return m, a
+
+
+def rel_error(a: torch.Tensor, a_hat: torch.Tensor) -> Optional[float]:
+    """Median over sets of |decoded - x| / |x - mean| in the standardised space (for sets in the span: the same
+    in coordinates): 0 is a perfect round trip, 1 is no better than outputting the originals' mean."""
+    moved = a.norm(dim=1) > 1e-9  # a single original is its own mean: no ratio to take
+    return round((a_hat - a)[moved].norm(dim=1).div(a[moved].norm(dim=1)).median().item(), 4) if moved.any() else None
+
+
+def in_chunks(D: int, n: int):
+    """Slices of n parameter sets of D floats each, SET_MEMORY bytes at a time."""
+    step = max(1, SET_MEMORY // (4 * D))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1549,33 +1596,48 @@ def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout
     return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
 
 
-BASELINE_KINDS = ("average", "gaussian", "ensemble")
+@dataclass
+class Group:
+    """A group of n parameter sets that sample judges, made a chunk at a time (a large network's sets do not all
+    fit in memory): make(s) -> the sets at the indices of slice s, (len, D), raw."""
+    n: int
+    make: Callable[[slice], torch.Tensor]
 
 
-def baselines(x: torch.Tensor, n: int, cfg: SampleConfig, spread: torch.Tensor, layout: Layout) -> dict:
+def drawn(key: tuple, s: slice, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
+    return torch.stack([torch.randn(D, generator=rng(*key, i)) for i in range(s.start, s.stop)])
+
+
+def baselines(ruler: Ruler, n: int, cfg: SampleConfig, layout: Layout) -> dict:
     """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
-    originals x (K, D) only: an original plus noise (one group per level), the mean of m random originals, a
+    originals only: an original plus noise (one group per level), the mean of m random originals, a
     per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
-    K, D = x.shape
-    out = {}
+    x, rows, D = ruler.originals, ruler.rows, ruler.originals.shape[1]
+    K, out = len(rows), {}
     for s in noise_levels(cfg):
-        g = rng(cfg.seed, "noise", s)
-        picked = x[torch.randint(0, K, (n,), generator=g)]
-        out[f"noise-{s:g}"] = picked + s * noise_unit(picked, cfg.noise_units, spread, layout) * torch.randn(
-            n, D, generator=g)
-    g = rng(cfg.seed, "average")
-    picks = torch.rand(n, K, generator=g).argsort(1)[:, :min(cfg.average_m, K)]  # distinct originals per model
-    sd = x.std(0) if K > 1 else torch.zeros(D)
-    return out | {"average": torch.stack([x[p].mean(0) for p in picks]),
-                  "gaussian": x.mean(0) + sd * torch.randn(n, D, generator=rng(cfg.seed, "gaussian")),
-                  "ensemble": x.mean(0, keepdim=True)}
+        picks = [rows[i] for i in torch.randint(0, K, (n,), generator=rng(cfg.seed, "noise", s)).tolist()]
+        out[f"noise-{s:g}"] = Group(n, lambda c, s=s, picks=picks: x[picks[c]] + s * noise_unit(
+            x[picks[c]], cfg.noise_units, ruler.std, layout) * drawn((cfg.seed, "noise", s), c, D))
+    picks = torch.rand(n, K, generator=rng(cfg.seed, "average")).argsort(1)[:, :min(cfg.average_m, K)]
+    sd = coordinate_std(x, rows)
+    return out | {"average": Group(n, lambda c: torch.stack([x[[rows[j] for j in p]].mean(0) for p in picks[c]])),
+                  "gaussian": Group(n, lambda c: ruler.mean + sd * drawn((cfg.seed, "gaussian"), c, D)),
+                  "ensemble": Group(1, lambda c: ruler.mean[None])}
+
+
+def coordinate_std(x: torch.Tensor, rows: list, *, chunk: int = 1 << 22) -> torch.Tensor:  # (D,) over x[rows]
+    if len(rows) < 2:
+        return torch.zeros(x.shape[1])
+    step = max(1, chunk // len(rows))
+    return torch.cat([x[:, i:i + step][rows].std(0) for i in range(0, x.shape[1], step)])
 
 
 @dataclass
 class Sampled:
     report: dict  # the JSON document's body (without run, device and totals the command adds)
     name: str  # the group under test: "generated", or "judged" (sample --judge)
-    sets: dict  # {group: (n, D) parameter sets}: the group under test and each baseline; failed sets (NaN) kept
+    sets: dict  # {group: (n, D) parameter sets}: the group under test; with keep=True also the held-out originals
+    # and the noise baselines (for the plot); failed sets (NaN) kept
     accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
     per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
     trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
@@ -1584,83 +1646,98 @@ class Sampled:
 TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
 
 
-def describe(sets: torch.Tensor, correct: torch.Tensor, ruler: Ruler, ref: Optional[tuple]) -> tuple:
-    """One group of models: (accuracies (n,) with NaN for failed sets, its report row with the label from the
-    test against ref = (the held-out originals' per-model numbers, their networks), per-model values)."""
-    ok = torch.isfinite(sets).all(1)
-    acc = accuracy(correct).masked_fill(~ok, float("nan"))
-    m = ruler.measure(sets[ok], correct[ok])
-    row = {**summary(acc), "failed": int((~ok).sum()), **novelty(m, correct[ok])}
-    if ref is not None and ok.any():
-        row |= judge(m, *ref)
-    return acc, row, per_model_values(m)
+def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -> tuple:
+    """Evaluate a group a chunk at a time -> (accuracies (n,) with NaN for failed sets, per-model numbers of the
+    finite ones (Ruler.measure), their masks, the sets if keep)."""
+    accs, ms, masks, kept = [], [], [], []
+    for s in in_chunks(ruler.originals.shape[1], group.n):
+        sets = group.make(s)
+        ok = torch.isfinite(sets).all(1)
+        correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, spread=True,
+                           path=path)
+        accs.append(accuracy(correct).masked_fill(~ok, float("nan")))
+        ms.append(ruler.measure(sets[ok], correct[ok]))
+        masks.append(correct[ok])
+        kept += [sets] if keep else []
+    m = {k: torch.cat([x[k] for x in ms]) for k in ms[0]}
+    return torch.cat(accs), m, torch.cat(masks), torch.cat(kept) if keep else None
+
+
+def describe(acc: torch.Tensor, m: dict, correct: torch.Tensor, ref: Optional[tuple]) -> dict:
+    """One group's report row: accuracy summary, failed sets, novelty numbers, and the label from the test against
+    ref = (the held-out originals' per-model numbers, their networks)."""
+    row = {**summary(acc), "failed": int(acc.isnan().sum()), **novelty(m, correct)}
+    return row | judge(m, *ref) if ref is not None and len(m["accuracy"]) else row
 
 
 per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
                               "nearest_distance": m["nearest"].tolist()}
 
 
-def held_out_group(ruler: Ruler, sets: torch.Tensor, correct: torch.Tensor, per: int) -> tuple:
+def held_out_group(run: Run, ruler: Ruler, per: int) -> tuple:
     """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
     them as on any group: one half of the held-out networks judged with the other half as the reference."""
-    m = ruler.measure(sets, correct)
-    units = len(sets) // per
+    held = run.held_out
+    m = [ruler.measure(run.snapshots[held[s]], run.correct[held[s]]) for s in in_chunks(run.layout.D, len(held))]
+    m = {k: torch.cat([x[k] for x in m]) for k in m[0]}
+    units = len(held) // per
     a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
-    b = [i for i in range(len(sets)) if i not in set(a)]
-    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, correct)}
+    b = [i for i in range(len(held)) if i not in set(a)]
+    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, run.correct[held])}
     if units >= 2:
         row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
     return m, row
 
 
 def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
-           trace: bool = False) -> Sampled:
+           trace: bool = False, keep: bool = False) -> Sampled:
     """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
-    decoded originals and the baselines in one pass, and judge every group against the held-out originals.
-    trace=True keeps the reverse trajectories of a few samples."""
-    t0, trajectory = time.perf_counter(), []
+    decoded originals and the baselines, and judge every group against the held-out originals. trace=True keeps
+    the reverse trajectories of a few samples; keep=True the sets the plot shows."""
+    t0, trajectory, name = time.perf_counter(), [], "judged" if judged is not None else "generated"
     ruler, held = run.ruler(), run.held_out
-    name = "judged" if judged is not None else "generated"
-    sets = judged if judged is not None else generate(cfg, run, prog, trajectory, trace)
-    groups = {name: sets} | ({"decoded": run.model.roundtrip(ruler.train)} if run.model is not None else {})
-    groups |= baselines(ruler.train, cfg.n, cfg, ruler.std, run.layout) if cfg.baselines else {}
-    t1 = time.perf_counter()
-    path = eval_path(run.net, run.prep, run.layout, run.data.x_test)
-    correct = evaluate(run.net, run.prep, run.layout, torch.cat(list(groups.values())), run.data.x_test,
-                       run.data.y_test, spread=True, path=path)  # one pass
-    t2 = time.perf_counter()
+    groups = {name: Group(len(judged), lambda s: judged[s]) if judged is not None else
+              generated(cfg, run, prog, trajectory, trace)}
+    if run.model is not None:  # the training originals through the autoencoder
+        a = run.model.roundtrip(run.model.coordinates(ruler.originals[ruler.rows]))
+        groups["decoded"] = Group(len(a), lambda s: run.model.parameters_of(a[s]))
+    groups |= baselines(ruler, cfg.n, cfg, run.layout) if cfg.baselines else {}
+    t1, path = time.perf_counter(), eval_path(run.net, run.prep, run.layout, run.data.x_test)
     per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
-    m_held, held_row = held_out_group(ruler, run.snapshots[held], run.correct[held], per) if held else (None, None)
-    ref = (m_held, len(held) // per) if held else None
-    accs, rows, per_model = {}, {}, {}
-    for (g, s), c in zip(groups.items(), correct.split([len(s) for s in groups.values()])):
-        accs[g], rows[g], per_model[g] = describe(s, c, ruler, ref)
+    m_held, held_row = held_out_group(run, ruler, per) if held else (None, None)
+    ref, rows, per_model, kept = (m_held, len(held) // per) if held else None, {}, {}, {}
+    for g, group in groups.items():
+        acc, m, correct, kept[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
+        rows[g], per_model[g] = describe(acc, m, correct, ref) | ({"accuracies": acc} if g == name else {}), \
+            per_model_values(m)
     m_train = ruler.measure_training()
     per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
+    accs = rows[name].pop("accuracies")
     report = {
         "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
         sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units, "evaluation": path,
         "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
         **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
-        name: {**rows.pop(name), "accuracies": [None if math.isnan(a) else rnd(a) for a in accs[name].tolist()]},
-        "baselines": rows,
-        "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)}}
+        name: {**rows.pop(name), "accuracies": [None if math.isnan(v) else rnd(v) for v in accs.tolist()]},
+        "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
+                                       "total": round(time.perf_counter() - t0, 3)}}
     report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
     per_model.pop("decoded", None)
-    kept = {name: sets, "held-out": run.snapshots[held]} | {k: v for k, v in groups.items() if k != "decoded"}
-    return Sampled(report, name, kept, accs[name], per_model, trajectory)
+    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[held]} if keep else {})
+    return Sampled(report, name, kept, accs, per_model, trajectory)
 
 
-def generate(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> torch.Tensor:
-    """cfg.n parameter sets (n, D) from run.model; under torchrun every process uses rank 0's."""
+def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> Group:
+    """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time. Under torchrun
+    every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    gen = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
-                         tick=ticker(prog, f"{cfg.sampler} sampling", total),
-                         trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
+    zs = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
+                        tick=ticker(prog, f"{cfg.sampler} sampling", total),
+                        trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
     if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
-        gen = gather(gen, [len(gen)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
-    return gen
+        zs = gather(zs.cpu(), [len(zs)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
+    return Group(len(zs), lambda s: model.decode(zs[s]))
 
 
 def read_judged(path: Path, run: Run) -> torch.Tensor:
@@ -1764,15 +1841,14 @@ def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on th
 
 
 def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
-    x_o = model.standardise(originals)
-    m_o, pc = x_o.mean(0), principal_axes(x_o, 1)[0]
-    proj = (x_o - m_o) @ pc
-    d.axhspan(proj.min().item(), proj.max().item(), color="grey", alpha=0.15, label="originals: range")
-    d.axhspan((proj.mean() - proj.std()).item(), (proj.mean() + proj.std()).item(), color="grey", alpha=0.3,
+    a_o = model.coordinates(originals)[:, 0]  # the first span coordinate: the originals' first principal direction
+    d.axhspan(a_o.min().item(), a_o.max().item(), color="grey", alpha=0.15, label="originals: range")
+    d.axhspan((a_o.mean() - a_o.std()).item(), (a_o.mean() + a_o.std()).item(), color="grey", alpha=0.3,
               label="originals: mean ± std")
     if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
         idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
-        pts = torch.stack([(model.standardise(model.decode(s.trajectory[i][1])) - m_o) @ pc for i in idx])
+        decode = lambda zs: model.ae.decode(zs.to(model.mean.device) * model.z_std + model.z_mean)[:, 0].detach().cpu()
+        pts = torch.stack([decode(s.trajectory[i][1]) for i in idx])
         lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
         lines[0].set_label(f"{len(lines)} generated samples, a line each")
         d.invert_xaxis()
@@ -1858,7 +1934,7 @@ def save_artifact(path: Path, kind: str, tensors: dict, meta: dict) -> str:
     """Write the artifact atomically (atomic_write). Returns its id (on every process)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: json.dumps(v) for k, v in meta.items()}
-    meta.update(format=f"pdiff.{kind}", version=VERSION, id=content_id(tensors, meta))
+    meta.update(format=f"pdiff.{kind}", version=VERSIONS.get(kind, VERSION), id=content_id(tensors, meta))
     if rank() == 0:  # under torchrun rank 0 alone writes
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return meta["id"]
@@ -1890,9 +1966,10 @@ def load_artifact(path: Path, kind: str, hint: str = "") -> tuple[dict, dict]:
             raw = f.metadata() or {}
             if raw.get("format") != f"pdiff.{kind}":
                 raise PdiffError(f"{path} is not a pdiff {kind} file (its format is '{raw.get('format')}')")
-            if raw.get("version") != VERSION:
-                raise PdiffError(f"{path} is version {raw.get('version')} of the {kind} format; "
-                                 f"this pdiff reads {VERSION}")
+            if raw.get("version") != VERSIONS.get(kind, VERSION):
+                raise PdiffError(f"{path} is version {raw.get('version')} of the {kind} format; this pdiff reads "
+                                 f"{VERSIONS.get(kind, VERSION)}" + (" (run `pdiff fit --force` again)" if kind == "model"
+                                                                     else ""))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         body = {k: v for k, v in raw.items() if k not in ("format", "version", "id")}
         if content_id(tensors, body) != raw.get("id"):
@@ -1957,8 +2034,8 @@ class Run:
         """The training originals, standardised as the model sees them (computed alike without a model)."""
         train = self.training
         mean, std = (self.model.mean.cpu(), self.model.std.cpu()) if self.model is not None else \
-            tensor_stats(self.layout, self.snapshots[train])
-        return Ruler(self.snapshots[train], self.correct[train], mean, std)
+            tensor_stats(self.layout, self.snapshots, train)
+        return Ruler(self.snapshots, self.correct[train], mean, std, train)
 
 
 def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir: Optional[str] = None) -> Run:
@@ -1988,17 +2065,17 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         t, meta = load_artifact(model_path, "model", f" (fit did not finish: `pdiff fit --resume --run {path}{named}`)"
                                 if ck.is_file() else f" (run `pdiff fit --run {path}{named}` first)")
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
-        try:
-            run.fit_config = FitConfig(**meta["config"])
-            run.model = Model(run.fit_config, layout.D)
-            run.model.load_state_dict(t)
-            run.model.to(device)
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise PdiffError(f"{model_path} does not fit this run ({one_line(e)})") from None
         if "held_out" not in meta:
             raise PdiffError(f"{model_path} was fitted by an older pdiff that held no originals out for the "
                              f"memorisation test: run `pdiff fit --force --run {path}{named}`")
-        run.ids["model"], run.held_out = meta["id"], meta["held_out"]
+        try:
+            run.fit_config, run.held_out = FitConfig(**meta["config"]), meta["held_out"]
+            run.model = Model(run.fit_config, layout.D, len(run.training))
+            run.model.load_state_dict(t)
+            run.model.to(device).bind(run.snapshots, run.training)
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise PdiffError(f"{model_path} does not fit this run ({one_line(e)})") from None
+        run.ids["model"] = meta["id"]
     return run
 
 
@@ -2420,14 +2497,11 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     if cfg.latent > r.layout.D:
         raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
     r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
-    x = r.snapshots[r.training]
     with progress() as prog:
         loop.prog = prog
-        model = fit(cfg, x, r.layout, device=dev, loop=loop)
-    decoded, pca = model.roundtrip(x), pca_roundtrip(model, x, cfg.latent)
-    correct = evaluate(r.net, r.prep, r.layout, torch.cat([decoded, pca]), r.data.x_test, r.data.y_test).split(
-        len(decoded))
-    rt, rt_pca = ({**summary(accuracy(c)), "rel_error": model.rel_error(x, s)} for c, s in zip(correct, (decoded, pca)))
+        model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop)
+    rt, rt_pca = (round_trip(r, model, a, a_hat) for a_hat in (model.roundtrip(a), F.pad(a[:, :cfg.latent], (
+        0, a.shape[1] - cfg.latent))))  # through the autoencoder; PCA: the first `latent` coordinates
     loop.stop_point()
     orig = summary(accuracy(r.correct[r.training]))
     report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
@@ -2436,7 +2510,7 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
                                                      "parents": parents, "held_out": r.held_out, "report": report})
     loop.finish()
-    err.print(table(f"fit: round trip of {len(x)} training snapshots of {r.layout.D:,} parameters ("
+    err.print(table(f"fit: round trip of {len(r.training)} training snapshots of {r.layout.D:,} parameters ("
                     f"{len(r.held_out)} held out)", {
         "original": orig, "decoded": rt, f"PCA-{cfg.latent}": rt_pca}, {"rel. error": lambda s: s.get("rel_error")}))
     err.print(f"decoded: through the autoencoder; PCA-{cfg.latent}: projected on the snapshots' first {cfg.latent} "
@@ -2444,6 +2518,13 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
               "mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
+
+
+def round_trip(r: Run, model: Model, a: torch.Tensor, a_hat: torch.Tensor) -> dict:
+    """fit's report of the training originals' span coordinates a decoded from a_hat: accuracy and rel_error."""
+    correct = torch.cat([evaluate(r.net, r.prep, r.layout, model.parameters_of(a_hat[c]), r.data.x_test,
+                                  r.data.y_test) for c in in_chunks(r.layout.D, len(a))])
+    return {**summary(accuracy(correct)), "rel_error": rel_error(a.cpu(), a_hat.cpu())}
 
 
 FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]
@@ -2477,7 +2558,7 @@ def sample_cmd(cfg: SampleConfig,
     r = open_run(run, dev, model=model if fitted else None, data_dir=data_dir)
     judged = read_judged(judge_file, r) if judge_file is not None else None
     with progress() as prog:
-        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None)
+        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None, keep=plot_file is not None)
     if save:
         save_artifact(save, "samples", {"samples": s.sets[s.name], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})

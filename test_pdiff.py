@@ -178,21 +178,28 @@ def test_augment_is_a_random_crop_and_flip():
 
 def test_baselines_are_made_from_the_training_originals():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 6, generator=g)
+    x = torch.randn(26, 6, generator=g)  # rows 20-25 held out: no baseline may use them
+    x[20:] += 100
+    rows = list(range(20))
     layout = pdiff.Layout(["w"], [(6,)])
-    cfg = pdiff.SampleConfig(n=500, noise_std="0.5", average_m=20)
-    b = pdiff.baselines(x, 500, cfg, torch.ones(6), layout)
-    torch.testing.assert_close(b["average"], x.mean(0).expand(500, 6))  # m = K: every average is the mean
-    torch.testing.assert_close(b["ensemble"], x.mean(0, keepdim=True))
-    assert (b["gaussian"].mean(0) - x.mean(0)).abs().max() < 0.2 and (b["gaussian"].std(0) / x.std(0) - 1).abs().max() < 0.12
-    one = pdiff.baselines(x, 50, pdiff.SampleConfig(n=50, average_m=1), torch.ones(6), layout)["average"]
-    assert all(any(torch.equal(row, o) for o in x) for row in one)  # m = 1: each is one training original
-    two = pdiff.baselines(x, 50, pdiff.SampleConfig(n=50, average_m=2), torch.ones(6), layout)["average"]
-    pairs = [(i, j) for i in range(20) for j in range(20) if i != j]
+    ruler = pdiff.Ruler(x, torch.ones(20, 3, dtype=torch.bool), x[rows].mean(0), torch.ones(6), rows)
+    make = lambda cfg: {k: grp.make(slice(0, grp.n)) for k, grp in pdiff.baselines(ruler, cfg.n, cfg, layout).items()}
+    b = make(pdiff.SampleConfig(n=500, noise_std="0.5", average_m=20))
+    torch.testing.assert_close(b["average"], x[rows].mean(0).expand(500, 6))  # m = K: every average is the mean
+    torch.testing.assert_close(b["ensemble"], x[rows].mean(0, keepdim=True))
+    assert (b["gaussian"].mean(0) - x[rows].mean(0)).abs().max() < 0.2
+    assert (b["gaussian"].std(0) / x[rows].std(0) - 1).abs().max() < 0.12
+    one = make(pdiff.SampleConfig(n=50, average_m=1))["average"]
+    assert all(any(torch.equal(row, o) for o in x[rows]) for row in one)  # m = 1: each is one training original
+    two = make(pdiff.SampleConfig(n=50, average_m=2))["average"]
+    pairs = [(i, j) for i in rows for j in rows if i != j]
     assert all(any(torch.allclose(row, (x[i] + x[j]) / 2) for i, j in pairs) for row in two[:5])  # two distinct
-    noise = b["noise-0.5"]  # an original plus 0.5 of its values' std (the reference code's unit)
-    resid = torch.stack([(row - x).norm(dim=1).min() for row in noise[:50]])
-    assert resid.median() == pytest.approx(0.5 * x.std(1).mean() * 6 ** 0.5, rel=0.3)
+    noise = b["noise-0.5"]  # a training original plus 0.5 of its values' std (the reference code's unit)
+    resid = torch.stack([(row - x[rows]).norm(dim=1).min() for row in noise[:50]])
+    assert resid.median() == pytest.approx(0.5 * x[rows].std(1).mean() * 6 ** 0.5, rel=0.3)
+    chunks = pdiff.baselines(ruler, 500, pdiff.SampleConfig(n=500, noise_std="0.5"), layout)
+    for k in ("noise-0.5", "gaussian"):  # made a chunk at a time: the same sets
+        torch.testing.assert_close(torch.cat([chunks[k].make(slice(0, 7)), chunks[k].make(slice(7, 500))]), b[k])
 
 
 def test_pairwise_iou_of_a_group():
@@ -411,8 +418,8 @@ def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
     # an original as the noise baseline does. The generated sets must be neither.
     rep, out = sampled
     run = pdiff.open_run(digits_run, model="default")
-    z_o = run.model.standardise(run.snapshots[run.training])
-    z_g = run.model.standardise(read(out / "gen.safetensors")["samples"])
+    z_o = run.model.coordinates(run.snapshots[run.training])  # orthonormal coordinates of the span: distances kept
+    z_g = run.model.coordinates(read(out / "gen.safetensors")["samples"])
     spread = lambda z: (z - z.mean(0)).norm(dim=1).median().item()  # median distance to the group's own mean
     assert spread(z_g) > 0.25 * spread(z_o), (spread(z_g), spread(z_o))
     d_gen = rep["generated"]["nearest_distance"]["median"]
@@ -441,7 +448,7 @@ def test_sample_json_keys_and_plot(sampled):
 def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     import matplotlib.pyplot as plt
     run = pdiff.open_run(digits_run, model="default")
-    s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", steps=10), run, trace=True)
+    s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", steps=10), run, trace=True, keep=True)
     fig = pdiff.figure(s, run.model, run.snapshots[run.training])
     a, b, c, d = fig.axes
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
@@ -1370,14 +1377,25 @@ def worker_rank(proc: Path):
     return env.get(b"RANK") if b"pdiff.py" in cmd and b"TORCHELASTIC_RUN_ID" in env else None
 
 
-def test_pca_directions_past_the_rank_are_zero_and_fit_starts_as_pca(tmp_path):
-    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))  # K = 5 < latent 16: rank 4
-    axes = pdiff.principal_axes(x, 16)
-    assert axes.shape == (16, 40) and torch.allclose(axes[:4] @ axes[:4].T, torch.eye(4), atol=1e-5)
-    assert not axes[4:].any()
-    ae = pdiff.AE(40, latent=16)
-    ae.set_axes(x)
-    torch.testing.assert_close(ae.decode(ae.encode(x)), x, atol=1e-4, rtol=0)  # K points, rank K-1: PCA is exact
+def test_the_autoencoder_works_in_the_span_of_the_training_originals(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 40, generator=g)  # 7 originals; rows 0-4 train: rank 4 < latent 16
+    rows, mean, std = [0, 1, 2, 3, 4], x[:5].mean(0), torch.rand(40, generator=g) + 0.5
+    cfg = pdiff.FitConfig(latent=16)
+    m = pdiff.Model(cfg, 40, 5)
+    m.mean, m.std = mean, std
+    m.bind(x, rows)
+    a = m.ae.set_span(pdiff.products(x, x, mean, std, rows, rows_a=rows)[0])
+    assert a.shape == (5, 16) and not a[:, 4:].any()  # coordinates past the rank are zero
+    torch.testing.assert_close(m.coordinates(x[rows]), a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(m.parameters_of(a), x[rows], atol=1e-4, rtol=0)  # back through combine()
+    torch.testing.assert_close(m.roundtrip(a), a, atol=1e-4, rtol=0)  # it starts as PCA: exact at this rank
+    v = x[5:]  # not training originals: their projection onto the training originals' affine span
+    X = (x[rows] - mean) / std
+    U, S, _ = torch.linalg.svd(X.double().T, full_matrices=False)
+    Q = U[:, S > 1e-5 * S.max()]
+    proj = mean + std * (((v - mean) / std).double() @ Q @ Q.T).float()
+    torch.testing.assert_close(m.parameters_of(m.coordinates(v)), proj, atol=1e-4, rtol=0)
     run = tmp_path / "r"
     assert cli("collect", "--run", run, "--epochs", 1, "-k", 5).exit_code == 0
     r = cli("fit", "--run", run, "--ae-steps", 1, "--ddpm-steps", 1, "--json")

@@ -35,7 +35,8 @@ def pd(*args):
 
 def groups(run: pdiff.Run, ruler: pdiff.Ruler, n: int, g: torch.Generator) -> dict:
     """Groups made from the training originals whose truth is known (raw parameter sets)."""
-    x, K = ruler.train, len(ruler.train)
+    x = ruler.originals[ruler.rows]
+    K = len(x)
     pick = lambda m: torch.stack([x[torch.randperm(K, generator=g)[:m]].mean(0) for _ in range(n)])
     noise = lambda s: x[torch.randint(0, K, (n,), generator=g)] + s * ruler.std * torch.randn(n, x.shape[1], generator=g)
     out = {"training originals": x[torch.randint(0, K, (n,), generator=g)], "+ noise 0.001": noise(0.001),
@@ -55,7 +56,7 @@ def calibrate(path: Path, n: int, halvings: int, seed: int) -> dict:
     m_held = ruler.measure(held, run.correct[run.held_out])
     g = pdiff.rng(seed, "calibrate")
     sets = groups(run, ruler, n, g)
-    sets["generated"] = run.model.generate(n, pdiff.rng(seed, "sample"), sampler="ddim", steps=50)
+    sets["generated"] = run.model.decode(run.model.generate(n, pdiff.rng(seed, "sample"), sampler="ddim", steps=50))
     correct = pdiff.evaluate(run.net, run.prep, run.layout, torch.cat(list(sets.values())), run.data.x_test,
                              run.data.y_test)
     labels = collections.defaultdict(list)

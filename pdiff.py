@@ -71,6 +71,7 @@ DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar1
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("sgd", "adamw")
+AUTOENCODERS, DENOISERS = ("pca", "pdiff"), ("mlp", "pdiff")  # pdiff's own first; "pdiff": p-diff's (v3 code)
 EVAL_MEMORY = 1 << 30  # bytes of activations one batched evaluation chunk may hold
 err = Console(stderr=True)
 
@@ -197,38 +198,62 @@ class CollectConfig:
 
 @dataclass
 class FitConfig:
-    latent: int = opt(16, "Latent size: the snapshots' principal directions the autoencoder encodes along.", min=1)
-    ae_width: int = opt(256, "Width of the decoder's residual MLP.", min=1)
-    ae_steps: int = opt(1500, "Autoencoder training steps.", min=1)
-    ae_lr: float = opt(1e-3, "Autoencoder learning rate (AdamW, cosine).", min=0)
+    autoencoder: typing.Literal[AUTOENCODERS] = opt("pca", "pca: pdiff's (the snapshots' principal directions, whitened, then a residual MLP "
+                                  "decoder, trained in their span: cost per step independent of the network's "
+                                  "size); pdiff: p-diff's own 1-D conv autoencoder, as the v3 reference code builds "
+                                  "and trains it (model/pdiff.py OneDimVAE; cost per step grows with the size).")
+    denoiser: typing.Literal[DENOISERS] = opt("mlp", "mlp: pdiff's (residual MLP on standardised latents, EMA, sampling clamped to the "
+                               "latents' range); pdiff: p-diff's own 1-D conv denoiser as the v3 code builds and "
+                               "trains it (model/denoiser.py OneDimCNN, no EMA, no clamp).")
+    ae_norm: typing.Literal[("batch", "running")] = opt("batch", "BatchNorm of --autoencoder pdiff once trained: batch, as the v3 code runs (it never "
+                                "leaves train mode: latents encoded in batches of 50, samples decoded one at a "
+                                "time, each with its own statistics); running: the running statistics (eval mode).")
+    latent: Optional[int] = opt(None, "Latent size [pca: 16, the principal directions encoded; pdiff: 128].", min=1)
+    ae_width: int = opt(256, "Width of the pca decoder's residual MLP.", min=1)
+    ae_steps: Optional[int] = opt(None, "Autoencoder training steps [pca: 1500; pdiff: 500].", min=1)
+    ae_lr: Optional[float] = opt(None, "Autoencoder learning rate, AdamW with a cosine schedule [pca: 1e-3, weight "
+                                       "decay 0.01; pdiff: 2e-5, no weight decay].", min=0)
     ae_batch: int = opt(50, "Autoencoder batch size.", min=1)
     input_noise: float = opt(0.001, "Noise std added to the standardised parameters in training (p-diff's "
                                     "augmentation).", min=0)
-    latent_noise: float = opt(1.0, "Noise std added to the latents in training, in units of their spread (the "
-                                   "codes are whitened).", min=0)
-    ddpm_width: int = opt(512, "Width of the denoiser (an MLP of residual blocks).", min=1)
-    ddpm_depth: int = opt(3, "Residual blocks of the denoiser.", min=1)
-    ddpm_steps: int = opt(3000, "Denoiser training steps.", min=1)
-    ddpm_lr: float = opt(1e-3, "Denoiser learning rate (AdamW, cosine).", min=0)
+    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training [pca: 1.0, in units of "
+                                              "their spread (the codes are whitened); pdiff: 0.1].", min=0)
+    ddpm_width: int = opt(512, "Width of the mlp denoiser.", min=1)
+    ddpm_depth: int = opt(3, "Residual blocks of the mlp denoiser.", min=1)
+    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps [mlp: 3000; pdiff: 1000].", min=1)
+    ddpm_lr: Optional[float] = opt(None, "Denoiser learning rate, AdamW with a cosine schedule [mlp: 1e-3; pdiff: "
+                                         "1e-4].", min=0)
     ddpm_batch: int = opt(50, "Denoiser batch size.", min=1)
-    ema_decay: float = opt(0.999, "EMA decay of the denoiser's weights, below 1 (bias-corrected, so it acts from "
-                                  "the first step).")
+    ema_decay: Optional[float] = opt(None, "EMA decay of the denoiser's weights, below 1 (bias-corrected, so it acts "
+                                           "from the first step) [mlp: 0.999; pdiff: 0, none].")
     timesteps: int = opt(1000, "Diffusion steps T.", min=2)
     beta_start: float = opt(1e-4, "First beta of the linear noise schedule (above 0).")
     beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
-    clip: float = opt(0.1, "Sampling clamps each predicted clean latent to the training latents' range, "
-                           "widened by this share of it on each side.", min=0)
+    clip: Optional[float] = opt(None, "Sampling clamps each predicted clean latent to the training latents' range, "
+                                      "widened by this share of it on each side [mlp: 0.1; pdiff: no clamp].", min=0)
     holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
                               "test: a share below 1, else a count; whole networks with --seeds; at least 5 when "
                               "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
+    # Defaults that depend on the generator chosen (as CollectConfig's: the fields keep what was asked).
+    paper_ae = property(lambda c: c.autoencoder == "pdiff")
+    paper_denoiser = property(lambda c: c.denoiser == "pdiff")
+    latent_size = property(lambda c: c.latent or (128 if c.paper_ae else 16))
+    ae_train_steps = property(lambda c: c.ae_steps or (500 if c.paper_ae else 1500))
+    ae_rate = property(lambda c: c.ae_lr if c.ae_lr is not None else 2e-5 if c.paper_ae else 1e-3)
+    latent_std = property(lambda c: c.latent_noise if c.latent_noise is not None else 0.1 if c.paper_ae else 1.0)
+    ddpm_train_steps = property(lambda c: c.ddpm_steps or (1000 if c.paper_denoiser else 3000))
+    ddpm_rate = property(lambda c: c.ddpm_lr if c.ddpm_lr is not None else 1e-4 if c.paper_denoiser else 1e-3)
+    decay = property(lambda c: c.ema_decay if c.ema_decay is not None else 0.0 if c.paper_denoiser else 0.999)
+    clip_share = property(lambda c: c.clip if c.clip is not None else None if c.paper_denoiser else 0.1)
+
     def __post_init__(self):  # the bounds an option's min/max cannot say
         if not 0 < self.beta_start < self.beta_end < 1:
             raise PdiffError(f"the noise schedule needs 0 < --beta-start < --beta-end < 1, not {self.beta_start}, "
                              f"{self.beta_end}", 2)
-        if not 0 <= self.ema_decay < 1:
+        if not 0 <= self.decay < 1:
             raise PdiffError(f"--ema-decay must be at least 0 and below 1, not {self.ema_decay}", 2)
 
 
@@ -812,6 +837,80 @@ class AE(nn.Module):
         return a @ self.coords.T
 
 
+def paper_stats(layout: Layout, x: torch.Tensor, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """v3's standardisation (dataset/__init__.py) as (mean, std), both (D,), of the training originals x[rows]: each
+    tensor shifted by the mean and scaled by the std of its own values, averaged over the originals. Unlike
+    tensor_stats (per coordinate) it keeps each tensor's shape, so the originals' differences are a small part of
+    each vector. Tensors of one element (v3 generates none) are centred and left unscaled."""
+    means, stds = [], []
+    for t, n in zip(x[rows].split(layout.sizes, dim=1), layout.sizes):  # t (K, n)
+        m, s = (t.mean(), torch.ones(())) if n == 1 else (t.mean(1).mean(), t.std(1).mean())
+        means.append(m.expand(n))
+        stds.append(torch.where(s > 1e-12, s, torch.ones_like(s)).expand(n))
+    return torch.cat(means), torch.cat(stds)
+
+
+def conv_level(c_in: int, c_out: int, act: nn.Module, transpose: bool = False, k: int = 7) -> nn.Sequential:
+    """One stride-2 level of ConvAE: the length halves (Conv1d) or doubles (ConvTranspose1d); BatchNorm; act."""
+    conv = nn.ConvTranspose1d(c_in, c_out, k, 2, k // 2, output_padding=1) if transpose else \
+        nn.Conv1d(c_in, c_out, k, 2, k // 2)
+    return nn.Sequential(conv, nn.BatchNorm1d(c_out), act)
+
+
+class ConvAE(nn.Module):
+    """p-diff's autoencoder as the v3 code builds it (model/pdiff.py OneDimVAE, channels and kernel from
+    workspace/main/cifar100_resnet18.py), on standardised vectors (B, D) <-> latents (B, latent). The vector,
+    zero-padded to a multiple of 64, goes through five stride-2 Conv1d levels (64/128/256/256/32 channels, kernel
+    7, BatchNorm, LeakyReLU), a Linear to the latent and fc_mu: the latent is mu (fc_var is left out: with v3's
+    kld_weight 0 and fixed noise std it gets no gradient). The decoder mirrors it (Linear, ConvTranspose1d levels
+    with BatchNorm and ELU, a Conv1d to one channel) and is cropped back to D. norm: what BatchNorm uses once
+    trained, "batch" (v3 as it runs: encoding in batches of 50, decoding one set at a time, each normalised by
+    its own statistics) or "running" (eval mode)."""
+
+    CHANNELS = (64, 128, 256, 256, 32)
+
+    def __init__(self, D: int, *, latent: int = 128, norm: str = "batch"):
+        super().__init__()
+        ch, self.D, self.norm = self.CHANNELS, D, norm
+        self.L = -(-D // 64) * 64  # v3 pads to a multiple of 64, which five halvings divide (64 / 2^5 = 2)
+        self.last = (ch[-1], self.L // 2 ** len(ch))  # (channels, length) at the bottleneck
+        self.encoder = nn.Sequential(*[conv_level(i, o, nn.LeakyReLU()) for i, o in zip((1,) + ch[:-1], ch)])
+        self.to_latent, self.fc_mu = nn.Linear(math.prod(self.last), latent), nn.Linear(latent, latent)
+        self.to_decode, rev = nn.Linear(latent, math.prod(self.last)), ch[::-1]
+        self.decoder = nn.Sequential(*[conv_level(i, o, nn.ELU(), True) for i, o in zip(rev, rev[1:] + rev[-1:])],
+                                     nn.Conv1d(rev[-1], 1, 7, 1, 3))
+
+    def encode_padded(self, xp):  # (B, L) -> (B, latent)
+        return self.fc_mu(self.to_latent(self.encoder(xp[:, None, :]).flatten(1)))
+
+    def decode_padded(self, z):  # (B, latent) -> (B, L)
+        return self.decoder(self.to_decode(z).view(-1, *self.last))[:, 0, :]
+
+    def pad(self, x):  # (B, D) -> (B, L), zeros past D
+        return F.pad(x, (0, self.L - x.shape[1]))
+
+    def chunked(self, f, x, size: int):
+        """f over x; with norm "batch" once trained, in chunks of `size` rows in train-mode BatchNorm (a row's result
+        depends on the rows beside it: the chunk is part of the definition), the running statistics left as
+        they were."""
+        if self.training or self.norm == "running":
+            return f(x)
+        saved = copy.deepcopy([m.state_dict() for m in self.modules() if isinstance(m, nn.BatchNorm1d)])
+        self.train()
+        try:
+            return torch.cat([f(c) for c in x.split(size)])
+        finally:
+            self.eval()
+            for m, sd in zip([m for m in self.modules() if isinstance(m, nn.BatchNorm1d)], saved):
+                m.load_state_dict(sd)
+
+    def encode(self, x):  # (B, D) standardised -> (B, latent)
+        return self.chunked(lambda c: self.encode_padded(self.pad(c)), x, 50)
+
+    def decode(self, z):  # (B, latent) -> (B, D) standardised
+        return self.chunked(lambda c: self.decode_padded(c)[:, :self.D], z, 1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # diffusion: DDPM (Ho et al. 2020) on standardised latents; DDIM (Song et al. 2021) for fast sampling
 
@@ -841,6 +940,34 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
+
+
+class ConvDenoiser(nn.Module):
+    """p-diff's denoiser as the v3 code builds it (model/denoiser.py OneDimCNN): the latent (B, latent) as a
+    one-channel sequence through stride-1 Conv1d layers (kernel 7) of 1-64-128-256-512-256-128-64-1 channels,
+    BatchNorm and ELU after each but the last; the outputs of the first three are added to the inputs of the last
+    three, innermost first; the timestep embedding (sinusoidal, 256 frequencies, Linear-SiLU-Linear to the latent
+    size) added to the input of every conv."""
+
+    CHANNELS = (1, 64, 128, 256, 512, 256, 128, 64, 1)
+
+    def __init__(self, latent: int = 128, *, freq: int = 256):
+        super().__init__()
+        self.freq, pairs = freq, list(zip(self.CHANNELS, self.CHANNELS[1:]))
+        self.temb = nn.Sequential(nn.Linear(freq, latent), nn.SiLU(), nn.Linear(latent, latent))
+        layer = lambda i, o: nn.Sequential(nn.Conv1d(i, o, 7, 1, 3), *((nn.BatchNorm1d(o), nn.ELU()) if o > 1 else ()))
+        self.down = nn.ModuleList(layer(i, o) for i, o in pairs[:5])
+        self.up = nn.ModuleList(layer(i, o) for i, o in pairs[5:])
+
+    def forward(self, x, t):  # (B, latent), (B,) -> (B, latent)
+        temb = self.temb(timestep_embedding(t, self.freq))[:, None, :]  # (B, 1, latent), added to every channel
+        h, kept = x[:, None, :], []
+        for i, layer in enumerate(self.down):
+            h = layer(h + temb)
+            kept += [h] if i < len(self.up) else []
+        for layer, skip in zip(self.up, reversed(kept)):
+            h = layer(h + skip + temb)
+        return h[:, 0, :]
 
 
 class Diffusion(nn.Module):
@@ -1179,6 +1306,9 @@ def judge(group: dict, ref: dict, n_ref: int) -> dict:
     shifted = lambda label: [m for m, (lab, sign) in TESTS.items()
                              if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
     label = next((lab for lab in ("averaging", "copying", "inferior") if shifted(lab)), "fresh")
+    n = len(group["accuracy"])
+    if label == "fresh" and n > 1 and len(TESTS) * two_sample(torch.arange(n), torch.arange(n, n + n_ref), n_ref)[1] >= ALPHA:
+        label = "unknown"  # no difference could have been shown: even groups wholly apart would pass as fresh
     return {"label": label, "tests": tests}
 
 
@@ -1215,6 +1345,9 @@ def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict
         return {"label": "unknown", "text": f"no {name} set had finite parameters"}
     why = "; ".join(f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} "
                     f"({t['shift']}, p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same")
+    if g["label"] == "unknown":
+        return {"label": "unknown", "text": f"{g['count']} {name} sets against {held_out} held-out networks: too few "
+                f"for any difference to show at p < {ALPHA} over {len(TESTS)} tests (sample -n more)"}
     if g["label"] != "fresh":
         return {"label": g["label"], "text": f"{name} sets: {why}"}
     better = sorted((k for k, b in base.items() if b["median"] is not None and b["median"] >= g["median"]),
@@ -1451,31 +1584,39 @@ SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a l
 
 class Model(nn.Module):
     """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
-    standardisation of parameters (mean, std: (D,), tensor_stats of the training originals) and of latents
-    (z_mean, z_std), and the box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model
-    file. The autoencoder works in the span of the training originals, so the model reads and writes parameter
-    vectors through them: bind() hands it the collection and the training rows (fit and open_run do)."""
+    standardisation of parameters (mean, std: (D,), of the training originals) and of latents (z_mean, z_std), and
+    the box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file. The
+    autoencoder reads and writes its own coordinates of a parameter vector: with pca those of the training
+    originals' span, so the model reads and writes parameters through the originals (bind() hands it the
+    collection and the training rows: fit and open_run do); with pdiff the standardised vector itself."""
 
     def __init__(self, cfg: FitConfig, D: int, K: int):
         super().__init__()
         torch.manual_seed(cfg.seed)
-        self.ae = AE(K, latent=cfg.latent, width=cfg.ae_width)
-        self.denoiser = Denoiser(cfg.latent, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
+        n = cfg.latent_size
+        self.ae = ConvAE(D, latent=n, norm=cfg.ae_norm) if cfg.paper_ae else AE(K, latent=n, width=cfg.ae_width)
+        self.denoiser = ConvDenoiser(n) if cfg.paper_denoiser else \
+            Denoiser(n, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
         self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(cfg.latent),
-                 "z_std": torch.ones(()), "z_lo": torch.full((cfg.latent,), -math.inf),
-                 "z_hi": torch.full((cfg.latent,), math.inf)}
+        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(n), "z_std": torch.ones(()),
+                 "z_lo": torch.full((n,), -math.inf), "z_hi": torch.full((n,), math.inf)}
         for name, v in stats.items():
             self.register_buffer(name, v)
 
     def bind(self, originals: torch.Tensor, rows: list):
         self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
 
-    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, K) span coordinates
-        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
-        return (g @ self.ae.coords.cpu().double()).float().to(self.mean.device)
+    spanned = property(lambda self: isinstance(self.ae, AE))  # pca: coordinates are the span's
 
-    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # (n, K) span coordinates -> (n, D) parameters
+    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the autoencoder's coordinates
+        if not self.spanned:  # (n, D) standardised
+            return ((sets.to(self.mean.device) - self.mean) / self.std)
+        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
+        return (g @ self.ae.coords.cpu().double()).float().to(self.mean.device)  # (n, K)
+
+    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates -> (n, D) parameters
+        if not self.spanned:
+            return (a.to(self.mean.device) * self.std + self.mean).cpu()
         return combine(self.ae.weights(a).cpu(), self.originals, self.rows, self.mean.cpu())
 
     @torch.no_grad()
@@ -1494,37 +1635,44 @@ class Model(nn.Module):
         return self.parameters_of(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean))
 
     @torch.no_grad()
-    def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # (n, K) span coordinates through encoder and decoder
+    def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates through it and back
         return self.ae.decode(self.ae.encode(a.to(self.mean.device)))
 
 
-def fit_autoencoder(cfg: FitConfig, ae: AE, a: torch.Tensor, D: int, loop: "Loop"):
-    """The autoencoder on the training originals' span coordinates a (K, K): p-diff's noise augmentation on the
-    input (its part along the encoder's directions: in coordinates, the same std) and on the latent, the
-    parameters' mean squared error (in coordinates: the squared error over D), AdamW with a cosine schedule."""
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
+def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop: "Loop"):
+    """The autoencoder on the training originals in its coordinates a (K, K) or (K, D): p-diff's noise
+    augmentation on the input (in span coordinates the part along the encoder's directions, with the same std)
+    and on the latent; the parameters' mean squared error (in span coordinates: the squared error over D; p-diff's
+    against the noisy padded input, as v3 does); AdamW with a cosine schedule."""
+    paper = isinstance(ae, ConvAE)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_rate, weight_decay=0.0 if paper else 0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_train_steps))
     dev = a.device
 
     def loss(step):
         g = rng(cfg.seed, "ae", step)
-        a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K)
+        a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K) or (B, D)
+        a0 = ae.pad(a0) if paper else a0
+        noisy = a0 + cfg.input_noise * randn(a0.shape, g, dev)
         with autocast(dev):
-            z = ae.encode(a0 + cfg.input_noise * randn(a0.shape, g, dev))
-            z = z + cfg.latent_noise * randn(z.shape, g, dev)
+            z = ae.encode_padded(noisy) if paper else ae.encode(noisy)
+            z = z + cfg.latent_std * randn(z.shape, g, dev)
+            if paper:
+                return F.mse_loss(ae.decode_padded(z).float(), noisy)
             return (ae.decode(z).float() - a0).pow(2).sum(1).mean() / D
 
     ae.train()
-    loop.run("autoencoder", cfg.ae_steps, loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
+    loop.run("autoencoder", cfg.ae_train_steps, loss, opt, sched=sched,
+             keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
     ae.eval()
 
 
-def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop") -> Denoiser:
+def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop"):
     """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
-    denoiser's weights."""
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_steps))
-    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.ema_decay))
+    denoiser's weights (decay 0: the weights themselves) with its buffers as they ended."""
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_train_steps))
+    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.decay))
 
     def loss(step):
         g = rng(cfg.seed, "ddpm", step)
@@ -1533,29 +1681,38 @@ def fit_diffusion(cfg: FitConfig, denoiser: Denoiser, diffusion: Diffusion, zs: 
             return diffusion.loss(denoiser, z0, g)
 
     denoiser.train()
-    loop.run("diffusion", cfg.ddpm_steps, loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
+    loop.run("diffusion", cfg.ddpm_train_steps, loss, opt, sched=sched,
+             after=lambda step: avg.update_parameters(denoiser),
              keep={"denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
+    for mine, now in zip(avg.module.buffers(), denoiser.buffers()):  # BatchNorm's statistics: the latest
+        mine.copy_(now)
     return avg.module.eval()
 
 
 def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device,
         loop: Optional["Loop"] = None) -> tuple:
-    """Standardise the training originals (rows of originals (K_all, D)), take their span coordinates (the one
-    pass over D: their Gram matrix), fit the autoencoder in them, then the DDPM on its standardised latents.
-    -> (model, the originals' span coordinates (K, K))."""
+    """Standardise the training originals (rows of originals (K_all, D)), take the autoencoder's coordinates of
+    them (pca: their span's, the one pass over D being their Gram matrix), fit the autoencoder in them, then the
+    DDPM on its latents (standardised for the mlp denoiser, as they come for p-diff's).
+    -> (model, the originals' coordinates: (K, K) or (K, D))."""
     loop = loop or Loop()
     m = Model(cfg, layout.D, len(rows)).to(device)
-    mean, std = tensor_stats(layout, originals, rows)
+    mean, std = paper_stats(layout, originals, rows) if cfg.paper_ae else tensor_stats(layout, originals, rows)
     m.mean, m.std = mean.to(device), std.to(device)
     m.bind(originals, rows)
-    a = m.ae.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(device)  # (K, K)
+    a = m.coordinates(originals[rows]) if cfg.paper_ae else \
+        m.ae.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(device)
     fit_autoencoder(cfg, m.ae, a, layout.D, loop)
-    with torch.no_grad():
-        z = m.ae.encode(a).float()  # (K, latent)
-    m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
+    with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
+        order = torch.randperm(len(a), generator=rng(cfg.seed, "encode")).to(device)
+        z = torch.empty(len(a), cfg.latent_size, device=device)
+        z[order] = m.ae.encode(a[order]).float()  # (K, latent)
+    if not cfg.paper_denoiser:
+        m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
     zs = (z - m.z_mean) / m.z_std
-    lo, hi = zs.min(0).values, zs.max(0).values
-    m.z_lo, m.z_hi = lo - cfg.clip * (hi - lo), hi + cfg.clip * (hi - lo)
+    if cfg.clip_share is not None:
+        lo, hi = zs.min(0).values, zs.max(0).values
+        m.z_lo, m.z_hi = lo - cfg.clip_share * (hi - lo), hi + cfg.clip_share * (hi - lo)
     m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop)
     return m, a
 
@@ -1841,13 +1998,16 @@ def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on th
 
 
 def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
-    a_o = model.coordinates(originals)[:, 0]  # the first span coordinate: the originals' first principal direction
+    h = model.coordinates(originals)  # pca: the first span coordinate is the originals' first principal direction
+    axis = None if model.spanned else principal_axes(h - h.mean(0), 1)[0]
+    pc1 = lambda h: (h[:, 0] if axis is None else h @ axis).detach().cpu()
+    a_o = pc1(h)
     d.axhspan(a_o.min().item(), a_o.max().item(), color="grey", alpha=0.15, label="originals: range")
     d.axhspan((a_o.mean() - a_o.std()).item(), (a_o.mean() + a_o.std()).item(), color="grey", alpha=0.3,
               label="originals: mean ± std")
     if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
         idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
-        decode = lambda zs: model.ae.decode(zs.to(model.mean.device) * model.z_std + model.z_mean)[:, 0].detach().cpu()
+        decode = lambda zs: pc1(model.ae.decode(zs.to(model.mean.device) * model.z_std + model.z_mean))
         pts = torch.stack([decode(s.trajectory[i][1]) for i in idx])
         lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
         lines[0].set_label(f"{len(lines)} generated samples, a line each")
@@ -2031,11 +2191,10 @@ class Run:
         return [i for i in range(len(self.snapshots)) if i not in held]
 
     def ruler(self) -> Ruler:
-        """The training originals, standardised as the model sees them (computed alike without a model)."""
+        """The training originals, standardised by tensor_stats whichever generator was fitted (every generator and
+        baseline measured in the same units)."""
         train = self.training
-        mean, std = (self.model.mean.cpu(), self.model.std.cpu()) if self.model is not None else \
-            tensor_stats(self.layout, self.snapshots, train)
-        return Ruler(self.snapshots, self.correct[train], mean, std, train)
+        return Ruler(self.snapshots, self.correct[train], *tensor_stats(self.layout, self.snapshots, train), train)
 
 
 def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir: Optional[str] = None) -> Run:
@@ -2494,14 +2653,15 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
-    if cfg.latent > r.layout.D:
-        raise PdiffError(f"--latent {cfg.latent} is more than the {r.layout.D} parameters it would encode", 2)
+    if cfg.latent_size > r.layout.D and not cfg.paper_ae:
+        raise PdiffError(f"--latent {cfg.latent_size} is more than the {r.layout.D} parameters it would encode", 2)
     r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
     with progress() as prog:
         loop.prog = prog
         model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop)
-    rt, rt_pca = (round_trip(r, model, a, a_hat) for a_hat in (model.roundtrip(a), F.pad(a[:, :cfg.latent], (
-        0, a.shape[1] - cfg.latent))))  # through the autoencoder; PCA: the first `latent` coordinates
+    n = cfg.latent_size  # through the autoencoder; PCA (pca's coordinates only): the first `latent` coordinates
+    rt, rt_pca = (round_trip(r, model, a, a_hat) if a_hat is not None else None for a_hat in (
+        model.roundtrip(a), F.pad(a[:, :n], (0, a.shape[1] - n)) if model.spanned else None))
     loop.stop_point()
     orig = summary(accuracy(r.correct[r.training]))
     report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
@@ -2512,19 +2672,21 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     loop.finish()
     err.print(table(f"fit: round trip of {len(r.training)} training snapshots of {r.layout.D:,} parameters ("
                     f"{len(r.held_out)} held out)", {
-        "original": orig, "decoded": rt, f"PCA-{cfg.latent}": rt_pca}, {"rel. error": lambda s: s.get("rel_error")}))
-    err.print(f"decoded: through the autoencoder; PCA-{cfg.latent}: projected on the snapshots' first {cfg.latent} "
-              "principal directions (a linear latent of the same size); rel. error: 0 exact, 1 no better than the "
+        "original": orig, "decoded": rt, **({f"PCA-{n}": rt_pca} if rt_pca else {})},
+        {"rel. error": lambda s: s.get("rel_error")}))
+    pca = f"PCA-{n}: projected on the snapshots' first {n} principal directions (a linear latent of the same size); "
+    err.print(f"decoded: through the autoencoder; {pca if rt_pca else ''}rel. error: 0 exact, 1 no better than the "
               "mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
 
 def round_trip(r: Run, model: Model, a: torch.Tensor, a_hat: torch.Tensor) -> dict:
-    """fit's report of the training originals' span coordinates a decoded from a_hat: accuracy and rel_error."""
+    """fit's report of the training originals' coordinates a decoded from a_hat: accuracy and rel_error."""
     correct = torch.cat([evaluate(r.net, r.prep, r.layout, model.parameters_of(a_hat[c]), r.data.x_test,
                                   r.data.y_test) for c in in_chunks(r.layout.D, len(a))])
-    return {**summary(accuracy(correct)), "rel_error": rel_error(a.cpu(), a_hat.cpu())}
+    c = 0 if model.spanned else a.mean(0)  # span coordinates are centred already
+    return {**summary(accuracy(correct)), "rel_error": rel_error((a - c).cpu(), (a_hat - c).cpu())}
 
 
 FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]

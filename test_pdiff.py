@@ -2,6 +2,7 @@
 
     python -m pytest -q test_pdiff.py
 """
+import copy
 import hashlib
 import json
 import math
@@ -321,6 +322,15 @@ def test_judge_corrects_for_several_metrics():
     r = pdiff.judge(group, held, 10)
     assert 0.0125 < raw < 0.05 and r["tests"]["to_mean"]["p"] == pytest.approx(min(1, 4 * raw), rel=1e-2)
     assert r["label"] == "fresh"
+
+
+def test_judge_says_unknown_where_no_difference_could_show():
+    held = _numbers(5, seed=1)  # 5 held-out networks
+    few, more = pdiff.judge(_numbers(4, acc=10.0), held, 5), pdiff.judge(_numbers(8, acc=10.0), held, 5)
+    assert few["label"] == "unknown" and few["tests"]["accuracy"]["shift"] == "same"  # 4 against 5: Holm p >= 0.057
+    assert more["label"] == "inferior"  # 8 against 5 can show it
+    v = pdiff.verdict({**few, "count": 4, "median": 10.0}, {}, 5)
+    assert v["label"] == "unknown" and "too few" in v["text"] and "-n" in v["text"]
 
 
 def test_held_out_rows_are_whole_networks_spread_through_the_collection():
@@ -1422,3 +1432,62 @@ def test_image_folder_of_colour_and_grayscale_non_square_images(tmp_path):
     d = pdiff.load_data("imagefolder", str(tmp_path))
     assert d.x_train.shape == (6, 3, 64, 64) and d.x_test.shape == (4, 3, 64, 64)  # square, colour, default 64
     assert pdiff.load_data("imagefolder", str(tmp_path), image_size=16).x_test.shape == (4, 3, 16, 16)
+
+
+def test_paper_stats_standardise_each_tensor_by_its_own_values():
+    layout = pdiff.Layout(["w", "b", "v"], [(2, 3), (1,), (3,)])
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mean, std = pdiff.paper_stats(layout, x, [0, 1, 2, 3])  # row 4 is held out: not part of the statistics
+    w = x[:4, :6]
+    assert mean[:6].tolist() == pytest.approx([w.mean(1).mean().item()] * 6)  # v3: per original, then averaged
+    assert std[:6].tolist() == pytest.approx([w.std(1).mean().item()] * 6)
+    assert mean[6].item() == pytest.approx(x[:4, 6].mean().item()) and std[6].item() == 1.0  # one element: centred
+    assert std[7:].tolist() == pytest.approx([x[:4, 7:].std(1).mean().item()] * 3)
+
+
+def test_conv_autoencoder_norm_modes():
+    torch.manual_seed(0)
+    ae = pdiff.ConvAE(100, latent=8, norm="batch")
+    assert ae.L == 128 and ae.encode_padded(ae.pad(torch.randn(4, 100))).shape == (4, 8)
+    ae.eval()
+    before = copy.deepcopy(ae.state_dict())
+    z = torch.randn(3, 8)
+    with torch.no_grad():
+        together = ae.decode(z)
+        alone = torch.cat([ae.decode(z[i:i + 1]) for i in range(3)])
+        kept = all(torch.equal(v, ae.state_dict()[k]) for k, v in before.items())  # running statistics untouched
+        ae.train()
+        by_hand = torch.cat([ae.decode_padded(z[i:i + 1])[:, :100] for i in range(3)])  # v3: train mode, batch 1
+        ae.eval()
+    assert together.shape == (3, 100) and torch.equal(together, alone)  # batch: one set at a time, as v3 decodes
+    torch.testing.assert_close(together, by_hand)
+    assert kept
+    ae.norm = "running"
+    with torch.no_grad():
+        torch.testing.assert_close(ae.decode(z), ae.decode_padded(z)[:, :100])  # eval mode
+        assert not torch.allclose(ae.decode(z), together)
+
+
+@pytest.mark.parametrize("autoencoder,denoiser", [("pdiff", "pdiff"), ("pca", "pdiff"), ("pdiff", "mlp")])
+def test_paper_generator_combines_with_pdiffs(tmp_path, autoencoder, denoiser):
+    run = tmp_path / "r"
+    assert cli("collect", "--run", run, "--epochs", 2, "-k", 30).exit_code == 0
+    r = cli("fit", "--run", run, "--autoencoder", autoencoder, "--denoiser", denoiser, "--ae-steps", 2,
+            "--ddpm-steps", 2, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["decoded"]["count"] == 25 and (rep["pca"] is None) == (autoencoder == "pdiff")
+    o = pdiff.open_run(run, model="default")
+    m, cfg = o.model, o.fit_config
+    assert isinstance(m.ae, pdiff.ConvAE if autoencoder == "pdiff" else pdiff.AE)
+    assert isinstance(m.denoiser, pdiff.ConvDenoiser if denoiser == "pdiff" else pdiff.Denoiser)
+    assert cfg.latent_size == (128 if autoencoder == "pdiff" else 16) and len(m.z_mean) == cfg.latent_size
+    assert cfg.ddpm_rate == (1e-4 if denoiser == "pdiff" else 1e-3) and cfg.decay == (0 if denoiser == "pdiff" else
+                                                                                          0.999)
+    assert m.z_lo.isinf().all() == (denoiser == "pdiff")  # p-diff's sampling clamps nothing
+    assert (m.z_std.item() == 1.0) == (denoiser == "pdiff")  # p-diff's denoiser learns the latents as they come
+    r = cli("sample", "--run", run, "-n", 3, "--sampler", "ddim", "--steps", 4, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["generated"]["count"] == 3 and rep["generated"]["label"] == "unknown"  # 3 against 5: too few to tell
+    assert rep["baselines"]["ensemble"]["median"] > 50  # baselines are the originals', whatever generator was fitted

@@ -278,9 +278,13 @@ class SampleConfig:
 DDIM_STEPS = 50  # --steps default for ddim
 
 
-def autocast(device: torch.device):
-    # bf16 on CUDA; CPU and MPS run float32 so CPU results are exact and repeatable
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, paper: bool = False):
+    """bf16 on CUDA; CPU and MPS run float32 so CPU results are exact and repeatable. paper=True (p-diff's
+    generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16);
+    measured on one CPU thread, its autoencoder steps 1.7x and its denoiser's 1.8x faster than in float32."""
+    if device.type == "cuda" or paper and device.type == "cpu":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def rng(seed: int, *keys) -> torch.Generator:
@@ -1623,20 +1627,26 @@ class Model(nn.Module):
     def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
                  trace=None) -> torch.Tensor:  # -> (n, latent) standardised latents; decode() makes parameters
         self.eval()
-        return self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                     clip=(self.z_lo, self.z_hi), tick=tick, trace=trace)
+        with autocast(self.mean.device, isinstance(self.denoiser, ConvDenoiser)):
+            return self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps,
+                                         eta=eta, clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
 
     @torch.no_grad()
     def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
-        return ((self.ae.encode(self.coordinates(sets)) - self.z_mean) / self.z_std).float().cpu()
+        with autocast(self.mean.device, not self.spanned):
+            z = self.ae.encode(self.coordinates(sets)).float()
+        return ((z - self.z_mean) / self.z_std).cpu()
 
     @torch.no_grad()
     def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
-        return self.parameters_of(self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean))
+        with autocast(self.mean.device, not self.spanned):
+            h = self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float()
+        return self.parameters_of(h)
 
     @torch.no_grad()
     def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates through it and back
-        return self.ae.decode(self.ae.encode(a.to(self.mean.device)))
+        with autocast(self.mean.device, not self.spanned):
+            return self.ae.decode(self.ae.encode(a.to(self.mean.device))).float()
 
 
 def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop: "Loop"):
@@ -1654,7 +1664,7 @@ def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop
         a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K) or (B, D)
         a0 = ae.pad(a0) if paper else a0
         noisy = a0 + cfg.input_noise * randn(a0.shape, g, dev)
-        with autocast(dev):
+        with autocast(dev, paper):
             z = ae.encode_padded(noisy) if paper else ae.encode(noisy)
             z = z + cfg.latent_std * randn(z.shape, g, dev)
             if paper:
@@ -1677,7 +1687,7 @@ def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs:
     def loss(step):
         g = rng(cfg.seed, "ddpm", step)
         z0 = zs[torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)]  # (B, latent)
-        with autocast(zs.device):
+        with autocast(zs.device, isinstance(denoiser, ConvDenoiser)):
             return diffusion.loss(denoiser, z0, g)
 
     denoiser.train()
@@ -1706,7 +1716,8 @@ def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, 
     with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
         order = torch.randperm(len(a), generator=rng(cfg.seed, "encode")).to(device)
         z = torch.empty(len(a), cfg.latent_size, device=device)
-        z[order] = m.ae.encode(a[order]).float()  # (K, latent)
+        with autocast(device, cfg.paper_ae):
+            z[order] = m.ae.encode(a[order]).float()  # (K, latent)
     if not cfg.paper_denoiser:
         m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
     zs = (z - m.z_mean) / m.z_std

@@ -549,6 +549,9 @@ def new_head(net: nn.Module, arch: str, classes: int) -> nn.Module:
 user_arch = lambda arch: re.fullmatch(r".+\.py:\w+", arch) is not None  # FILE.py:FUNCTION
 
 
+USER_MODULES = {}  # (path, mtime) -> the imported module of a user's --arch FILE.py
+
+
 def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
     """--arch FILE.py:FUNCTION: import the file and call FUNCTION(channels, size, classes)."""
     import importlib.util
@@ -556,12 +559,16 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
     path, _, fn = arch.rpartition(":")
     if not Path(path).is_file():
         raise PdiffError(f"--arch {arch}: {path} not found", 2)
-    try:
-        spec = importlib.util.spec_from_file_location(f"pdiff_user_{Path(path).stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {one_line(e)})") from None
+    key = (path, Path(path).stat().st_mtime_ns)  # imported once per process (unless the file changes), so the
+    if key not in USER_MODULES:  # networks of --seeds share their classes, as stacking them needs
+        try:
+            spec = importlib.util.spec_from_file_location(f"pdiff_user_{Path(path).stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {one_line(e)})") from None
+        USER_MODULES[key] = module
+    module = USER_MODULES[key]
     if not callable(getattr(module, fn, None)):
         raise PdiffError(f"--arch {arch}: {path} has no function {fn}", 2)
     try:

@@ -1491,3 +1491,16 @@ def test_paper_generator_combines_with_pdiffs(tmp_path, autoencoder, denoiser):
     rep = json.loads(r.stdout)
     assert rep["generated"]["count"] == 3 and rep["generated"]["label"] == "unknown"  # 3 against 5: too few to tell
     assert rep["baselines"]["ensemble"]["median"] > 50  # baselines are the originals', whatever generator was fitted
+
+
+def test_seeds_of_a_users_own_module_class(tmp_path):
+    # a network defined by its own nn.Module class: the file is imported once, so all seeds share the class
+    (tmp_path / "tiny.py").write_text("import torch.nn as nn\nclass Tiny(nn.Module):\n    def __init__(self, c, s, k):\n"
+                                      "        super().__init__()\n        self.f = nn.Linear(c * s * s, k)\n"
+                                      "    def forward(self, x):\n        return self.f(x.flatten(1))\n"
+                                      "def make(c, s, k):\n    return Tiny(c, s, k)\n")
+    r = cli("collect", "--run", tmp_path / "r", "--arch", f"{tmp_path / 'tiny.py'}:make", "--seeds", 3, "--epochs", 1,
+            "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["snapshots"]["count"] == 3 and rep["params"] == 64 * 10 + 10 and rep["snapshots"]["median"] > 50

@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -456,6 +457,52 @@ def bench_fit_quality(quick: bool) -> dict:
     return out
 
 
+def bench_paper_cost(dev: torch.device, quick: bool) -> dict:
+    """[10] p-diff's own generator (fit --autoencoder pdiff / --denoiser pdiff): seconds per training step (batch
+    50, the v3 settings) at D = 2k / 26k, float32 beside bf16 autocast (what it trains in); at D = 11.2M one step
+    at the smallest batch that BatchNorm allows (2), bf16, with its peak memory, or why it could not run."""
+    import resource
+    out = {}
+
+    def step_s(module, batch_fn, loss_fn, bf16: bool, steps: int) -> float:
+        opt, times = torch.optim.AdamW(module.parameters(), lr=1e-5, weight_decay=0.0), []
+        for _ in range(steps):
+            t = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(batch_fn())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync(dev)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:] if len(times) > 1 else times)
+
+    for D in ([2048] if quick else [2048, 26122]):
+        ae = pdiff.ConvAE(D).to(dev).train()
+        ae_loss = lambda x: F.mse_loss(ae.decode_padded(ae.encode_padded(x)).float(), x)
+        fp32, bf16 = (step_s(ae, lambda: torch.randn(50, ae.L, device=dev), ae_loss, b, 2 if quick else 4)
+                      for b in (False, True))
+        out[f"ae_{D}"] = {"D": D, "params": sum(p.numel() for p in ae.parameters()), "fp32_s": fp32, "bf16_s": bf16,
+                          "fp32_over_bf16": fp32 / bf16}
+        err.print(f"    ConvAE D={D}: {fp32:.2f} s/step float32, {bf16:.2f} s bf16")
+    dn, diff = pdiff.ConvDenoiser(128).to(dev).train(), pdiff.Diffusion().to(dev)
+    dn_loss = lambda z: diff.loss(dn, z, torch.Generator().manual_seed(0))
+    fp32, bf16 = (step_s(dn, lambda: torch.randn(50, 128, device=dev), dn_loss, b, 2 if quick else 4) for b in (False, True))
+    out["denoiser"] = {"fp32_s": fp32, "bf16_s": bf16, "fp32_over_bf16": fp32 / bf16}
+    err.print(f"    ConvDenoiser: {fp32:.2f} s/step float32, {bf16:.2f} s bf16")
+    if not quick:
+        try:
+            ae = pdiff.ConvAE(11_172_810).to(dev).train()
+            ae_loss = lambda x: F.mse_loss(ae.decode_padded(ae.encode_padded(x)).float(), x)
+            s = step_s(ae, lambda: torch.randn(2, ae.L, device=dev), ae_loss, True, 1)
+            out["ae_11.2M_batch2"] = {"bf16_s": s, "params": sum(p.numel() for p in ae.parameters()),
+                                      "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            err.print(f"    ConvAE D=11.2M, batch 2: {s:.1f} s/step bf16")
+        except (RuntimeError, MemoryError) as e:
+            out["ae_11.2M_batch2"] = {"error": pdiff.one_line(e)}
+    return out
+
+
 def report_table(r: dict) -> Table:
     tb = Table(title=f"pdiff benchmark: {r['hardware']['cpu']}, {r['hardware']['threads']} threads, "
                      f"torch {r['hardware']['torch']}, {r['hardware']['device']}", title_justify="left")
@@ -519,6 +566,14 @@ def report_table(r: dict) -> Table:
         tb.add_row(f"{name}: generated median, sample seeds 0/1/2: now / before",
                    f"{'/'.join(f'{m:.2f}' for m in q['now_medians'])} / {'/'.join(f'{m:.2f}' for m in q['before_medians'])}",
                    "within 0.3", ok(abs(q["now_median"] - q["before_median"]) <= 0.3 or q["now_median"] > q["before_median"]))
+    for name, c in r.get("paper_cost", {}).items():
+        if "error" in c:
+            tb.add_row(f"p-diff's {name}", c["error"][:60], "", "")
+        elif "fp32_s" in c:
+            tb.add_row(f"p-diff's {name} step (batch 50): float32 / bf16", f"{c['fp32_s']:.2f} / {c['bf16_s']:.2f} s = "
+                       f"{c['fp32_over_bf16']:.1f}x", "", "")
+        else:
+            tb.add_row(f"p-diff's {name} step, bf16", f"{c['bf16_s']:.1f} s, {c['peak_gb']:.1f} GB", "", "")
     for name, share in r.get("foreign_cpu_share", {}).items():
         tb.add_row(f"CPU taken by other processes during {name}", "n/a" if share is None else f"{share:.0%}", "0%",
                    "" if share is None else "[green]ok[/green]" if share < 0.05 else "[yellow]timings inflated[/yellow]")
@@ -526,7 +581,7 @@ def report_table(r: dict) -> Table:
     return tb
 
 
-PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "fit-d", "fit-quality", "paper")
+PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "fit-d", "fit-quality", "paper-cost", "paper")
 
 
 def main():
@@ -575,6 +630,9 @@ def main():
     if "fit-quality" in only:
         with section(r, "fit-quality"):
             r["fit_quality"] = bench_fit_quality(a.quick)
+    if "paper-cost" in only:
+        with section(r, "paper-cost"):
+            r["paper_cost"] = bench_paper_cost(dev, a.quick)
     if "paper" in only:
         with section(r, "paper"):
             r["paper"] = bench_paper(dev, a.quick)

@@ -280,8 +280,8 @@ DDIM_STEPS = 50  # --steps default for ddim
 
 def autocast(device: torch.device, paper: bool = False):
     """bf16 on CUDA; CPU and MPS run float32 so CPU results are exact and repeatable. paper=True (p-diff's
-    generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16);
-    measured on one CPU thread, its autoencoder steps 1.7x and its denoiser's 1.8x faster than in float32."""
+    generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16), and
+    about twice as fast there as float32 (bench_pdiff.py --only paper-cost)."""
     if device.type == "cuda" or paper and device.type == "cpu":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -457,6 +457,44 @@ def bench_fit_quality(quick: bool) -> dict:
     return out
 
 
+def write_digits_as_mnist(root: Path):
+    """scikit-learn's digits (pdiff's split) in torchvision's MNIST files (IDX), 8x8 images scaled to 0-255."""
+    import struct
+    d = pdiff.load_data("digits", str(root), False)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, x, y in (("train", d.x_train, d.y_train), ("t10k", d.x_test, d.y_test)):
+        x = x.reshape(len(x), 8, 8).to(torch.uint8)
+        for name, a in ((f"{split}-images-idx3-ubyte", x), (f"{split}-labels-idx1-ubyte", y.to(torch.uint8))):
+            (raw / name).write_bytes(struct.pack(">I", 0x0800 | a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+                                     + a.numpy().tobytes())
+
+
+def bench_whole_cnn(quick: bool, limit: float) -> dict:
+    """[11] the whole-CNN job the reference code takes 4,722 s for: convnet3 on the digits in MNIST's files,
+    collect, fit, sample -n 20 at defaults, end to end (Python's start included), now and with BEFORE's fit and
+    sample on the same collection."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, before, new = Path(tmp), pdiff_before(Path(tmp)), HERE / "pdiff.py"
+        write_digits_as_mnist(root / "data")
+        run = root / "run"
+        net = ["--arch", "convnet3", "--data", "mnist", "--data-dir", root / "data"] + (["--epochs", 2, "-k", 20]
+                                                                                         if quick else [])
+        c = measured(new, ["collect", "--run", run, *net], 3600)
+        for who, script, model in (("now", new, "default"), ("before", before, "before")):
+            f = measured(script, ["fit", "--run", run, "--name", model], limit)
+            s = measured(script, ["sample", "--run", run, "--model", model, "-n", 20], 3600) if f["seconds"] else {}
+            out[who] = {"collect_s": c["seconds"], "fit_s": f["seconds"], "sample_s": s.get("seconds"),
+                        "total_s": c["seconds"] + f["seconds"] + s["seconds"] if s else None, "D": c["json"]["params"],
+                        "generated_median": s["json"]["generated"]["median"] if s else None,
+                        "originals_median": c["json"]["snapshots"]["median"],
+                        "verdict": s["json"]["verdict"]["label"] if s else None}
+            err.print(f"    whole CNN {who}: collect {c['seconds']:.0f} s, fit {f['seconds'] or 0:.0f} s, "
+                      f"sample {s.get('seconds') or 0:.0f} s")
+    return out
+
+
 def bench_paper_cost(dev: torch.device, quick: bool) -> dict:
     """[10] p-diff's own generator (fit --autoencoder pdiff / --denoiser pdiff): seconds per training step (batch
     50, the v3 settings) at D = 2k / 26k, float32 beside bf16 autocast (what it trains in); at D = 11.2M one step
@@ -566,6 +604,11 @@ def report_table(r: dict) -> Table:
         tb.add_row(f"{name}: generated median, sample seeds 0/1/2: now / before",
                    f"{'/'.join(f'{m:.2f}' for m in q['now_medians'])} / {'/'.join(f'{m:.2f}' for m in q['before_medians'])}",
                    "within 0.3", ok(abs(q["now_median"] - q["before_median"]) <= 0.3 or q["now_median"] > q["before_median"]))
+    for who, w in r.get("whole_cnn", {}).items():
+        tb.add_row(f"whole CNN (convnet3, D={w['D']:,}, MNIST files) {who}: collect / fit / sample -n 20",
+                   f"{w['collect_s']:.0f} / {w['fit_s'] or 0:.0f} / {w['sample_s'] or 0:.0f} s", "", "")
+        tb.add_row(f"  end to end (generated median, verdict)", f"{w['total_s'] or 0:.0f} s ({w['generated_median']}, "
+                   f"{w['verdict']})", "< 236 s" if who == "now" else "", "")
     for name, c in r.get("paper_cost", {}).items():
         if "error" in c:
             tb.add_row(f"p-diff's {name}", c["error"][:60], "", "")
@@ -581,7 +624,7 @@ def report_table(r: dict) -> Table:
     return tb
 
 
-PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "fit-d", "fit-quality", "paper-cost", "paper")
+PARTS = ("evaluate", "quickstart", "collect", "seeds", "torchrun", "fit-d", "fit-quality", "whole-cnn", "paper-cost", "paper")
 
 
 def main():
@@ -630,6 +673,9 @@ def main():
     if "fit-quality" in only:
         with section(r, "fit-quality"):
             r["fit_quality"] = bench_fit_quality(a.quick)
+    if "whole-cnn" in only:
+        with section(r, "whole-cnn"):
+            r["whole_cnn"] = bench_whole_cnn(a.quick, a.before_limit)
     if "paper-cost" in only:
         with section(r, "paper-cost"):
             r["paper_cost"] = bench_paper_cost(dev, a.quick)

@@ -128,8 +128,9 @@ class CollectConfig:
     nesterov: bool = opt(True, "SGD with Nesterov momentum; --no-nesterov: plain momentum (the v1 code).")
     lr: float = opt(0.05, "Stage-1 learning rate.", min=0)
     weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
-    schedule: typing.Literal["cosine", "multistep"] = opt("cosine", "Stage-1 learning rate: cosine to 0 over the "
-                                                          "epochs, or multistep: times --gamma at each of --milestones.")
+    schedule: typing.Literal["cosine", "multistep"] = opt(
+        "cosine", "Stage-1 learning rate: cosine to 0 over the epochs, or multistep: times --gamma at each of "
+                  "--milestones.")
     milestones: str = opt("10,20,30", "Epochs at which --schedule multistep multiplies the lr by --gamma (the v1 "
                                       "code's).")
     gamma: float = opt(0.1, "The factor of --schedule multistep.", min=0)
@@ -198,16 +199,19 @@ class CollectConfig:
 
 @dataclass
 class FitConfig:
-    autoencoder: typing.Literal[AUTOENCODERS] = opt("pca", "pca: pdiff's (the snapshots' principal directions, whitened, then a residual MLP "
-                                  "decoder, trained in their span: cost per step independent of the network's "
-                                  "size); pdiff: p-diff's own 1-D conv autoencoder, as the v3 reference code builds "
-                                  "and trains it (model/pdiff.py OneDimVAE; cost per step grows with the size).")
-    denoiser: typing.Literal[DENOISERS] = opt("mlp", "mlp: pdiff's (residual MLP on standardised latents, EMA, sampling clamped to the "
-                               "latents' range); pdiff: p-diff's own 1-D conv denoiser as the v3 code builds and "
-                               "trains it (model/denoiser.py OneDimCNN, no EMA, no clamp).")
-    ae_norm: typing.Literal[("batch", "running")] = opt("batch", "BatchNorm of --autoencoder pdiff once trained: batch, as the v3 code runs (it never "
-                                "leaves train mode: latents encoded in batches of 50, samples decoded one at a "
-                                "time, each with its own statistics); running: the running statistics (eval mode).")
+    autoencoder: typing.Literal[AUTOENCODERS] = opt(
+        "pca", "pca: pdiff's (the snapshots' principal directions, whitened, then a residual MLP decoder, trained in "
+               "their span: cost per step independent of the network's size); pdiff: p-diff's own 1-D conv "
+               "autoencoder, as the v3 reference code builds and trains it (model/pdiff.py OneDimVAE; cost per step "
+               "grows with the size).")
+    denoiser: typing.Literal[DENOISERS] = opt(
+        "mlp", "mlp: pdiff's (residual MLP on standardised latents, EMA, sampling clamped to the latents' range); "
+               "pdiff: p-diff's own 1-D conv denoiser as the v3 code builds and trains it (model/denoiser.py "
+               "OneDimCNN, no EMA, no clamp).")
+    ae_norm: typing.Literal[("batch", "running")] = opt(
+        "batch", "BatchNorm of --autoencoder pdiff once trained: batch, as the v3 code runs (it never leaves train "
+                 "mode: latents encoded in batches of 50, samples decoded one at a time, each with its own "
+                 "statistics); running: the running statistics (eval mode).")
     latent: Optional[int] = opt(None, "Latent size [pca: 16, the principal directions encoded; pdiff: 128].", min=1)
     ae_width: int = opt(256, "Width of the pca decoder's residual MLP.", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps [pca: 1500; pdiff: 500].", min=1)
@@ -1318,7 +1322,8 @@ def judge(group: dict, ref: dict, n_ref: int) -> dict:
                              if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
     label = next((lab for lab in ("averaging", "copying", "inferior") if shifted(lab)), "fresh")
     n = len(group["accuracy"])
-    if label == "fresh" and n > 1 and len(TESTS) * two_sample(torch.arange(n), torch.arange(n, n + n_ref), n_ref)[1] >= ALPHA:
+    reach = two_sample(torch.arange(n), torch.arange(n, n + n_ref), n_ref)[1] if n > 1 else 0.0  # groups wholly apart
+    if label == "fresh" and len(TESTS) * reach >= ALPHA:
         label = "unknown"  # no difference could have been shown: even groups wholly apart would pass as fresh
     return {"label": label, "tests": tests}
 
@@ -1954,29 +1959,31 @@ def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
 
 
-def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, path: Path):
+def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout, path: Path):
     """figure(), written to a PNG."""
     import matplotlib.pyplot as plt
 
-    fig = figure(s, model, originals)
+    fig = figure(s, model, originals, layout)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
 
 
-def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor):
-    """Four panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
+def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout):
+    """Six panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
     with every baseline and the held-out originals), the latents of originals, generated and noise-added models on
-    the first two principal directions of the originals' latents (Fig. 4c), and the reverse trajectories of a few
-    samples, decoded and projected onto the originals' first principal direction, against their spread (Fig. 5)."""
+    the first two principal directions of the originals' latents (Fig. 4c), the reverse trajectories of a few
+    samples, decoded and projected onto the originals' first principal direction, against their spread (Fig. 5),
+    and heatmaps of the parameters of originals and of the sets under test (Fig. 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 9))
+    fig, ((a, b), (c, d), (e, f)) = plt.subplots(3, 2, figsize=(12, 13))
     plot_accuracy(a, b, s)
+    plot_heatmaps(e, f, s, originals, layout)
     if model is not None:
         plot_latents(c, s, model, originals)
         plot_trajectories(d, s, model, originals)
@@ -1986,6 +1993,23 @@ def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_heatmaps(e, f, s: Sampled, originals: torch.Tensor, layout: Layout, rows: int = 10, cols: int = 400):
+    """Fig. 3: `rows` training originals (spread through them) and the first `rows` finite sets under test, at most
+    `cols` parameters (evenly spaced through D, so every tensor shows), each tensor min-max normalised over both."""
+    mine = s.sets[s.name][torch.isfinite(s.sets[s.name]).all(1)][:rows]
+    theirs = originals[torch.linspace(0, len(originals) - 1, min(rows, len(originals))).long()]
+    pick = torch.linspace(0, layout.D - 1, min(cols, layout.D)).long()
+    both = torch.cat([theirs, mine])[:, pick]
+    tensor = torch.repeat_interleave(torch.arange(len(layout.sizes)), torch.tensor(layout.sizes))[pick]
+    for t in tensor.unique():
+        v = both[:, tensor == t]
+        both[:, tensor == t] = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
+    for ax, block, title in ((e, both[:len(theirs)], "training originals"), (f, both[len(theirs):], s.name)):
+        ax.imshow(block.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(title=f"parameters: {title}", xlabel=f"{len(pick)} of {layout.D:,} parameters, min-max per tensor",
+               ylabel="model")
 
 
 def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy histograms (b); every group
@@ -2145,9 +2169,9 @@ def load_artifact(path: Path, kind: str, hint: str = "") -> tuple[dict, dict]:
             if raw.get("format") != f"pdiff.{kind}":
                 raise PdiffError(f"{path} is not a pdiff {kind} file (its format is '{raw.get('format')}')")
             if raw.get("version") != VERSIONS.get(kind, VERSION):
+                again = " (run `pdiff fit --force` again)" if kind == "model" else ""
                 raise PdiffError(f"{path} is version {raw.get('version')} of the {kind} format; this pdiff reads "
-                                 f"{VERSIONS.get(kind, VERSION)}" + (" (run `pdiff fit --force` again)" if kind == "model"
-                                                                     else ""))
+                                 f"{VERSIONS.get(kind, VERSION)}{again}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         body = {k: v for k, v in raw.items() if k not in ("format", "version", "id")}
         if content_id(tensors, body) != raw.get("id"):
@@ -2744,7 +2768,7 @@ def sample_cmd(cfg: SampleConfig,
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
         err.print(f"wrote {save}: {len(s.accuracies)} {s.name} sets and their accuracies")
     if plot_file and rank() == 0:
-        plot(s, r.model, r.snapshots[r.training], plot_file)
+        plot(s, r.model, r.snapshots[r.training], r.layout, plot_file)
         err.print(f"wrote {plot_file}")
     if export:
         export_best(s, r, export, model)

@@ -459,8 +459,8 @@ def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     import matplotlib.pyplot as plt
     run = pdiff.open_run(digits_run, model="default")
     s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", steps=10), run, trace=True, keep=True)
-    fig = pdiff.figure(s, run.model, run.snapshots[run.training])
-    a, b, c, d = fig.axes
+    fig = pdiff.figure(s, run.model, run.snapshots[run.training], run.layout)
+    a, b, c, d, e, f = fig.axes
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"original", "held-out", "generated", "average", "gaussian", "ensemble"} <= set(legend(a))
     held = [p for p in a.collections if p.get_label() == "held-out"][0]
@@ -469,6 +469,11 @@ def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     assert sorted(gen.get_offsets()[:, 1].tolist()) == pytest.approx(sorted(s.accuracies.tolist()))
     assert {"original", "held-out", "generated"} <= set(legend(c))  # latents
     assert len(d.get_lines()) == pdiff.TRACED and len(s.trajectory) == 11  # 10 steps and the end, 8 paths
+    shown = e.get_images()[0].get_array(), f.get_images()[0].get_array()  # Fig. 3: originals and generated
+    assert shown[0].shape == (10, 400) and shown[1].shape == (10, 400) and 0 <= shown[0].min() and shown[1].max() <= 1
+    t0 = (torch.linspace(0, run.layout.D - 1, 400).long() < run.layout.sizes[0]).numpy()  # columns of tensor 0
+    assert 100 < t0.sum() < 400  # every tensor gets columns
+    assert min(shown[0][:, t0].min(), shown[1][:, t0].min()) == 0 and max(shown[0][:, t0].max(), shown[1][:, t0].max()) == 1
     plt.close(fig)
 
 

@@ -276,6 +276,9 @@ class SampleConfig:
                   "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
                   "units (arXiv 2506.07998).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
+    min_accuracy: Optional[float] = opt(None, "Keep drawing, n sets at a time (at most 20 n), until n generated sets "
+                                              "reach this test accuracy in % (the paper's Fig. 5b; the test set then "
+                                              "picks them); the report says how many were drawn.", min=0, max=100)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
 
@@ -1358,7 +1361,8 @@ def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict
         return {"label": "unknown", "text": f"{held_out} held-out networks: too few to judge anything (needs "
                 f"{MIN_HELD_OUT}; fit --holdout)"}
     if g.get("label") is None:
-        return {"label": "unknown", "text": f"no {name} set had finite parameters"}
+        return {"label": "unknown", "text": f"none of the {g['drawn']} sets drawn reached --min-accuracy" if g.get(
+            "drawn") else f"no {name} set had finite parameters"}
     why = "; ".join(f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} "
                     f"({t['shift']}, p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same")
     if g["label"] == "unknown":
@@ -1750,7 +1754,7 @@ def rel_error(a: torch.Tensor, a_hat: torch.Tensor) -> Optional[float]:
 def in_chunks(D: int, n: int):
     """Slices of n parameter sets of D floats each, SET_MEMORY bytes at a time."""
     step = max(1, SET_MEMORY // (4 * D))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    return [slice(i, min(i + step, n)) for i in range(0, max(n, 1), step)]  # n = 0: one empty slice
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1782,6 +1786,7 @@ class Group:
     fit in memory): make(s) -> the sets at the indices of slice s, (len, D), raw."""
     n: int
     make: Callable[[slice], torch.Tensor]
+    drawn: Optional[int] = None  # sample --min-accuracy: how many sets were drawn to find these
 
 
 def drawn(key: tuple, s: slice, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
@@ -1898,7 +1903,8 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
         sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units, "evaluation": path,
         "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
         **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
-        name: {**rows.pop(name), "accuracies": [None if math.isnan(v) else rnd(v) for v in accs.tolist()]},
+        name: {**rows.pop(name), "accuracies": [None if math.isnan(v) else rnd(v) for v in accs.tolist()],
+               **({"drawn": groups[name].drawn} if groups[name].drawn is not None else {})},
         "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
                                        "total": round(time.perf_counter() - t0, 3)}}
     report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
@@ -1912,12 +1918,29 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
     every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    zs = model.generate(cfg.n, rng(cfg.seed, "sample"), sampler=cfg.sampler, steps=steps, eta=cfg.eta,
-                        tick=ticker(prog, f"{cfg.sampler} sampling", total),
-                        trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace else None)
-    if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
-        zs = gather(zs.cpu(), [len(zs)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
-    return Group(len(zs), lambda s: model.decode(zs[s]))
+
+    def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
+        zs = model.generate(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
+                            eta=cfg.eta, tick=ticker(prog, f"{cfg.sampler} sampling", total),
+                            trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace and not i else None)
+        if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
+            zs = gather(zs.cpu(), [len(zs)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
+        return zs
+
+    if cfg.min_accuracy is None:
+        zs = draw(0)
+        return Group(len(zs), lambda s: model.decode(zs[s]))
+    kept, rounds = [], 0
+    while sum(map(len, kept)) < cfg.n and rounds < MAX_ROUNDS:  # the paper's Fig. 5b: draw until n reach A
+        zs, rounds = draw(rounds), rounds + 1
+        acc = torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, model.decode(zs[c]), run.data.x_test,
+                                           run.data.y_test)) for c in in_chunks(run.layout.D, len(zs))])
+        kept.append(zs[acc >= cfg.min_accuracy])
+    zs = torch.cat(kept)[:cfg.n]
+    return Group(len(zs), lambda s: model.decode(zs[s]), drawn=rounds * cfg.n)
+
+
+MAX_ROUNDS = 20  # sample --min-accuracy draws at most this many times n sets
 
 
 def read_judged(path: Path, run: Run) -> torch.Tensor:
@@ -2798,6 +2821,7 @@ def print_sample(rep: dict):
     name = "judged" if "judged" in rep else "generated"
     g = rep[name]
     how = f"with {rep['sampler']} ({rep['steps']} steps)" if name == "generated" else f"from {rep.get('judge')}"
+    how += f", kept from {g['drawn']} drawn (the test set picked them)" if "drawn" in g else ""
     rows = {"original": rep["original"], **({"held-out": rep["held_out"]} if rep["held_out"] else {}),
             **({"decoded": rep["decoded"]} if "decoded" in rep else {}), name: g, **rep["baselines"]}
     err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in %", rows, {

@@ -1509,3 +1509,18 @@ def test_seeds_of_a_users_own_module_class(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["snapshots"]["count"] == 3 and rep["params"] == 64 * 10 + 10 and rep["snapshots"]["median"] > 50
+
+
+def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
+    r = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--steps", 10, "--min-accuracy", 96.5, "--json")
+    assert r.exit_code == 0, r.output
+    g = json.loads(r.stdout)["generated"]
+    assert g["count"] == 5 and min(g["accuracies"]) >= 96.5 and g["drawn"] % 5 == 0 and g["drawn"] >= 5
+    plain = json.loads(cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--steps", 10, "--json").stdout)
+    kept = [a for a in plain["generated"]["accuracies"] if a >= 96.5]  # round 0 is the plain sample's draw
+    assert g["accuracies"][:len(kept)] == kept
+    r = cli("sample", "--run", digits_run, "-n", 3, "--sampler", "ddim", "--steps", 5, "--min-accuracy", 100, "--json")
+    g = json.loads(r.stdout)["generated"]  # out of reach: the bound stops it, and the report says so
+    assert r.exit_code == 0 and g["count"] == 0 and g["drawn"] == 3 * pdiff.MAX_ROUNDS
+    assert json.loads(r.stdout)["verdict"] == {"label": "unknown", "text": "none of the 60 sets drawn reached "
+                                                                           "--min-accuracy"}

@@ -1132,12 +1132,29 @@ def test_experiment_script_prints_a_table(tmp_path):
     assert lines[0].startswith("| noise augmentation |") and len(lines) == 6
     for line, name in zip(lines[2:], ("none", "input only", "latent only", "both (default)")):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == name and cells[5] in ("copying", "averaging", "inferior", "fresh", "novel")
+        assert cells[0] == name and cells[6] in ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
         best, mean, median = map(float, cells[1].split(" / "))
         assert 0 < median <= best <= 100 and 0 < float(cells[3]) <= 100 and 0 < float(cells[4]) <= 100
+        assert all(0 < float(v) <= 1 for v in cells[5].split(" / "))  # max IoU: generated / originals
     fits = sorted(f.name for f in tmp_path.joinpath("noise").glob("model-*.safetensors"))
     assert fits == ["model-both.safetensors", "model-input.safetensors", "model-latent.safetensors",
                     "model-none.safetensors"]
+
+
+@pytest.mark.parametrize("script,rows", [("table1.sh", ["digits / mlp3"]),
+                                         ("ablate_generator.sh", ["pca + mlp", "pdiff + pdiff"])])
+def test_generator_and_table1_scripts(tmp_path, script, rows):
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'}",
+           "COMBOS": "pca,mlp pdiff,pdiff"}
+    p = subprocess.run(["bash", str(HERE / "experiments" / script)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()[2:]
+    assert [line.split("|")[1].strip().split(" (")[0] for line in lines] == rows
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[6] in ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
+        assert 0 < float(cells[1].split(" / ")[2]) <= 100  # generated median
 
 
 def test_experiment_script_stops_on_a_failed_pdiff(tmp_path):

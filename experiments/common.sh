@@ -39,11 +39,13 @@ row() {
   for k in best mean median; do g+=("$(get ".generated.$k" <<<"$2")"); o+=("$(get ".original.$k" <<<"$2")"); done
   local held; held=$(get .held_out.median <<<"$2")
   [[ $held == null ]] && held=- || held=$(printf "%.2f" "$held")
-  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %s | %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" "$held" \
-    "$(get .baselines.ensemble.median <<<"$2")" "$(get .verdict.label <<<"$2")"
+  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %s | %.2f | %.2f / %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" \
+    "$held" "$(get .baselines.ensemble.median <<<"$2")" "$(get .generated.max_iou.mean <<<"$2")" \
+    "$(get .original.max_iou.mean <<<"$2")" "$(get .verdict.label <<<"$2")"
 }
 
 header() {
-  echo "| $1 | generated best / mean / median | training originals best / mean / median | held-out median | ensemble | verdict |"
-  echo "|---|---|---|---|---|---|"
+  echo "| $1 | generated best / mean / median | training originals best / mean / median | held-out median | ensemble |" \
+    "max IoU generated / originals | verdict |"
+  echo "|---|---|---|---|---|---|---|"
 }

@@ -18,8 +18,8 @@ Map of this file. The method, in the order the data flows:
     data          data sets as uint8 tensors on the device (digits offline; torchvision's loaders)
     networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
     parameter vectors   Layout (which parameters, flattened to D floats), standardisation, alignment
-    autoencoder   AE: parameter vector <-> latent
-    diffusion     Denoiser, Diffusion (DDPM / DDIM)
+    autoencoder   AE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
+    diffusion     Denoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
     evaluation    evaluate() -> which test examples each parameter set gets right
     novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
     collect       stage 1 (train the network), stage 2 (snapshots), or many seeds

@@ -175,6 +175,10 @@ def test_augment_is_a_random_crop_and_flip():
         assert any(torch.equal(out[i], c) for c in crops)
     many = pdiff.augment(x[:1].expand(200, -1, -1, -1), torch.Generator().manual_seed(1), pad=2)
     assert len({m.numpy().tobytes() for m in many}) > 20  # really random: many distinct crops
+    p = padded[0]
+    flipped = sum(any(torch.equal(m, p[:, dy:dy + 6, dx:dx + 6].flip(-1)) for dy in range(5) for dx in range(5))
+                  for m in many)
+    assert 60 < flipped < 140  # about half of them flipped (a 6-wide image is never its own mirror here)
 
 
 def test_baselines_are_made_from_the_training_originals():

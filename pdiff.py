@@ -1908,9 +1908,26 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
         "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
                                        "total": round(time.perf_counter() - t0, 3)}}
     report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
+    if trajectory:
+        report["trajectory"] = along(run, ruler, trajectory, path)
     per_model.pop("decoded", None)
     kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[held]} if keep else {})
     return Sampled(report, name, kept, accs, per_model, trajectory)
+
+
+def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20) -> list:
+    """The traced samples at `points` steps of the reverse process, decoded as they stand (x_t): their median
+    accuracy and mean max IoU with a training original, from noise to the end."""
+    out = []
+    for i in sorted({round(j * (len(trajectory) - 1) / (points - 1)) for j in range(points)}):
+        t, zs = trajectory[i]
+        sets = run.model.decode(zs)
+        ok = torch.isfinite(sets).all(1)
+        correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, path=path)
+        m = ruler.measure(sets[ok], correct[ok])
+        out.append({"t": t, "accuracy": rnd(m["accuracy"].median()) if ok.any() else None,
+                    "max_iou": rnd(m["max_iou"].mean()) if ok.any() else None})
+    return out
 
 
 def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> Group:
@@ -2077,6 +2094,12 @@ def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # 
         lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
         lines[0].set_label(f"{len(lines)} generated samples, a line each")
         d.invert_xaxis()
+        acc = d.twinx()  # their median accuracy along the way
+        tr = s.report.get("trajectory", [])
+        acc.plot([len(s.trajectory) - 1 - [t for t, _ in s.trajectory].index(p["t"]) for p in tr],
+                 [p["accuracy"] for p in tr], color="tab:red", marker=".", label="median accuracy (right)")
+        acc.set(ylabel="test accuracy (%)", ylim=(0, 100))
+        acc.legend(fontsize=7, loc="lower left")
     d.set(xlabel="reverse-diffusion steps left", ylabel="decoded parameters on the originals' PC1",
           title="reverse trajectories")
 

@@ -464,7 +464,7 @@ def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     run = pdiff.open_run(digits_run, model="default")
     s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", steps=10), run, trace=True, keep=True)
     fig = pdiff.figure(s, run.model, run.snapshots[run.training], run.layout)
-    a, b, c, d, e, f = fig.axes
+    a, b, c, d, e, f, right = fig.axes  # right: panel d's accuracy axis
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"original", "held-out", "generated", "average", "gaussian", "ensemble"} <= set(legend(a))
     held = [p for p in a.collections if p.get_label() == "held-out"][0]
@@ -473,6 +473,13 @@ def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     assert sorted(gen.get_offsets()[:, 1].tolist()) == pytest.approx(sorted(s.accuracies.tolist()))
     assert {"original", "held-out", "generated"} <= set(legend(c))  # latents
     assert len(d.get_lines()) == pdiff.TRACED and len(s.trajectory) == 11  # 10 steps and the end, 8 paths
+    tr = s.report["trajectory"]  # accuracy and similarity along the reverse process, noise first
+    assert [p["t"] for p in tr] == [t for t, _ in s.trajectory] and tr[-1]["t"] == -1
+    for i in (0, -1):  # from x_T to the end: the traced samples, decoded as they stand
+        acc = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, run.model.decode(s.trajectory[i][1]),
+                                            run.data.x_test, run.data.y_test))
+        assert tr[i]["accuracy"] == pytest.approx(acc.median().item(), abs=1e-3)
+    assert right.get_lines()[0].get_ydata().tolist() == [p["accuracy"] for p in tr]
     shown = e.get_images()[0].get_array(), f.get_images()[0].get_array()  # Fig. 3: originals and generated
     assert shown[0].shape == (10, 400) and shown[1].shape == (10, 400) and 0 <= shown[0].min() and shown[1].max() <= 1
     t0 = (torch.linspace(0, run.layout.D - 1, 400).long() < run.layout.sizes[0]).numpy()  # columns of tensor 0

@@ -37,11 +37,15 @@ print("null" if d is None else d)' "$1"; fi
 row() {
   local g=() o=() k
   for k in best mean median; do g+=("$(get ".generated.$k" <<<"$2")"); o+=("$(get ".original.$k" <<<"$2")"); done
-  local held; held=$(get .held_out.median <<<"$2")
-  [[ $held == null ]] && held=- || held=$(printf "%.2f" "$held")
-  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %s | %.2f | %.2f / %.2f | %s |\n" "$1" "${g[@]}" "${o[@]}" \
-    "$held" "$(get .baselines.ensemble.median <<<"$2")" "$(get .generated.max_iou.mean <<<"$2")" \
-    "$(get .original.max_iou.mean <<<"$2")" "$(get .verdict.label <<<"$2")"
+  printf "| %s | %.2f / %.2f / %.2f | %.2f / %.2f / %.2f | %s | %.2f | %s / %s | %s |\n" "$1" "${g[@]}" "${o[@]}" \
+    "$(num .held_out.median "$2")" "$(get .baselines.ensemble.median <<<"$2")" "$(num .generated.max_iou.mean "$2")" \
+    "$(num .original.max_iou.mean "$2")" "$(get .verdict.label <<<"$2")"
+}
+
+# num PATH JSON: the number at PATH with two decimals, or - where there is none (one original has no neighbour)
+num() {
+  local v; v=$(get "$1" <<<"$2")
+  [[ $v == null ]] && echo - || printf "%.2f" "$v"
 }
 
 header() {

@@ -4,7 +4,7 @@ many random halvings) should read `fresh`; copies, blends and noisy copies of tr
 
     python experiments/calibrate_verdict.py                  # the quick start's protocol, 10 collect seeds
     python experiments/calibrate_verdict.py --seeds-protocol # whole networks: collect --seeds 200, 10 collect seeds
-    QUICK=1 python experiments/calibrate_verdict.py          # 2 small collections (a test runs this)
+    QUICK=1 python experiments/calibrate_verdict.py          # 2 small collections, a minute or two
 
 Prints a Markdown table: for each group, how often (over collections, and halvings for the fresh groups) each label
 came out. Uses pdiff's own Ruler / judge, the code `pdiff sample` runs.
@@ -94,7 +94,7 @@ def main():
                 pd("fit", "--run", run, "--seed", s, "--force", *fit)
             for k, v in calibrate(run, a.n, halvings, s).items():
                 total[k] += v
-    words = ("fresh", "copying", "averaging", "inferior")
+    words = ("fresh", "copying", "averaging", "inferior", "unknown")
     print(f"| group ({'collect --seeds' if a.seeds_protocol else 'consecutive snapshots'}, {runs} collections) | "
           + " | ".join(words) + " |")
     print("|---|" + "---|" * len(words))

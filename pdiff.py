@@ -235,6 +235,9 @@ class FitConfig:
     beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
     clip: Optional[float] = opt(None, "Sampling clamps each predicted clean latent to the training latents' range, "
                                       "widened by this share of it on each side [mlp: 0.1; pdiff: no clamp].", min=0)
+    condition: bool = opt(False, "Condition the mlp denoiser on each original's test accuracy (dropped for 10 % of "
+                                 "each batch, so one network is also unconditioned), for sample --target-accuracy. "
+                                 "The test set then shapes the generator (pdiff keeps no validation split).")
     holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
                               "test: a share below 1, else a count; whole networks with --seeds; at least 5 when "
                               "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
@@ -254,6 +257,8 @@ class FitConfig:
     clip_share = property(lambda c: c.clip if c.clip is not None else None if c.paper_denoiser else 0.1)
 
     def __post_init__(self):  # the bounds an option's min/max cannot say
+        if self.condition and self.paper_denoiser:
+            raise PdiffError("--condition needs pdiff's denoiser (--denoiser mlp): p-diff's has no conditioning", 2)
         if not 0 < self.beta_start < self.beta_end < 1:
             raise PdiffError(f"the noise schedule needs 0 < --beta-start < --beta-end < 1, not {self.beta_start}, "
                              f"{self.beta_end}", 2)
@@ -276,6 +281,10 @@ class SampleConfig:
                   "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
                   "units (arXiv 2506.07998).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
+    target_accuracy: Optional[float] = opt(None, "Generate at this test accuracy in % (a model fitted with "
+                                                 "--condition; classifier-free guidance).", min=0, max=100)
+    guidance: float = opt(2.0, "Guidance weight w of --target-accuracy: eps = (1 + w) eps(target) - w eps(none); 0 "
+                               "is the conditioned model alone.", min=0)
     min_accuracy: Optional[float] = opt(None, "Keep drawing, n sets at a time (at most 20 n), until n generated sets "
                                               "reach this test accuracy in % (the paper's Fig. 5b; the test set then "
                                               "picks them); the report says how many were drawn.", min=0, max=100)
@@ -945,16 +954,21 @@ class Denoiser(nn.Module):
     to its input. (A 1-D conv U-Net over the latent coordinates, measured on the quick start's latents,
     sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
 
-    def __init__(self, latent: int, *, width: int = 512, depth: int = 3, temb: int = 64):
+    def __init__(self, latent: int, *, width: int = 512, depth: int = 3, temb: int = 64, condition: bool = False):
         super().__init__()
         self.temb_dim = temb
         self.temb = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(latent, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, latent))
+        if condition:  # an original's standardised accuracy, added like the timestep; `none` where it is dropped
+            self.cond, self.none = nn.Linear(1, width), nn.Parameter(torch.zeros(width))
 
-    def forward(self, x, t):  # (B, latent), (B,) -> (B, latent)
+    def forward(self, x, t, c=None):  # (B, latent), (B,), (B,) or None: NaN / None = no condition -> (B, latent)
         h = self.inp(x) + self.temb(timestep_embedding(t, self.temb_dim))
+        if hasattr(self, "cond"):
+            c = torch.full((len(x),), math.nan, device=x.device) if c is None else c
+            h = h + torch.where(c.isnan()[:, None], self.none, self.cond(c.nan_to_num(0)[:, None]))
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
@@ -1616,10 +1630,11 @@ class Model(nn.Module):
         n = cfg.latent_size
         self.ae = ConvAE(D, latent=n, norm=cfg.ae_norm) if cfg.paper_ae else AE(K, latent=n, width=cfg.ae_width)
         self.denoiser = ConvDenoiser(n) if cfg.paper_denoiser else \
-            Denoiser(n, width=cfg.ddpm_width, depth=cfg.ddpm_depth)
+            Denoiser(n, width=cfg.ddpm_width, depth=cfg.ddpm_depth, condition=cfg.condition)
         self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(n), "z_std": torch.ones(()),
-                 "z_lo": torch.full((n,), -math.inf), "z_hi": torch.full((n,), math.inf)}
+                 "z_lo": torch.full((n,), -math.inf), "z_hi": torch.full((n,), math.inf),
+                 "acc_mean": torch.zeros(()), "acc_std": torch.ones(())}  # --condition: accuracy's standardisation
         for name, v in stats.items():
             self.register_buffer(name, v)
 
@@ -1640,12 +1655,18 @@ class Model(nn.Module):
         return combine(self.ae.weights(a).cpu(), self.originals, self.rows, self.mean.cpu())
 
     @torch.no_grad()
-    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None,
-                 trace=None) -> torch.Tensor:  # -> (n, latent) standardised latents; decode() makes parameters
+    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
+                 target: Optional[float] = None, guidance: float = 0.0) -> torch.Tensor:
+        """-> (n, latent) standardised latents (decode() makes parameters); at a target accuracy (%) with
+        classifier-free guidance when the denoiser was fitted with --condition."""
         self.eval()
+        eps = self.denoiser
+        if target is not None:
+            c = (target - self.acc_mean) / self.acc_std
+            eps = lambda x, t: (1 + guidance) * self.denoiser(x, t, c.expand(len(x))) - guidance * self.denoiser(x, t)
         with autocast(self.mean.device, isinstance(self.denoiser, ConvDenoiser)):
-            return self.diffusion.sample(self.denoiser, n, len(self.z_mean), g, sampler=sampler, steps=steps,
-                                         eta=eta, clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
+            return self.diffusion.sample(eps, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
+                                         clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
 
     @torch.no_grad()
     def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
@@ -1693,18 +1714,24 @@ def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop
     ae.eval()
 
 
-def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop"):
+def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop",
+                  cond: Optional[torch.Tensor] = None):
     """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
-    denoiser's weights (decay 0: the weights themselves) with its buffers as they ended."""
+    denoiser's weights (decay 0: the weights themselves) with its buffers as they ended. cond (K,): each latent's
+    standardised accuracy, dropped (NaN) for a tenth of every batch (classifier-free guidance's dropout)."""
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_train_steps))
     avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.decay))
 
     def loss(step):
         g = rng(cfg.seed, "ddpm", step)
-        z0 = zs[torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)]  # (B, latent)
+        i = torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)
+        eps = denoiser
+        if cond is not None:
+            c = cond[i].masked_fill((torch.rand(len(i), generator=g) < 0.1).to(zs.device), math.nan)
+            eps = lambda x, t: denoiser(x, t, c)
         with autocast(zs.device, isinstance(denoiser, ConvDenoiser)):
-            return diffusion.loss(denoiser, z0, g)
+            return diffusion.loss(eps, zs[i], g)
 
     denoiser.train()
     loop.run("diffusion", cfg.ddpm_train_steps, loss, opt, sched=sched,
@@ -1716,10 +1743,11 @@ def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs:
 
 
 def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device,
-        loop: Optional["Loop"] = None) -> tuple:
+        loop: Optional["Loop"] = None, accuracies: Optional[torch.Tensor] = None) -> tuple:
     """Standardise the training originals (rows of originals (K_all, D)), take the autoencoder's coordinates of
     them (pca: their span's, the one pass over D being their Gram matrix), fit the autoencoder in them, then the
     DDPM on its latents (standardised for the mlp denoiser, as they come for p-diff's).
+    With --condition, accuracies (K,) are the training originals' (%), which the denoiser learns to follow.
     -> (model, the originals' coordinates: (K, K) or (K, D))."""
     loop = loop or Loop()
     m = Model(cfg, layout.D, len(rows)).to(device)
@@ -1740,7 +1768,11 @@ def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, 
     if cfg.clip_share is not None:
         lo, hi = zs.min(0).values, zs.max(0).values
         m.z_lo, m.z_hi = lo - cfg.clip_share * (hi - lo), hi + cfg.clip_share * (hi - lo)
-    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop)
+    cond = None
+    if cfg.condition:
+        m.acc_mean, m.acc_std = accuracies.mean().to(device), accuracies.std().clamp_min(1e-6).to(device)
+        cond = ((accuracies.to(device) - m.acc_mean) / m.acc_std).float()
+    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop, cond)
     return m, a
 
 
@@ -1907,6 +1939,9 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
                **({"drawn": groups[name].drawn} if groups[name].drawn is not None else {})},
         "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
                                        "total": round(time.perf_counter() - t0, 3)}}
+    if cfg.target_accuracy is not None and judged is None and report[name]["median"] is not None:
+        report[name] |= {"target": cfg.target_accuracy, "guidance": cfg.guidance,
+                         "from_target": rnd(report[name]["median"] - cfg.target_accuracy)}
     report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
     if trajectory:
         report["trajectory"] = along(run, ruler, trajectory, path)
@@ -1935,10 +1970,14 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
     every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
+    if cfg.target_accuracy is not None and not hasattr(model.denoiser, "cond"):
+        raise PdiffError("--target-accuracy needs a model fitted with --condition (pdiff fit --condition "
+                         f"--name NAME --run {run.path}, then sample --model NAME)", 2)
 
     def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
         zs = model.generate(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
                             eta=cfg.eta, tick=ticker(prog, f"{cfg.sampler} sampling", total),
+                            target=cfg.target_accuracy, guidance=cfg.guidance,
                             trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace and not i else None)
         if distributed():  # the same sets everywhere, whatever each GPU's arithmetic did: rank 0's
             zs = gather(zs.cpu(), [len(zs)] + [0] * (world() - 1))  # gathering rank 0's rows alone is a broadcast
@@ -2746,7 +2785,8 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
     with progress() as prog:
         loop.prog = prog
-        model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop)
+        model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
+                       accuracies=accuracy(r.correct[r.training]))
     n = cfg.latent_size  # through the autoencoder; PCA (pca's coordinates only): the first `latent` coordinates
     rt, rt_pca = (round_trip(r, model, a, a_hat) if a_hat is not None else None for a_hat in (
         model.roundtrip(a), F.pad(a[:, :n], (0, a.shape[1] - n)) if model.spanned else None))

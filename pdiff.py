@@ -9,7 +9,9 @@ honest answer to whether the generated networks are new or copies (arXiv 2506.07
     pdiff sample --judge other.safetensors   # the same test for parameter sets made by anything else
     pdiff collect --arch resnet18 --data cifar100 --download   # the paper's main setting (GPU)
 
-Measured (the first three commands, defaults, seed 0; 2 cores of an AMD EPYC, torch 2.14.1 CPU): QUICKSTART
+Measured (the first three commands, defaults, seed 0; an AMD EPYC, one thread, torch 2.14.1 CPU): collect 8.7 s,
+fit 40.7 s, sample 9.6 s; generated median 96.66 % (training snapshots 95.82, held-out 95.54), label `fresh`,
+verdict "fresh, but no better than `gaussian`" (96.94).
 README.md has the tables, the paper's protocols and ablations as scripts (experiments/), and the speed benchmark
 (bench_pdiff.py).
 

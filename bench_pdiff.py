@@ -46,6 +46,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -407,15 +408,18 @@ def measured(script: Path, args: list, limit: float) -> dict:
                            text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         return {"seconds": None, "limit": limit, "peak_gb": None}
-    line = [x for x in p.stderr.splitlines() if x.startswith("maxrss")][-1].split()
+    lines = [x for x in p.stderr.splitlines() if x.startswith("maxrss")]
+    if not lines:  # killed (the kernel's out-of-memory killer leaves no word)
+        return {"seconds": None, "limit": limit, "peak_gb": None, "failed": f"killed (exit {p.returncode})"}
+    line = lines[-1].split()
     if line[2] != "0":
         raise SystemExit(f"bench: {script.name} {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
     return {"seconds": time.perf_counter() - t, "peak_gb": int(line[1]) / 2**20, "json": json.loads(p.stdout)}
 
 
-def bench_fit_d(quick: bool, limit: float) -> dict:
+def bench_fit_d(quick: bool, limit: float, sizes: Optional[list] = None) -> dict:
     """[8] fit's time and peak memory against D, K = 100 snapshots (2 epochs, then stage 2), beside BEFORE's."""
-    out, sizes = {}, list(SIZES)[:2] if quick else list(SIZES)
+    out, sizes = {}, sizes or (list(SIZES)[:2] if quick else list(SIZES))
     with tempfile.TemporaryDirectory() as tmp:
         before, new = pdiff_before(Path(tmp)), HERE / "pdiff.py"
         for size in sizes:
@@ -426,12 +430,16 @@ def bench_fit_d(quick: bool, limit: float) -> dict:
             s = measured(new, ["sample", "--run", run, "-n", 20], 3600)
             out[size] = {"D": c["json"]["params"], "K": k, "collect_s": c["seconds"], "collect_gb": c["peak_gb"],
                          "fit_s": f["seconds"], "fit_gb": f["peak_gb"], "before_fit_s": b["seconds"],
-                         "before_fit_gb": b["peak_gb"], "before_limit_s": b.get("limit"), "sample_s": s["seconds"],
+                         "before_fit_gb": b["peak_gb"], "before_limit_s": b.get("limit"),
+                         "before_failed": b.get("failed"), "sample_s": s["seconds"],
                          "sample_gb": s["peak_gb"], "generated_median": s["json"]["generated"]["median"],
                          "verdict": s["json"]["verdict"]["label"]}
             shutil.rmtree(run)
-            err.print(f"    {size}: fit {f['seconds']:.0f} s {f['peak_gb']:.2f} GB; before "
-                      + (f"{b['seconds']:.0f} s {b['peak_gb']:.2f} GB" if b["seconds"] else f"> {limit:.0f} s"))
+            err.print(f"    {size}: collect {c['seconds']:.0f} s {c['peak_gb']:.2f} GB; fit {f['seconds']:.0f} s "
+                      f"{f['peak_gb']:.2f} GB; sample {s['seconds']:.0f} s {s['peak_gb']:.2f} GB (generated median "
+                      f"{out[size]['generated_median']}, {out[size]['verdict']}); before " +
+                      (f"{b['seconds']:.0f} s {b['peak_gb']:.2f} GB" if b["seconds"] else b.get("failed") or
+                       f"> {limit:.0f} s"))
     return out
 
 
@@ -588,7 +596,7 @@ def report_table(r: dict) -> Table:
             tb.add_row(f"  speed-up with 2 processes", f"{t[stage + '_1_over_2']:.2f}x", "", "")
     for size, f in r.get("fit_d", {}).items():
         before = f"{f['before_fit_s']:.0f} s, {f['before_fit_gb']:.2f} GB" if f["before_fit_s"] else \
-            f"> {f['before_limit_s']:.0f} s"
+            f.get("before_failed") or f"> {f['before_limit_s']:.0f} s"
         tb.add_row(f"fit D={f['D']:,} K={f['K']}: now / before", f"{f['fit_s']:.0f} s, {f['fit_gb']:.2f} GB / {before}",
                    "< 300 s, < 8 GB" if size == "11.2M" else "", "")
         tb.add_row(f"  collect / sample -n 20 (generated median, verdict)", f"{f['collect_s']:.0f} / {f['sample_s']:.0f} s "
@@ -631,6 +639,7 @@ def main():
     ap.add_argument("--only", default=",".join(PARTS[:5]), help=f"comma-separated subset of {','.join(PARTS)} "
                     "(fit-d: fit against D up to a whole resnet18, ~15 min; fit-quality: ~20 min)")
     ap.add_argument("--before-limit", type=float, default=900, help="seconds fit-d lets the earlier fit run per D")
+    ap.add_argument("--sizes", help=f"fit-d: comma-separated subset of {','.join(SIZES)}")
     ap.add_argument("--scale", choices=("small", "paper"), default="small",
                     help="paper: also [7], ResNet-18 on CIFAR-100-shaped data, all three stages (a GPU)")
     ap.add_argument("--keep", action="store_true", help="keep the quick start's temporary run folder")
@@ -663,7 +672,7 @@ def main():
             r["torchrun"] = bench_torchrun(a.quick)
     if "fit-d" in only:
         with section(r, "fit-d"):
-            r["fit_d"] = bench_fit_d(a.quick, a.before_limit)
+            r["fit_d"] = bench_fit_d(a.quick, a.before_limit, a.sizes.split(",") if a.sizes else None)
     if "fit-quality" in only:
         with section(r, "fit-quality"):
             r["fit_quality"] = bench_fit_quality(a.quick)

@@ -1154,7 +1154,7 @@ def test_experiment_script_prints_a_table(tmp_path):
 
 @pytest.mark.parametrize("script,rows", [("table1.sh", ["digits / mlp3"]),
                                          ("ablate_generator.sh", ["pca + mlp", "pdiff + pdiff"]),
-                                         ("target.sh", ["none", "95.54", "98.05"])])
+                                         ("target_accuracy.sh", ["none", "95.54", "98.05"])])
 def test_generator_and_table1_scripts(tmp_path, script, rows):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'}",
            "COMBOS": "pca,mlp pdiff,pdiff"}
@@ -1162,7 +1162,7 @@ def test_generator_and_table1_scripts(tmp_path, script, rows):
                        timeout=600)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()[2:]
-    assert [line.split("|")[1].strip().split(" (")[0] for line in lines] == rows  # target.sh: median, best
+    assert [line.split("|")[1].strip().split(" (")[0] for line in lines] == rows  # targets: median, best
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[6] in ("copying", "averaging", "inferior", "fresh", "novel", "unknown")

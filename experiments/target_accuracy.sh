@@ -3,7 +3,7 @@
 # conditioned model, the generated networks unguided and at the training originals' median and best accuracy for
 # several guidance weights, each judged against the held-out originals (the label says when a target is reached
 # by copying). The condition is each original's test accuracy: the test set shapes this generator.
-#   bash experiments/target.sh    (digits: the quick start's collection)
+#   bash experiments/target_accuracy.sh    (digits: the quick start's collection)
 source "$(dirname "$0")/common.sh"
 GUIDANCE=${GUIDANCE:-$([[ $SCALE == quick ]] && echo "2" || echo "0 1 2 4")}
 pd collect --run "$OUT/run" $NET >/dev/null

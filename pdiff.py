@@ -924,13 +924,14 @@ class ConvAE(nn.Module):
         they were."""
         if self.training or self.norm == "running":
             return f(x)
-        saved = copy.deepcopy([m.state_dict() for m in self.modules() if isinstance(m, nn.BatchNorm1d)])
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm1d)]
+        saved = copy.deepcopy([m.state_dict() for m in norms])
         self.train()
         try:
             return torch.cat([f(c) for c in x.split(size)])
         finally:
             self.eval()
-            for m, sd in zip([m for m in self.modules() if isinstance(m, nn.BatchNorm1d)], saved):
+            for m, sd in zip(norms, saved):
                 m.load_state_dict(sd)
 
     def encode(self, x):  # (B, D) standardised -> (B, latent)
@@ -1988,11 +1989,11 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
     if cfg.min_accuracy is None:
         zs = draw(0)
         return Group(len(zs), lambda s: model.decode(zs[s]))
-    kept, rounds = [], 0
+    kept, rounds, path = [], 0, eval_path(run.net, run.prep, run.layout, run.data.x_test)  # one probe, not one a chunk
     while sum(map(len, kept)) < cfg.n and rounds < MAX_ROUNDS:  # the paper's Fig. 5b: draw until n reach A
         zs, rounds = draw(rounds), rounds + 1
         acc = torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, model.decode(zs[c]), run.data.x_test,
-                                           run.data.y_test)) for c in in_chunks(run.layout.D, len(zs))])
+                                           run.data.y_test, path=path)) for c in in_chunks(run.layout.D, len(zs))])
         kept.append(zs[acc >= cfg.min_accuracy])
     zs = torch.cat(kept)[:cfg.n]
     return Group(len(zs), lambda s: model.decode(zs[s]), drawn=rounds * cfg.n)

@@ -7,7 +7,7 @@ honest answer to whether the generated networks are new or copies (arXiv 2506.07
     pdiff sample -n 50             # noise -> latents -> parameters -> accuracy, novelty, baselines, verdict
     pdiff sample -n 50 --json | jq .generated.best
     pdiff sample --judge other.safetensors   # the same test for parameter sets made by anything else
-    pdiff collect --arch resnet18 --data cifar100 --download   # the paper's main setting (GPU)
+    pdiff collect --arch resnet18 --data cifar100   # the paper's main setting (GPU; torchvision downloads CIFAR-100)
 
 Measured (the first three commands, defaults, seed 0; an AMD EPYC, one thread, torch 2.14.1 CPU): collect 8.7 s,
 fit 40.7 s, sample 9.6 s; generated median 96.66 % (training snapshots 95.82, held-out 95.54), label `fresh`,
@@ -116,7 +116,8 @@ class CollectConfig:
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
     image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share one "
                                           "square size; else 64).", min=1)
-    download: bool = opt(False, "Let torchvision fetch the data set.")
+    download: bool = opt(True, "Fetch a torchvision data set missing from --data-dir (torchvision's downloader and "
+                               "its progress bar); --no-download forbids it.")
     params: Optional[str] = opt(None, "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
                           "comma-separated globs over parameter names. Default: all for mlp3, convnet3 and --seeds; "
                           "else norm.")
@@ -372,11 +373,14 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
     cls = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10,
            "cifar100": datasets.CIFAR100, "stl10": datasets.STL10, "svhn": datasets.SVHN,
            "flowers102": datasets.Flowers102, "pets": datasets.OxfordIIITPet, "food101": datasets.Food101}[name]
+    which = {"split": split[not train]} if split else {"train": train}
     try:
-        ds = cls(root, **({"split": split[not train]} if split else {"train": train}), download=download)
+        ds = cls(root, **which, download=False)
     except RuntimeError as e:  # torchvision: "Dataset not found ... You can use download=True"
-        hint = "" if download else "; pass --download (collect) to fetch it, or --data-dir to point at it"
-        raise PdiffError(f"{name} not found under '{root}' ({one_line(e)}){hint}") from None
+        if not download:
+            raise PdiffError(f"{name} not found under '{root}' ({one_line(e)}); `pdiff collect` fetches it (unless "
+                             "--no-download), or point --data-dir at it") from None
+        ds = fetch(cls, name, root, which)
     if name in ("flowers102", "pets", "food101"):  # image files of many sizes, read one by one
         classes = 102 if name == "flowers102" else len(ds.classes)  # Flowers102.classes: torchvision 0.21 on
         return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), classes
@@ -384,6 +388,27 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
     x = x[:, None] if x.ndim == 3 else x if name in ("stl10", "svhn") else x.permute(0, 3, 1, 2)  # to (N, C, H, W)
     y = ds.labels if name in ("stl10", "svhn") else ds.targets
     return x.contiguous(), torch.as_tensor(y, dtype=torch.int64), 10 if name in ("stl10", "svhn") else len(ds.classes)
+
+
+DOWNLOAD_SIZES = {"mnist": "12 MB", "fashionmnist": "31 MB", "cifar10": "170 MB", "cifar100": "169 MB",
+                  "stl10": "2.6 GB", "svhn": "246 MB (train and test)", "flowers102": "345 MB", "pets": "811 MB",
+                  "food101": "5.0 GB"}  # what torchvision fetches for each, compressed
+
+
+def fetch(cls, name: str, root: str, which: dict):
+    """A torchvision data set not found under root, downloaded by torchvision (its progress bar shows on stderr).
+    Under torchrun rank 0 downloads while the others wait, then all read it."""
+    if rank() == 0:
+        err.print(f"{name} is not under '{root}': downloading it (about {DOWNLOAD_SIZES[name]}; --no-download forbids "
+                  "this)")
+        try:
+            cls(root, **which, download=True)
+        except (RuntimeError, OSError) as e:  # no network (URLError is an OSError), a mirror down, a full disk
+            raise PdiffError(f"could not download {name} into '{root}' ({one_line(e)[:200]}); with no network, copy "
+                             f"its files there (or point --data-dir at them), or use --data digits (bundled)") from None
+    if distributed():
+        dist.barrier()
+    return cls(root, **which, download=False)
 
 
 def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:

@@ -201,7 +201,7 @@ def test_baselines_are_made_from_the_training_originals():
     assert all(any(torch.allclose(row, (x[i] + x[j]) / 2) for i, j in pairs) for row in two[:5])  # two distinct
     noise = b["noise-0.5"]  # a training original plus 0.5 of its values' std (the reference code's unit)
     resid = torch.stack([(row - x[rows]).norm(dim=1).min() for row in noise[:50]])
-    assert resid.median() == pytest.approx(0.5 * x[rows].std(1).mean() * 6 ** 0.5, rel=0.3)
+    assert resid.median().item() == pytest.approx(0.5 * x[rows].std(1).mean().item() * 6 ** 0.5, rel=0.3)
     chunks = pdiff.baselines(ruler, 500, pdiff.SampleConfig(n=500, noise_std="0.5"), layout)
     for k in ("noise-0.5", "gaussian"):  # made a chunk at a time: the same sets
         torch.testing.assert_close(torch.cat([chunks[k].make(slice(0, 7)), chunks[k].make(slice(7, 500))]), b[k])
@@ -669,7 +669,7 @@ def write_idx(path: Path, array: torch.Tensor):
 def write_mnist(root: Path):
     """A tiny learnable MNIST in torchvision's files: class c is a bright bar at row 2c, plus noise."""
     raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+    raw.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 96), ("t10k", 32)):
         y = torch.arange(n) % 10
@@ -693,6 +693,50 @@ def test_mnist_from_torchvision_files(tmp_path):
     assert rep["snapshots"]["count"] == 5 and rep["snapshots"]["median"] > 50.0  # well above chance (10%)
     assert read(run / "snapshots.safetensors")["snapshots"].shape == (5, 784 * 32 + 32 + 32 * 32 + 32 + 330)
 
+
+
+def stub_mnist_download(monkeypatch, calls: list, fail: Exception = None):
+    """torchvision's MNIST downloader replaced by a test double: for each file it would fetch, it writes what the
+    real archive extracts to (IDX files, write_mnist's data), or raises `fail` as an offline machine would."""
+    import torchvision.datasets.mnist
+
+    def fake(url, download_root, filename, md5):
+        calls.append(filename)
+        if fail is not None:
+            raise fail
+        if not (Path(download_root) / "train-images-idx3-ubyte").exists():
+            write_mnist(Path(download_root).parent.parent)
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fake)
+
+
+def test_collect_downloads_a_missing_data_set_by_default(tmp_path, monkeypatch):
+    calls = []
+    stub_mnist_download(monkeypatch, calls)
+    r = cli("collect", "--run", tmp_path / "run", "--data", "mnist", "--data-dir", tmp_path / "data", "--epochs", 1,
+            "--batch-size", 32, "-k", 2, "--json")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())  # rich wraps at the terminal's width
+    assert len(calls) == 4 and "downloading it (about 12 MB" in said  # the 4 files of MNIST, the size said first
+    assert (tmp_path / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+    assert json.loads(r.stdout)["snapshots"]["count"] == 2
+    r = cli("collect", "--run", tmp_path / "run2", "--data", "mnist", "--data-dir", tmp_path / "data", "--epochs", 1,
+            "--batch-size", 32, "-k", 2, "--no-download")  # now on disk: read, nothing fetched
+    assert r.exit_code == 0 and len(calls) == 4, r.output
+
+
+def test_no_download_and_offline_refusals_say_what_to_do(tmp_path, monkeypatch):
+    import urllib.error
+
+    calls = []
+    stub_mnist_download(monkeypatch, calls, fail=urllib.error.URLError("[Errno -3] Temporary failure in name resolution"))
+    args = ["collect", "--run", tmp_path / "run", "--data", "mnist", "--data-dir", tmp_path / "data"]
+    r = cli(*args, "--no-download")
+    assert r.exit_code == 1 and calls == [] and "fetches it (unless --no-download)" in r.stderr, r.output
+    r = cli(*args)  # offline: torchvision tries its mirrors, then gives up
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pdiff: error:")]
+    assert r.exit_code == 1 and len(calls) == 2 and "Traceback" not in r.output, r.output  # both mirrors tried
+    assert len(lines) == 1 and "could not download mnist" in lines[0] and "--data digits" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def write_paper_data_set(name: str, root: Path) -> tuple:
@@ -780,7 +824,7 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["collect", "--arch", "nope"], 2, "unknown --arch 'nope'"), (["collect", "--data", "nope"], 2, "unknown --data"),
     (["collect", "--device", "nope"], 2, "unknown --device"), (["collect", "-k", "0"], 2, "'-k'"),
     (["sample", "-n", "0"], 2, "'-n'"), (["sample", "--sampler", "euler"], 2, "'euler' is not one of"),
-    (["collect", "--params", "zzz*"], 2, "'zzz*' matches no parameter"), (["collect", "--data", "mnist"], 1, "--download"),
+    (["collect", "--params", "zzz*"], 2, "'zzz*' matches no parameter"), (["collect", "--data", "mnist", "--no-download"], 1, "--no-download"),
     (["fit"], 1, "pdiff collect --run"), (["sample"], 1, "pdiff collect --run"),
     (["sample", "--eta", "0.5"], 2, "apply to --sampler ddim"), (["sample", "--steps", "10"], 2, "apply to --sampler ddim"),
     (["sample", "--plot", "out.pdf"], 2, "should end in .png"), (["sample", "-n", "abc"], 2, "valid integer"),
@@ -800,6 +844,21 @@ def test_errors_are_one_line(tmp_path, args, code, words):
     assert len(lines) == 1 and lines[0].startswith("pdiff: error:"), r.stderr
     assert words in lines[0], lines[0]
     assert not run.exists()  # nothing written on failure
+
+
+def test_the_installed_pdiff_command(tmp_path):
+    """`pip install -e .` (the README's set-up) installs the `pdiff` console script beside this Python: it runs
+    this checkout's pdiff.py, help for every command, one-line errors."""
+    exe = shutil.which("pdiff", path=str(Path(sys.executable).parent))
+    assert exe, f"no `pdiff` command beside {sys.executable}: run the README's `pip install -e .`"
+    for sub in ([], ["collect"], ["fit"], ["sample"]):
+        r = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, timeout=120)
+        direct = subprocess.run([sys.executable, str(HERE / "pdiff.py"), *sub, "--help"], capture_output=True,
+                                text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(" ".join(["Usage: pdiff", *sub, "[OPTIONS]"])), r.stderr
+        assert r.stdout == direct.stdout.replace("Usage: pdiff.py", "Usage: pdiff", 1)  # the same code
+    r = subprocess.run([exe, "sample", "-n", "0", "--run", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("pdiff: error:") and len(r.stderr.splitlines()) == 1
 
 
 def test_run_that_is_a_file_and_outputs_that_are_folders(tmp_path):

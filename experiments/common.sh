@@ -1,7 +1,7 @@
 # Sourced by the experiment scripts: the scale's settings, how to run pdiff and read its --json.
 #   QUICK=1      a tiny version that runs in about a minute (a test uses it)
 #   (default)    offline, on scikit-learn's digits: minutes on 2 CPU cores
-#   SCALE=paper  ResNet-18 on CIFAR-100 as in the paper (a GPU, and --download once)
+#   SCALE=paper  ResNet-18 on CIFAR-100 as in the paper (a GPU; torchvision downloads CIFAR-100 the first time)
 # Runs go to $OUT and stay there; without OUT, to a temporary folder removed at the end. PDIFF is the command
 # (default: this checkout's pdiff.py).
 set -euo pipefail
@@ -11,7 +11,7 @@ if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 if [[ ${QUICK:-0} == 1 ]]; then
   SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --ddpm-steps 30"; SAMPLE="-n 8 --sampler ddim --steps 10"
 elif [[ ${SCALE:-} == paper ]]; then  # the v3 code's protocol (README: "The paper's protocols")
-  NET="--data cifar100 --download --pretrained --optimizer adamw --lr 5e-4 --epochs 10"; FIT=""; SAMPLE="-n 200"
+  NET="--data cifar100 --pretrained --optimizer adamw --lr 5e-4 --epochs 10"; FIT=""; SAMPLE="-n 200"
 else
   SCALE=digits; NET=""; FIT=""; SAMPLE="-n 50"
 fi

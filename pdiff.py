@@ -66,6 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
+__version__ = "0.2.0"
 VERSION = "3"  # of the file formats (3: a validation split kept out of training, and its masks)
 VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
@@ -2900,6 +2901,19 @@ class OneLineGroup(typer.core.TyperGroup):
 app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Generate neural-network parameters with latent diffusion (p-diff), and measure whether "
                        "they are new.")
+
+
+def show_version(show: bool):
+    if show:
+        print(f"pdiff {__version__} (file formats: {VERSION}, models: {VERSIONS['model']}; torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                  help="Print pdiff's version and exit.")] = False):
+    pass
+
 DEFAULT_RUN = Path("pdiff-run")
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder: collect writes it, fit and sample read it.")]
 DeviceOpt = Annotated[str, typer.Option(help=f"{' | '.join(DEVICES)} (auto: cuda, then mps, then cpu).")]
@@ -3009,7 +3023,8 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
         existing = [p.name for p in [*outputs, ck] if p.exists()]
         if existing and not force:
             more = " or --resume to continue" if ck.exists() else ""
-            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; pass --force to replace it{more}")
+            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; give a new folder (--run NEW) to keep it, "
+                             f"or pass --force to replace it{more}")
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
     with checkpoint_errors(TypeError):
@@ -3209,6 +3224,48 @@ def sample_cmd(cfg: SampleConfig,
               **({"judge": str(judge_file)} if judge_file is not None else {}), **s.report}
     print_sample(report)
     emit(report, json_out)
+
+
+@command(short="Show what a run folder holds.")
+def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFAULT_RUN, json_out: JsonOpt = False):
+    """Show what a run folder holds: the network, the collection, each fitted model (its generator, its settings,
+    what it held out), and any checkpoint an interrupted stage left. Reads the files' own records; nothing loads."""
+    check_run(run)
+    if not run.is_dir():
+        raise PdiffError(f"run folder '{run}' does not exist")
+    report = {"run": str(run)}
+    for kind in ("network", "snapshots"):
+        if (run / FILES[kind]).is_file():
+            _, meta = load_artifact(run / FILES[kind], kind)
+            report[kind] = {"id": meta["id"], "config": meta["config"]} if kind == "network" else \
+                {"id": meta["id"], "collection": meta["collection"], "report": meta["report"]}
+    report["models"] = {}
+    for path in sorted(run.glob("model*.safetensors")):
+        _, meta = load_artifact(path, "model")
+        split = meta["split"]
+        report["models"][path.stem.removeprefix("model").removeprefix("-") or DEFAULT_MODEL] = {
+            "generator": meta["config"]["generator"], "settings": meta["settings"], "training": len(split["training"]),
+            "held_out": [len(u) for u in split["units"]], "reference": meta["report"].get("reference"),
+            "decoded": (meta["report"].get("decoded") or {}).get("median")}
+    report["checkpoints"] = sorted(p.name for p in run.glob("*checkpoint*.safetensors"))
+    if json_out:
+        return emit(report, True)
+    net, snaps = report.get("network"), report.get("snapshots")
+    if net:
+        c = net["config"]
+        err.print(f"network: {c['arch']} on {c['data']} (collect seed {c['seed']}, validation {c['validation']:g})")
+    if snaps:
+        col, rep = snaps["collection"], snaps["report"]
+        err.print(f"collection: {col['kind']}, {col['networks']} network(s) x {col['per_network']} snapshot(s)"
+                  f"{', aligned' if col.get('aligned') else ''}; {rep['params']:,} parameters; test median "
+                  f"{rep['snapshots']['median']:.2f} %; images {rep.get('images')}")
+    for name, m in report["models"].items():
+        err.print(f"model {name}: {m['generator']}, fitted to {m['training']} originals, {len(m['held_out'])} held-out "
+                  f"units ({m['reference']}); decoded median {m['decoded']}")
+    for ck in report["checkpoints"]:
+        err.print(f"interrupted: {ck} (continue with --resume)")
+    if not (net or report["models"]):
+        err.print("nothing collected here yet: pdiff collect --run " + str(run))
 
 
 def export_best(s: Sampled, r: Run, path: Path, model: str):

@@ -969,6 +969,20 @@ def test_the_installed_pdiff_command(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("pdiff: error:") and len(r.stderr.splitlines()) == 1
 
 
+def test_version_and_what_a_run_folder_holds(digits_run, tmp_path):
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith(f"pdiff {pdiff.__version__} ")
+    info = json.loads(cli("info", digits_run, "--json").stdout)
+    assert info["network"]["config"]["arch"] == "mlp3" and info["snapshots"]["collection"]["per_network"] == 200
+    m = info["models"]["default"]
+    assert m["generator"] == "span" and m["training"] == 160 and m["held_out"] == [2] * 10
+    assert m["settings"]["latent"] == 16 and m["settings"]["ae_steps"] == 400  # resolved: defaults and what was typed
+    r = cli("info", digits_run)
+    assert r.exit_code == 0 and "model default: span, fitted to 160 originals" in " ".join(r.stderr.split())
+    r = cli("info", tmp_path / "nothing")
+    assert r.exit_code == 1 and r.stderr.startswith("pdiff: error:") and r.stderr.count("\n") == 1
+
+
 def test_run_that_is_a_file_and_outputs_that_are_folders(tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")

@@ -308,18 +308,18 @@ class Data:
         return dataclasses.replace(self, **moved)
 
 
-def validation_rows(N: int, validation: float, seed: int) -> torch.Tensor:
-    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, drawn
-    with (seed, "validation"): the same rows for the same collect --seed, and never trained on."""
+def validation_rows(N: int, validation: float) -> torch.Tensor:
+    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, the
+    same rows for every --seed (collections to compare see the same split), and never trained on."""
     n = min(round(validation * N), MAX_VALIDATION) if validation < 1 else int(validation)
     if n >= N:
         raise PdiffError(f"--validation {validation:g} would hold out {n} of the {N} training images", 2)
-    return torch.randperm(N, generator=rng(seed, "validation"))[:n]
+    return torch.randperm(N, generator=rng(0, "validation"))[:n]
 
 
 def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None, *,
-              validation: float = 0.0, seed: int = 0) -> Data:
-    """A data set as uint8 tensors; `validation` (a share or a count, seeded) of the training images kept apart
+              validation: float = 0.0) -> Data:
+    """A data set as uint8 tensors; `validation` (a share or a count, fixed rows) of the training images kept apart
     as the validation split, before the normalisation statistics are taken from the rest."""
     if name not in DATASETS:
         raise PdiffError(f"unknown --data '{name}' (choose from {', '.join(DATASETS)})", 2)
@@ -339,7 +339,7 @@ def load_data(name: str, root: str = "data", download: bool = False, image_size:
         xtr, xte = resized(xtr, image_size), resized(xte, image_size)
     if xtr.shape[1] != xte.shape[1]:  # a grayscale split beside a colour one
         xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
-    val = validation_rows(len(ytr), validation, seed) if validation else torch.zeros(0, dtype=torch.int64)
+    val = validation_rows(len(ytr), validation) if validation else torch.zeros(0, dtype=torch.int64)
     keep = torch.ones(len(ytr), dtype=torch.bool).index_fill_(0, val, False)
     xva, yva, xtr, ytr = xtr[val], ytr[val], xtr[keep], ytr[keep]
     xf = xtr.float().div(255)
@@ -2678,8 +2678,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or not all(len(t.get(k, [])) == K for k in (
             "correct", "val_correct")):
         raise PdiffError(f"{snap_path}: its tensors do not match the layout of {layout.D} parameters")
-    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size, validation=cfg.validation,
-                  seed=cfg.seed).to(device)
+    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size,
+                  validation=cfg.validation).to(device)
     if (len(d.y_test), len(d.y_val)) != (t["correct"].shape[1], t["val_correct"].shape[1]):
         raise PdiffError(f"the {cfg.data} data under '{data_dir or cfg.data_dir}' has {len(d.y_test)} test and "
                          f"{len(d.y_val)} validation examples; the snapshots were evaluated on "
@@ -3080,8 +3080,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation,
-                  seed=cfg.seed).to(dev)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size,
+                  validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
     if cfg.seeds and any(b.numel() for b in net.buffers()):

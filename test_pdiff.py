@@ -515,8 +515,8 @@ def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
     # an original as the noise baseline does. The generated sets must be neither.
     rep, out = sampled
     run = pdiff.open_run(digits_run, model="default")
-    z_o = run.model.coordinates(run.snapshots[run.training])  # orthonormal coordinates of the span: distances kept
-    z_g = run.model.coordinates(read(out / "gen.safetensors")["samples"])
+    z_o = run.model.ae.coordinates(run.snapshots[run.training])  # orthonormal coordinates of the span: distances kept
+    z_g = run.model.ae.coordinates(read(out / "gen.safetensors")["samples"])
     spread = lambda z: (z - z.mean(0)).norm(dim=1).median().item()  # median distance to the group's own mean
     assert spread(z_g) > 0.25 * spread(z_o), (spread(z_g), spread(z_o))
     d_gen = rep["generated"]["nearest_distance"]["median"]
@@ -645,7 +645,7 @@ def test_snapshot_and_generated_files_load_into_fresh_model(digits_run, sampled)
     net, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
     net.load_state_dict(net_t)
     layout = pdiff.select_params(net, "all")
-    d = pdiff.load_data("digits", validation=0.2, seed=0)  # the images as collect split and normalised them
+    d = pdiff.load_data("digits", validation=0.2)  # the images as collect split and normalised them
     prep = pdiff.Prep(d.mean, d.std, 1, 8)
     for vec, acc in ((snaps[7], None), (gen["samples"][3], gen["accuracies"][3])):
         fresh, _, _ = pdiff.build_net("mlp3", 1, 8, 10)
@@ -678,9 +678,9 @@ def judge_file(path: Path, sets: torch.Tensor) -> Path:
     return path
 
 
-def calibration(run: Path, rep: dict, tmp_path: Path):
+def calibration(run: Path, rep: dict, tmp_path: Path, held_out: str = "fresh"):
     """The verdict's calibration cases on one run: copies, blends and fresh draws get the label that is true."""
-    assert rep["held_out"]["label"] == "fresh"  # one half of the held-out originals against the other half
+    assert rep["held_out"]["label"] == held_out  # one half of the held-out originals against the other half
     assert rep["baselines"]["noise-0.001"]["label"] == "copying"  # each a training original plus the smallest noise
     assert rep["baselines"]["average"]["label"] == "averaging"  # means of 16 training originals
     r = pdiff.open_run(run, model="default")
@@ -703,7 +703,7 @@ def calibration(run: Path, rep: dict, tmp_path: Path):
     assert got["verdict"]["label"] == "copying" and got["judged"]["copies"] == 26
     got = judged(r.snapshots[r.held_out])  # the held-out originals, judged against themselves: named
     assert got["judged"]["label"] == "copying" and got["judged"]["copied"]["held_out"] == r.held_out
-    big = x[:40] + 1.0 * r.model.std * torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(0))
+    big = x[:40] + 1.0 * r.model.ae.std * torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(0))
     got = judged(big)  # an original plus noise that leaves the span: never novel
     assert got["judged"]["off_span"] > 0.5 and got["verdict"]["label"] != "novel"
 
@@ -720,7 +720,7 @@ def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["held_out"]["units"] == 10 and rep["original"]["count"] == 90
-    calibration(run, rep, tmp_path)
+    calibration(run, rep, tmp_path, "unknown")  # 5 held-out networks against 5: even groups wholly apart pass 7 tests
     # permutation-aware: a held-out network with its hidden units shuffled is aligned back before it is measured
     o = pdiff.open_run(run, model="default")
     net = o.snapshots[o.held_out[0]]
@@ -1695,7 +1695,8 @@ def test_paper_generator_combines_with_pdiffs(tmp_path, generator):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     conv_ae, conv_dn = generator in ("v3", "conv+mlp"), generator in ("v3", "span+conv")
-    assert rep["decoded"]["count"] == 20 and (rep["pca"] is None) == conv_ae and rep["generator"] == generator
+    assert rep["decoded"]["count"] == 15 and (rep["pca"] is None) == conv_ae  # 30 less 5 held-out blocks and gaps
+    assert rep["generator"] == generator
     o = pdiff.open_run(run, model="default")
     m = o.model
     assert isinstance(m.ae, pdiff.ConvAE if conv_ae else pdiff.SpanAE)
@@ -1755,14 +1756,15 @@ def test_target_accuracy_steers_a_conditioned_model(tmp_path):
     assert cli("collect", "--run", run, "--epochs", 3, "-k", 60).exit_code == 0
     assert cli("fit", "--run", run, "--condition", "--ae-steps", 300, "--ddpm-steps", 1500).exit_code == 0
     got = {}
-    for target in (90, 97):
+    for target in (90, 95):  # within the originals' validation accuracies (57 to 96 %)
         r = cli("sample", "--run", run, "-n", 20, "--sampler", "ddim", "--target-accuracy", target, "--json")
         assert r.exit_code == 0, r.output
         g = json.loads(r.stdout)["generated"]
         assert g["target"] == target and g["guidance"] == 2.0  # a validation accuracy: the test set only grades
         assert g["from_target"] == pytest.approx(g["validation"]["median"] - target)
-        got[target] = g["median"]
-    assert got[97] - got[90] > 1.5  # measured: 95.26 against 92.76 (one test image is 0.28)
+        got[target] = g["validation"]["median"], g["median"]
+    assert got[95][0] - got[90][0] > 2.0  # steered where it was conditioned: measured 95.83 against 93.06
+    assert got[95][1] - got[90][1] > 1.5  # and on the test set, which it never saw: 94.43 against 92.34
     r = cli("fit", "--run", tmp_path / "c", "--name", "p", "--condition", "--generator", "v3")
     assert r.exit_code == 2 and "--condition needs pdiff's denoiser" in r.output
     assert cli("fit", "--run", run, "--name", "plain", "--ae-steps", 10, "--ddpm-steps", 10).exit_code == 0

@@ -95,7 +95,7 @@ def calibrate(path: Path, other: Path, halvings: int, seed: int, fitted: bool) -
     if run.config.arch == "mlp3":
         sets["another recipe (scikit-learn)"] = ("fresh", aligned(run, other_recipe(run, 20, seed)))
     if fitted:
-        sets["generated"] = ("?", run.model.decode(run.model.generate(N, pdiff.rng(seed, "sample"), sampler="ddim",
+        sets["generated"] = ("?", run.model.decode(run.model.draw(N, pdiff.rng(seed, "sample"), sampler="ddim",
                                                                         steps=50)))
     m_held, _ = pdiff.held_out_group(run, ruler)
     ref, labels = (m_held, len(run.units)), collections.defaultdict(lambda: ("", []))

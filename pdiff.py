@@ -9,11 +9,8 @@ honest answer to whether the generated networks are new or copies (arXiv 2506.07
     pdiff sample --judge other.safetensors   # the same test for parameter sets made by anything else
     pdiff collect --arch resnet18 --data cifar100   # the paper's main setting (GPU; torchvision downloads CIFAR-100)
 
-Measured (the first three commands, defaults, seed 0; an AMD EPYC, one thread, torch 2.14.1 CPU): collect 8.7 s,
-fit 40.7 s, sample 9.6 s; generated median 96.66 % (training snapshots 95.82, held-out 95.54), label `fresh`,
-verdict "fresh, but no better than `gaussian`" (96.94).
-README.md has the tables, the paper's protocols and ablations as scripts (experiments/), and the speed benchmark
-(bench_pdiff.py).
+README.md is for users; docs/RESULTS.md holds every measured table, written by experiments/results.py from the
+experiment scripts and the benchmark (experiments/bench_pdiff.py).
 
 Map of this file. The method, in the order the data flows:
     config        CollectConfig, FitConfig, SampleConfig: every option, its default and help, in one place
@@ -74,7 +71,6 @@ DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar1
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("sgd", "adamw")
-AUTOENCODERS, DENOISERS = ("pca", "pdiff"), ("mlp", "pdiff")  # pdiff's own first; "pdiff": p-diff's (v3 code)
 EVAL_MEMORY = 1 << 30  # bytes of activations one batched evaluation chunk may hold
 MAX_VALIDATION = 5000  # training images a share of collect --validation keeps apart at most
 err = Console(stderr=True)
@@ -270,7 +266,7 @@ DDIM_STEPS = 50  # --steps default for ddim
 def autocast(device: torch.device, paper: bool = False):
     """bf16 on CUDA; CPU and MPS run float32 so CPU results are exact and repeatable. paper=True (p-diff's
     generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16), and
-    about twice as fast there as float32 (bench_pdiff.py --only paper-cost)."""
+    about twice as fast there as float32 (experiments/bench_pdiff.py --only paper-cost)."""
     if device.type == "cuda" or paper and device.type == "cpu":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -841,8 +837,7 @@ class SpanAE(nn.Module):
     Decoder: those coordinates back, plus a residual MLP whose last layer starts at zero, so it starts as exactly
     PCA and learns what a linear map misses. Everything it outputs lies in the span (a generated network is an
     affine combination of training originals); what that costs where held-out networks lie off it is measured
-    in the README. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D
-    conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, this one at 89.1."""
+    in docs/RESULTS.md (experiments/bench_pdiff.py --only fit-quality)."""
     DEFAULTS = {"latent": 16, "ae_steps": 1500, "ae_lr": 1e-3, "ae_weight_decay": 0.01, "input_noise": 0.001,
                 "latent_noise": 1.0, "ae_width": 256}  # latent noise in units of the latents' spread (whitened)
     bf16 = False  # float32 everywhere: exact and repeatable on the CPU
@@ -1029,8 +1024,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) -> (B
 class MLPDenoiser(nn.Module):
     """pdiff's eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding
     added to its input; trained on standardised latents with an EMA of its weights, sampling clamped to the
-    training latents' range widened by `clip` of it on each side. (A 1-D conv U-Net over the latent coordinates,
-    measured on the quick start's latents, sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
+    training latents' range widened by `clip` of it on each side. (Chosen over a 1-D conv U-Net over the latent
+    coordinates, whose samples spread far less than the originals on the quick start's latents.)"""
     DEFAULTS = {"ddpm_steps": 3000, "ddpm_lr": 1e-3, "ddpm_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
                 "ddpm_width": 512, "ddpm_depth": 3}
     bf16, standardised = False, True
@@ -1612,6 +1607,11 @@ def verdict(g: dict, base: dict, n_ref: int, name: str = "generated", reference:
                 f"{under[0]}{' and ' + str(len(under) - 1) + ' more' if len(under) > 1 else ''}{ref}"}
     return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %, from {lo:.2f}) than "
             f"every baseline and than noise at its novelty{ref}"}
+
+
+LEGEND = ("labels: copying: closer to particular training originals than held-out ones are; averaging: closer to "
+          "their mean (a blend); inferior: less accurate; fresh: none of these; unknown: too few to tell; novel "
+          "(verdict only): fresh, and more accurate than the noise curve and every baseline")
 
 
 def findings(g: dict) -> str:
@@ -3302,6 +3302,7 @@ def print_sample(rep: dict):
               "IoU of wrong predictions with a training original; copy %, blend %: models beyond the held-out "
               "originals' edge (about 5 % of theirs); exact: sets that are originals; label: the test against the "
               f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})", style="dim")
+    err.print(LEGEND, style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:
         err.print(f"failed (NaN/Inf parameters, left out): {failed}")

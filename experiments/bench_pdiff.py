@@ -1,9 +1,9 @@
 """Benchmark of pdiff's hot paths, run by hand (not a test). Takes a few minutes on 2 CPU cores.
 
-    python bench_pdiff.py                       # full run; table on stderr, JSON on stdout
-    python bench_pdiff.py --quick --json b.json # smaller sizes; JSON into b.json
-    python bench_pdiff.py --device cuda
-    python bench_pdiff.py --only evaluate --n-test 128 --threads 1   # one part, other sizes
+    python experiments/bench_pdiff.py                       # full run; table on stderr, JSON on stdout
+    python experiments/bench_pdiff.py --quick --json b.json # smaller sizes; JSON into b.json
+    python experiments/bench_pdiff.py --device cuda
+    python experiments/bench_pdiff.py --only evaluate --n-test 128 --threads 1   # one part, other sizes
 
 Everything is measured side by side in one run, after a warm-up, with time.perf_counter (synchronised on
 CUDA); "median" means the median of --repeat timings. Random data come from torch with fixed seeds.
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the checkout: pdiff.py beside experiments/
 sys.path.insert(0, str(HERE))
 import pdiff  # noqa: E402
 

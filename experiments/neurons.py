@@ -1,0 +1,457 @@
+"""Whole networks as sets of neurons (issue #28): a flow-matching generator whose denoiser is equivariant to
+permuting each hidden layer's units, and the REPAIR blend baseline; main() compares them on a --seeds run.
+
+    python pdiff.py collect --seeds 200 --run /work/runs/seeds200
+    python experiments/neurons.py --run /work/runs/seeds200            # fit, sample 50, judge, Markdown table
+    QUICK=1 python experiments/neurons.py --run RUN                     # tiny settings: well under a minute
+
+The network (a Sequential MLP of Linear layers with ReLUs between: mlp3) is read as a graph, never as one vector:
+    hidden unit of layer 1       a token: its incoming weights (one per input pixel, fixed identities) and bias
+    hidden unit of the last      a token: its bias and its outgoing weights (one per class, fixed identities)
+    hidden layer
+    W between hidden layers      edges: a (units_l, units_l-1) matrix between two sets of tokens
+    output bias                  a global vector (the classes are not interchangeable)
+The denoiser (NeuronDenoiser) works on these sets with no position encoding: self-attention within a layer,
+edge <-> token messages between layers, mean pooling into a global token; so permuting a layer's units permutes
+its output the same way (checked numerically in test_pdiff.py). It needs no alignment and every neuron of every
+training network is a sample of the same token distribution. Generated networks come out in an arbitrary frame;
+main() aligns them to the reference network (pdiff.align_to) before the verdict's distances, as `--judge` does.
+
+Measurements: experiments/neurons.md (every number, setting and time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import pdiff  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------
+# a network vector (D,) <-> its graph: tokens per hidden layer, edges between hidden layers, a global vector
+
+
+class Graph:
+    """The parts of an MLP layout. Layers l = 0..L-1 are pdiff.layer_pairs(layout): W_l (n_l, n_{l-1}), b_l (n_l);
+    layers 0..L-2 have hidden (permutable) units. Token of hidden layer l: [b_l, W_0 row if l = 0, W_{L-1} column
+    if l = L-2]; edges: W_l for 1 <= l <= L-2; global: b_{L-1}."""
+
+    def __init__(self, layout: pdiff.Layout):
+        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        shapes = dict(zip(layout.names, layout.shapes))
+        if len(self.pairs) < 2 or any(len(shapes[w]) != 2 for w, _ in self.pairs) or \
+                len(layout.names) != 2 * len(self.pairs):
+            raise ValueError("NeuronGenerator needs an MLP layout: Linear weights and biases, at least 2 layers")
+        self.units = [shapes[w][0] for w, _ in self.pairs]  # n_l
+        self.n_in, self.L = shapes[self.pairs[0][0]][1], len(self.pairs)
+        H = self.L - 1  # hidden layers
+        self.token_dims = [1 + (self.n_in if l == 0 else 0) + (self.units[-1] if l == H - 1 else 0) for l in range(H)]
+        self.n_out = self.units[-1]
+
+    def split(self, x: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+        """(B, D) -> (tokens [(B, n_l, f_l)], edges [(B, n_l, n_{l-1})], global (B, n_out))."""
+        p, H = self.layout.unflatten(x), self.L - 1
+        tokens = []
+        for l in range(H):
+            w, b = self.pairs[l]
+            parts = [p[b][..., None]]
+            if l == 0:
+                parts.append(p[w])
+            if l == H - 1:
+                parts.append(p[self.pairs[-1][0]].transpose(-1, -2))  # (B, n_l, n_out): outgoing weights
+            tokens.append(torch.cat(parts, -1))
+        edges = [p[self.pairs[l][0]] for l in range(1, H)]
+        return tokens, edges, p[self.pairs[-1][1]]
+
+    def join(self, tokens: list, edges: list, glob: torch.Tensor) -> torch.Tensor:
+        """split's inverse -> (B, D)."""
+        H, p = self.L - 1, {}
+        for l in range(H):
+            w, b = self.pairs[l]
+            t, i = tokens[l], 1
+            p[b] = t[..., 0]
+            if l == 0:
+                p[w], i = t[..., 1:1 + self.n_in], 1 + self.n_in
+            if l == H - 1:
+                p[self.pairs[-1][0]] = t[..., i:].transpose(-1, -2)
+        for l in range(1, H):
+            p[self.pairs[l][0]] = edges[l - 1]
+        p[self.pairs[-1][1]] = glob
+        return self.layout.pack(p, batch=1)
+
+    def permute(self, x: torch.Tensor, perms: list) -> torch.Tensor:
+        """(B, D) with hidden layer l's units reordered by perms[l] (the same function): pdiff.permute per row."""
+        return torch.stack([self.layout.pack(pdiff.permute(self.layout.unflatten(v), self.pairs, perms)) for v in x])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the denoiser: equivariant to permuting each hidden layer's units
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) in [0, 1] -> (B, dim)
+    return pdiff.timestep_embedding(t * 1000, dim)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class Block(nn.Module):
+    """One round of messages: edges read their two end units and the global token; units read the mean of their
+    incoming and outgoing edges, attend to the other units of their layer, and read the global token; the global
+    token reads the mean of every layer's units. Every reduction over units is a mean or attention without
+    positions: permuting a layer's units permutes the outputs alike."""
+
+    def __init__(self, H: int, C: int, Ce: int, heads: int):
+        super().__init__()
+        self.H = H
+        self.edge_to = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # the unit an edge enters
+        self.edge_from = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # the unit it leaves
+        self.edge_mlp = nn.ModuleList(Mlp(Ce, 2 * Ce, Ce) for _ in range(H - 1))
+        self.edge_norm = nn.ModuleList(nn.LayerNorm(Ce) for _ in range(H - 1))
+        self.edge_g = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        # per hidden layer: messages from the edges to it (incoming) and from it (outgoing), as sums of 2 Ce
+        self.msg = nn.ModuleList(nn.Linear(4 * Ce, C) for _ in range(H))
+        self.attn = nn.ModuleList(nn.MultiheadAttention(C, heads, batch_first=True) for _ in range(H))
+        self.norm1 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
+        self.norm2 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
+        self.mlp = nn.ModuleList(Mlp(2 * C, 2 * C, C) for _ in range(H))
+        self.glob = Mlp((H + 1) * C, 2 * C, C)
+        self.Ce = Ce
+
+    def forward(self, h: list, e: list, g: torch.Tensor):  # h [(B, n_l, C)], e [(B, n_l, n_{l-1}, Ce)], g (B, C)
+        H, Ce = self.H, self.Ce
+        e_new = []
+        for k in range(H - 1):  # edge between hidden layers k+1 (rows) and k (columns)
+            to, fr = self.edge_to[k](h[k + 1]), self.edge_from[k](h[k])  # (B, n_{k+1}, Ce), (B, n_k, Ce)
+            x = e[k] + to[:, :, None] + fr[:, None, :] + self.edge_g[k](g)[:, None, None]
+            e_new.append(e[k] + self.edge_mlp[k](self.edge_norm[k](x)))
+        e = e_new
+        out = []
+        for l in range(H):
+            B, n, C = h[l].shape
+            inc = e[l - 1].mean(2) if l > 0 else h[l].new_zeros(B, n, Ce)  # (B, n_l, Ce): over the units below
+            og = e[l].mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)  # over the units above
+            inc2 = e[l - 1].square().mean(2) if l > 0 else h[l].new_zeros(B, n, Ce)
+            og2 = e[l].square().mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)
+            x = h[l] + self.msg[l](torch.cat([inc, og, inc2, og2], -1))
+            y = self.norm1[l](x)
+            x = x + self.attn[l](y, y, y, need_weights=False)[0]
+            x = x + self.mlp[l](torch.cat([self.norm2[l](x), g[:, None].expand(B, n, C)], -1))
+            out.append(x)
+        g = g + self.glob(torch.cat([g] + [x.mean(1) for x in out], -1))
+        return out, e, g
+
+
+class NeuronDenoiser(nn.Module):
+    """Velocity of the flow for a batch of noisy networks in graph form, at times t (B,)."""
+
+    def __init__(self, graph: Graph, *, width: int = 96, edge_width: int = 32, depth: int = 4, heads: int = 4):
+        super().__init__()
+        H, C, Ce = graph.L - 1, width, edge_width
+        self.H, self.C = H, C
+        self.tok_in = nn.ModuleList(nn.Linear(f, C) for f in graph.token_dims)
+        self.tok_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(C), nn.Linear(C, f)) for f in graph.token_dims)
+        self.edge_in = nn.ModuleList(nn.Linear(1, Ce) for _ in range(H - 1))
+        self.edge_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(Ce), nn.Linear(Ce, 1)) for _ in range(H - 1))
+        self.glob_in = nn.Linear(graph.n_out, C)
+        self.glob_out = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, graph.n_out))
+        self.temb = Mlp(64, C, C)
+        self.blocks = nn.ModuleList(Block(H, C, Ce, heads) for _ in range(depth))
+        for head in [*self.tok_out, *self.edge_out, self.glob_out]:  # start at zero velocity
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def forward(self, tokens: list, edges: list, glob: torch.Tensor, t: torch.Tensor):
+        g = self.glob_in(glob) + self.temb(time_embedding(t, 64))  # (B, C)
+        h = [f(x) + g[:, None] for f, x in zip(self.tok_in, tokens)]
+        e = [f(x[..., None]) for f, x in zip(self.edge_in, edges)]
+        for block in self.blocks:
+            h, e, g = block(h, e, g)
+        return ([f(x) for f, x in zip(self.tok_out, h)], [f(x)[..., 0] for f, x in zip(self.edge_out, e)],
+                self.glob_out(g))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the generator
+
+
+class NeuronGenerator:
+    """Flow matching (x_t = (1 - t) x_0 + t eps, velocity eps - x_0) on networks in graph form, standardised per
+    part: each token feature centred and scaled by its spread over all units of all training networks, edges and
+    the global vector likewise (statistics that no permutation changes). fit() sees only the training networks'
+    parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
+
+    DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
+                    sample_steps=100, seed=0)
+
+    def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
+                 heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
+                 sample_steps: int = 100, seed: int = 0):
+        self.graph = Graph(layout)
+        self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
+                             lr=lr, ema=ema, sample_steps=sample_steps, seed=seed)
+        torch.manual_seed(seed)
+        self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.stats = None  # per part: (mean, std)
+
+    # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
+    def set_stats(self, x: torch.Tensor):
+        tokens, edges, glob = self.graph.split(x)
+        tok = [(t.mean((0, 1)), t.std((0, 1)).clamp_min(1e-3 * t.std().item() + 1e-12)) for t in tokens]
+        edg = [(e.mean(), e.std()) for e in edges]
+        self.stats = {"tokens": tok, "edges": edg, "glob": (glob.mean(0), glob.std(0).clamp_min(1e-6))}
+
+    def encode(self, x: torch.Tensor) -> tuple:  # (B, D) raw -> standardised parts
+        tokens, edges, glob = self.graph.split(x)
+        s = self.stats
+        return ([(t - m) / sd for t, (m, sd) in zip(tokens, s["tokens"])],
+                [(e - m) / sd for e, (m, sd) in zip(edges, s["edges"])], (glob - s["glob"][0]) / s["glob"][1])
+
+    def decode(self, tokens, edges, glob) -> torch.Tensor:  # standardised parts -> (B, D) raw
+        s = self.stats
+        return self.graph.join([t * sd + m for t, (m, sd) in zip(tokens, s["tokens"])],
+                               [e * sd + m for e, (m, sd) in zip(edges, s["edges"])],
+                               glob * s["glob"][1] + s["glob"][0])
+
+    def fit(self, originals: torch.Tensor, progress=None) -> "NeuronGenerator":
+        """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then."""
+        cfg = self.settings
+        self.set_stats(originals)
+        x0 = self.encode(originals)
+        K = len(originals)
+        g = torch.Generator().manual_seed(cfg["seed"])
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        warm, total = max(1, cfg["steps"] // 20), cfg["steps"]  # linear warm-up, then cosine to 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(1.0, s / total)))))
+        for step in range(cfg["steps"]):
+            idx = torch.randint(0, K, (cfg["batch"],), generator=g)
+            t = torch.rand(cfg["batch"], generator=g)
+            parts0 = _index(x0, idx)
+            eps = _like(parts0, g)
+            xt = _map2(lambda a, n: _mix(a, n, t), parts0, eps)
+            target = _map2(lambda a, n: n - a, parts0, eps)
+            pred = self.net(*xt, t)
+            loss = _mse(pred, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                d = min(cfg["ema"], (1 + step) / (10 + step))
+                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+                    pe.lerp_(p, 1 - d)
+            if progress and (step % 100 == 0 or step == cfg["steps"] - 1):
+                progress(step, loss.item())
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, *, steps: int = None) -> torch.Tensor:
+        """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
+        Euler steps of the flow from t = 1 (noise) to t = 0."""
+        steps = steps or self.settings["sample_steps"]
+        B = n
+        shapes = self.encode(torch.zeros(1, self.graph.layout.D))
+        x = _map(lambda a: torch.randn((B, *a.shape[1:]), generator=generator), shapes)
+        ts = torch.linspace(1, 0, steps + 1)
+        for i in range(steps):
+            t, dt = ts[i], ts[i + 1] - ts[i]
+            v = self.ema(*x, t.expand(B))
+            x = _map2(lambda a, u: a + dt * u, x, v)
+        return self.decode(*x)
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict(state["net"])
+        self.net.load_state_dict(state["net"])
+        self.stats = state["stats"]
+
+
+# helpers over (tokens list, edges list, glob) triples
+def _map(f, parts):
+    tokens, edges, glob = parts
+    return [f(a) for a in tokens], [f(a) for a in edges], f(glob)
+
+
+def _map2(f, p, q):
+    return [f(a, b) for a, b in zip(p[0], q[0])], [f(a, b) for a, b in zip(p[1], q[1])], f(p[2], q[2])
+
+
+def _index(parts, idx):
+    return _map(lambda a: a[idx], parts)
+
+
+def _like(parts, g):
+    return _map(lambda a: torch.randn(a.shape, generator=g), parts)
+
+
+def _mix(a, n, t):
+    t = t.view(-1, *[1] * (a.dim() - 1))
+    return (1 - t) * a + t * n
+
+
+def _mse(pred, target):
+    """Mean squared error per parameter: every parameter of the network weighs the same."""
+    se = [(p - q).square().sum() for p, q in zip(pred[0] + pred[1] + [pred[2]], target[0] + target[1] + [target[2]])]
+    count = sum(q.numel() for q in target[0] + target[1] + [target[2]])
+    return sum(se) / count
+
+
+# ----------------------------------------------------------------------------------------------------
+# REPAIR (Jordan et al., arXiv 2211.08403): a blend's hidden units rescaled to their parents' statistics
+
+
+def mlp_forward(layout: pdiff.Layout, p: dict, x: torch.Tensor, upto: int = None) -> torch.Tensor:
+    """An MLP given as a parameter dict (pdiff.layer_pairs order, ReLU between layers) on inputs x (N, n_in) ->
+    logits, or the pre-activations of layer `upto` (N, n_upto)."""
+    pairs, h = pdiff.layer_pairs(layout), x
+    for l, (w, b) in enumerate(pairs):
+        z = h @ p[w].T + p[b]
+        if l == upto:
+            return z
+        h = z.relu()
+    return z
+
+
+@torch.no_grad()
+def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor) -> torch.Tensor:
+    """REPAIR one blend (D,) of aligned parents (m, D) on inputs x (N, n_in) (a few training batches, prepped):
+    layer by layer, each hidden unit's pre-activation is shifted and scaled (its incoming weights and bias) so its
+    mean and std on x equal the mean of its parents' means and stds. Later layers see the repaired earlier ones.
+    The output layer is left as it is. -> (D,)."""
+    pairs = pdiff.layer_pairs(layout)
+    q = layout.unflatten(blend.clone())
+    ps = [layout.unflatten(v) for v in parents]
+    for l, (w, b) in enumerate(pairs[:-1]):
+        zs = torch.stack([mlp_forward(layout, p, x, l) for p in ps])  # (m, N, n_l)
+        mu_t, sd_t = zs.mean(1).mean(0), zs.std(1).mean(0)  # the target: the parents' mean statistics
+        z = mlp_forward(layout, q, x, l)
+        mu, sd = z.mean(0), z.std(0)
+        s = sd_t / sd.clamp_min(1e-8)
+        q[w] = q[w] * s[:, None]
+        q[b] = (q[b] - mu) * s + mu_t
+    return layout.pack(q)
+
+
+def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0) -> torch.Tensor:
+    """n training images (seeded pick), prepped and flattened: the `few training batches` REPAIR reads."""
+    idx = torch.randperm(len(run.data.y_train), generator=torch.Generator().manual_seed(seed))[:n]
+    with torch.no_grad():
+        return run.prep(run.data.x_train[idx]).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the comparison
+
+
+def judge_group(run, ruler, sets, ref, n_held, held_nearest_ratio):
+    """-> one table row's numbers for raw sets (n, D), already in the aligned frame."""
+    correct = pdiff.evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test)
+    m = ruler.measure(sets, correct)
+    acc = pdiff.accuracy(correct)
+    row = {"n": len(sets), "median": acc.median().item() if len(acc) % 2 else statistics.median(acc.tolist()),
+           "best": acc.max().item(), "to_mean": m["to_mean"].median().item(),
+           "nearest_ratio": m["nearest_ratio"].median().item(), "max_iou": m["max_iou"].mean().item(),
+           "copies": (m["nearest_ratio"] < held_nearest_ratio.quantile(0.05)).double().mean().item()}
+    if len(sets) > 1:
+        j = pdiff.judge(m, ref, n_held)
+        row["label"], row["tests"] = j["label"], j["tests"]
+    else:
+        row["label"] = "-"
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("-n", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
+    ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
+    args = ap.parse_args(argv)
+    quick = os.environ.get("QUICK") == "1"
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    n = args.n or (10 if quick else 50)
+    settings = dict(width=32, edge_width=8, depth=2, steps=60, batch=16, sample_steps=20) if quick else {}
+    for kv in args.set:
+        k, v = kv.split("=")
+        settings[k] = type(NeuronGenerator.DEFAULTS[k])(v)
+
+    run = pdiff.open_run(args.run, model=None)
+    if not run.collection.get("aligned"):
+        sys.exit("neurons.py compares in the aligned frame: collect with --seeds (mlp3 aligns by default)")
+    ruler, train, held = run.ruler(), run.training, run.held_out
+    per = run.collection.get("per_network", 1)
+    x_train = run.snapshots[train]
+    m_held, held_row = pdiff.held_out_group(run, ruler, per)
+    n_held = len(held) // per
+    ref_vec = run.snapshots[per - 1]  # the alignment reference (a training network)
+
+    rows = {}
+    rows["held-out originals"] = {"n": len(held), "median": held_row["median"], "best": held_row["best"],
+                                  "label": held_row.get("label", "-"), "to_mean": m_held["to_mean"].median().item(),
+                                  "nearest_ratio": m_held["nearest_ratio"].median().item(),
+                                  "max_iou": m_held["max_iou"].mean().item(), "copies": None}
+    judge = lambda sets: judge_group(run, ruler, sets, m_held, n_held, m_held["nearest_ratio"])
+
+    gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
+    t0 = time.perf_counter()
+    gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw = gen.sample(n, torch.Generator().manual_seed(args.seed + 1))
+    sample_s = time.perf_counter() - t0
+    sets = pdiff.align_to(raw, ref_vec, run.layout)
+    if args.save:
+        torch.save(sets, args.save)
+    rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    m = min(16, len(train))
+    picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(n)]
+    avg = torch.stack([x_train[p].mean(0) for p in picks])
+    rows[f"average of {m}"] = judge(avg)
+    rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
+    xr = repair_inputs(run, seed=args.seed)
+    rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(
+        torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)]))
+    sd = x_train.std(0)
+    rows["gaussian (per coordinate)"] = judge(x_train.mean(0) + sd * torch.randn(n, x_train.shape[1], generator=g))
+
+    print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
+          f"generator {gen.settings}\n")
+    print("| group | n | median % | best % | label | to_mean (held-out) | nearest ratio | max IoU | copies | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    h = rows["held-out originals"]
+    for name, r in rows.items():
+        cp = "-" if r["copies"] is None else f"{100 * r['copies']:.0f} %"
+        print(f"| {name} | {r['n']} | {r['median']:.2f} | {r['best']:.2f} | {r['label']} | "
+              f"{r['to_mean']:.1f} ({h['to_mean']:.1f}) | {r['nearest_ratio']:.3f} | {r['max_iou']:.3f} | {cp} | "
+              f"{r.get('seconds', '')} |")
+    t = rows["generated (neurons)"].get("tests", {})
+    print("\ngenerated, per test (median vs held-out, Holm p): " + "; ".join(
+        f"{k} {v['median']} vs {v['held_out']} p={v['p']:.2g}" for k, v in t.items()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1652,7 +1652,7 @@ def tiny_mlp_layout(n_in=5, h1=4, h2=3, out=2) -> pdiff.Layout:
 def test_neuron_denoiser_is_equivariant_to_permuting_hidden_units():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
-    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=1, batch=2)
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=1, batch=2, mode="layers")
     x = torch.randn(3, layout.D, generator=torch.Generator().manual_seed(0))
     gen.set_stats(x)
     with torch.no_grad():  # the output heads start at zero: give every weight a value
@@ -1663,13 +1663,15 @@ def test_neuron_denoiser_is_equivariant_to_permuting_hidden_units():
     perms = [torch.tensor([4, 2, 0, 1, 3]), torch.tensor([2, 3, 1, 0])]
     xp = g.permute(x, perms)
     assert not torch.allclose(xp, x)
-    t = torch.tensor([0.1, 0.5, 0.9])
-    with torch.no_grad():
-        v, vp = (gen.decode(*gen.ema(*gen.encode(y), t)) for y in (x, xp))
-    assert v.abs().max() > 0.1  # not trivially zero
-    assert (g.permute(v, perms) - vp).abs().max() < 1e-5  # permuted in, permuted out
+    for t in (torch.tensor([0.1, 0.5, 0.9]), torch.tensor([[0.0, 0.3], [0.2, 1.0], [0.7, 0.7]])):  # one, per layer
+        with torch.no_grad():
+            v, vp = (gen.decode(*gen.ema(*gen.encode(y), t)) for y in (x, xp))
+        assert v.abs().max() > 0.1  # not trivially zero
+        assert (g.permute(v, perms) - vp).abs().max() < 1e-5  # permuted in, permuted out
     s1, s2 = (gen.sample(2, torch.Generator().manual_seed(1), steps=3) for _ in range(2))
     assert s1.shape == (2, layout.D) and torch.equal(s1, s2)  # same generator, same networks
+    done = gen.sample(2, torch.Generator().manual_seed(1), steps=3, given=x[:2], start=1)  # layer 1 given
+    assert torch.allclose(g.split(done)[0][0], g.split(x[:2])[0][0], atol=1e-6) and not torch.allclose(done, x[:2])
 
 
 def test_repair_matches_the_parents_mean_statistics_hand_checked():

@@ -115,7 +115,7 @@ class Block(nn.Module):
     token reads the mean of every layer's units. Every reduction over units is a mean or attention without
     positions: permuting a layer's units permutes the outputs alike."""
 
-    def __init__(self, H: int, C: int, Ce: int, heads: int):
+    def __init__(self, H: int, C: int, Ce: int, heads: int, products: bool = True):
         super().__init__()
         self.H = H
         self.edge_to = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # the unit an edge enters
@@ -124,7 +124,14 @@ class Block(nn.Module):
         self.edge_norm = nn.ModuleList(nn.LayerNorm(Ce) for _ in range(H - 1))
         self.edge_g = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
         # per hidden layer: messages from the edges to it (incoming) and from it (outgoing), as sums of 2 Ce
-        self.msg = nn.ModuleList(nn.Linear(4 * Ce, C) for _ in range(H))
+        self.msg = nn.ModuleList(nn.Linear(6 * Ce, C) for _ in range(H))
+        # products: an edge reads its two units multiplicatively (a bilinear form, as W_l[j, i] relates unit j's
+        # role to unit i's), and a unit reads its edges weighted by the features of the units at their other ends
+        self.products = products
+        self.edge_p = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.edge_q = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.val_up = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # features of the unit above
+        self.val_down = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # features of the unit below
         self.attn = nn.ModuleList(nn.MultiheadAttention(C, heads, batch_first=True) for _ in range(H))
         self.norm1 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
         self.norm2 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
@@ -138,6 +145,8 @@ class Block(nn.Module):
         for k in range(H - 1):  # edge between hidden layers k+1 (rows) and k (columns)
             to, fr = self.edge_to[k](h[k + 1]), self.edge_from[k](h[k])  # (B, n_{k+1}, Ce), (B, n_k, Ce)
             x = e[k] + to[:, :, None] + fr[:, None, :] + self.edge_g[k](g)[:, None, None]
+            if self.products:
+                x = x + self.edge_p[k](h[k + 1])[:, :, None] * self.edge_q[k](h[k])[:, None, :]
             e_new.append(e[k] + self.edge_mlp[k](self.edge_norm[k](x)))
         e = e_new
         out = []
@@ -147,7 +156,12 @@ class Block(nn.Module):
             og = e[l].mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)  # over the units above
             inc2 = e[l - 1].square().mean(2) if l > 0 else h[l].new_zeros(B, n, Ce)
             og2 = e[l].square().mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)
-            x = h[l] + self.msg[l](torch.cat([inc, og, inc2, og2], -1))
+            zero = h[l].new_zeros(B, n, Ce)
+            inc_w = torch.einsum("bijc,bjc->bic", e[l - 1], self.val_down[l - 1](h[l - 1])) / h[l - 1].shape[1] \
+                if l > 0 and self.products else zero  # sum over the units below, by edge and by their features
+            og_w = torch.einsum("bjic,bjc->bic", e[l], self.val_up[l](h[l + 1])) / h[l + 1].shape[1] \
+                if l < H - 1 and self.products else zero
+            x = h[l] + self.msg[l](torch.cat([inc, og, inc2, og2, inc_w, og_w], -1))
             y = self.norm1[l](x)
             x = x + self.attn[l](y, y, y, need_weights=False)[0]
             x = x + self.mlp[l](torch.cat([self.norm2[l](x), g[:, None].expand(B, n, C)], -1))
@@ -159,7 +173,8 @@ class Block(nn.Module):
 class NeuronDenoiser(nn.Module):
     """Velocity of the flow for a batch of noisy networks in graph form, at times t (B,)."""
 
-    def __init__(self, graph: Graph, *, width: int = 96, edge_width: int = 32, depth: int = 4, heads: int = 4):
+    def __init__(self, graph: Graph, *, width: int = 96, edge_width: int = 32, depth: int = 4, heads: int = 4,
+                 products: bool = True):
         super().__init__()
         H, C, Ce = graph.L - 1, width, edge_width
         self.H, self.C = H, C
@@ -170,15 +185,23 @@ class NeuronDenoiser(nn.Module):
         self.glob_in = nn.Linear(graph.n_out, C)
         self.glob_out = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, graph.n_out))
         self.temb = Mlp(64, C, C)
-        self.blocks = nn.ModuleList(Block(H, C, Ce, heads) for _ in range(depth))
+        self.time_mix = nn.Linear(H * C, C)
+        self.edge_t = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.blocks = nn.ModuleList(Block(H, C, Ce, heads, products) for _ in range(depth))
         for head in [*self.tok_out, *self.edge_out, self.glob_out]:  # start at zero velocity
             nn.init.zeros_(head[-1].weight)
             nn.init.zeros_(head[-1].bias)
 
     def forward(self, tokens: list, edges: list, glob: torch.Tensor, t: torch.Tensor):
-        g = self.glob_in(glob) + self.temb(time_embedding(t, 64))  # (B, C)
-        h = [f(x) + g[:, None] for f, x in zip(self.tok_in, tokens)]
-        e = [f(x[..., None]) for f, x in zip(self.edge_in, edges)]
+        """t: (B,) one time for the whole network, or (B, H) one per group (hidden layer l's units, the edges into
+        them, and with the last layer the output bias): a clean group (t = 0) conditions the others."""
+        B, H = glob.shape[0], self.H
+        t = t[:, None].expand(B, H) if t.dim() == 1 else t
+        tt = [self.temb(time_embedding(t[:, l], 64)) for l in range(H)]  # (B, C) each
+        g = self.glob_in(glob) + self.time_mix(torch.cat(tt, -1))  # (B, C)
+        h = [f(x) + g[:, None] + tt[l][:, None] for l, (f, x) in enumerate(zip(self.tok_in, tokens))]
+        e = [f(x[..., None]) + te(tt[k + 1])[:, None, None] for k, (f, te, x) in
+             enumerate(zip(self.edge_in, self.edge_t, edges))]
         for block in self.blocks:
             h, e, g = block(h, e, g)
         return ([f(x) for f, x in zip(self.tok_out, h)], [f(x)[..., 0] for f, x in zip(self.edge_out, e)],
@@ -196,16 +219,21 @@ class NeuronGenerator:
     parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
-                    sample_steps=100, seed=0)
+                    sample_steps=100, mode="joint", products=True, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
-                 sample_steps: int = 100, seed: int = 0):
+                 sample_steps: int = 100, mode: str = "joint", products: bool = True, seed: int = 0):
+        """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
+        each group learnt with the groups before it clean)."""
+        if mode not in ("joint", "layers"):
+            raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
-                             lr=lr, ema=ema, sample_steps=sample_steps, seed=seed)
+                             lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, seed=seed)
         torch.manual_seed(seed)
-        self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads)
+        self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
+                                  products=products)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None  # per part: (mean, std)
 
@@ -215,6 +243,12 @@ class NeuronGenerator:
         tok = [(t.mean((0, 1)), t.std((0, 1)).clamp_min(1e-3 * t.std().item() + 1e-12)) for t in tokens]
         edg = [(e.mean(), e.std()) for e in edges]
         self.stats = {"tokens": tok, "edges": edg, "glob": (glob.mean(0), glob.std(0).clamp_min(1e-6))}
+
+    def per_part(self, v: torch.Tensor) -> tuple:
+        """(B, H) values per group -> the parts' shape (tokens, edges, glob), each (B, 1, ...) to broadcast."""
+        H = self.graph.L - 1
+        return ([v[:, l, None, None] for l in range(H)], [v[:, k + 1, None, None] for k in range(H - 1)],
+                v[:, H - 1, None])
 
     def encode(self, x: torch.Tensor) -> tuple:  # (B, D) raw -> standardised parts
         tokens, edges, glob = self.graph.split(x)
@@ -239,15 +273,24 @@ class NeuronGenerator:
         warm, total = max(1, cfg["steps"] // 20), cfg["steps"]  # linear warm-up, then cosine to 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(1.0, s / total)))))
+        H = self.graph.L - 1
         for step in range(cfg["steps"]):
             idx = torch.randint(0, K, (cfg["batch"],), generator=g)
-            t = torch.rand(cfg["batch"], generator=g)
+            B = cfg["batch"]
+            t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
+            weight = torch.ones(B, H)  # which groups the loss counts, per network
+            if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it pure noise
+                stage = torch.randint(0, H, (B,), generator=g)
+                ids = torch.arange(H)[None]
+                t = torch.where(ids < stage[:, None], 0.0, torch.where(ids > stage[:, None], 1.0, t))
+                weight = (ids == stage[:, None]).float()
             parts0 = _index(x0, idx)
             eps = _like(parts0, g)
-            xt = _map2(lambda a, n: _mix(a, n, t), parts0, eps)
+            tp = self.per_part(t)
+            xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, tp)
             target = _map2(lambda a, n: n - a, parts0, eps)
             pred = self.net(*xt, t)
-            loss = _mse(pred, target)
+            loss = _mse(pred, target, self.per_part(weight))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -262,18 +305,29 @@ class NeuronGenerator:
         return self
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, *, steps: int = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
+               start: int = 0) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
-        Euler steps of the flow from t = 1 (noise) to t = 0."""
+        Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
+        layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
         steps = steps or self.settings["sample_steps"]
         B = n
         shapes = self.encode(torch.zeros(1, self.graph.layout.D))
         x = _map(lambda a: torch.randn((B, *a.shape[1:]), generator=generator), shapes)
-        ts = torch.linspace(1, 0, steps + 1)
-        for i in range(steps):
-            t, dt = ts[i], ts[i + 1] - ts[i]
-            v = self.ema(*x, t.expand(B))
-            x = _map2(lambda a, u: a + dt * u, x, v)
+        if start:
+            if self.settings["mode"] != "layers":
+                raise ValueError("completion needs mode layers (a model trained with clean earlier layers)")
+            keep = self.per_part(torch.tensor([[float(l < start) for l in range(self.graph.L - 1)]]).expand(B, -1))
+            x = _map3(lambda a, k, m: a * (1 - m) + k * m, x, self.encode(given), keep)
+        ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
+        stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, H)]
+        for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
+            mask = self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H))
+            for i in range(steps):
+                t = torch.tensor([[ts[i].item() if l in groups else 0.0 if l < min(groups) else 1.0
+                                   for l in range(H)]]).expand(B, H)
+                v = self.ema(*x, t)
+                x = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, x, v, mask)
         return self.decode(*x)
 
     def state_dict(self) -> dict:
@@ -295,6 +349,11 @@ def _map2(f, p, q):
     return [f(a, b) for a, b in zip(p[0], q[0])], [f(a, b) for a, b in zip(p[1], q[1])], f(p[2], q[2])
 
 
+def _map3(f, p, q, r):
+    return ([f(a, b, c) for a, b, c in zip(p[0], q[0], r[0])], [f(a, b, c) for a, b, c in zip(p[1], q[1], r[1])],
+            f(p[2], q[2], r[2]))
+
+
 def _index(parts, idx):
     return _map(lambda a: a[idx], parts)
 
@@ -303,16 +362,16 @@ def _like(parts, g):
     return _map(lambda a: torch.randn(a.shape, generator=g), parts)
 
 
-def _mix(a, n, t):
-    t = t.view(-1, *[1] * (a.dim() - 1))
+def _mix(a, n, t):  # t broadcasts
     return (1 - t) * a + t * n
 
 
-def _mse(pred, target):
-    """Mean squared error per parameter: every parameter of the network weighs the same."""
-    se = [(p - q).square().sum() for p, q in zip(pred[0] + pred[1] + [pred[2]], target[0] + target[1] + [target[2]])]
-    count = sum(q.numel() for q in target[0] + target[1] + [target[2]])
-    return sum(se) / count
+def _mse(pred, target, weight):
+    """Mean squared error per parameter counted (weight 1): every parameter of the network weighs the same."""
+    flat = lambda p: p[0] + p[1] + [p[2]]
+    se = sum(((p - q).square() * w).sum() for p, q, w in zip(flat(pred), flat(target), flat(weight)))
+    count = sum((w * torch.ones_like(q)).sum() for q, w in zip(flat(target), flat(weight)))
+    return se / count
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,14 +446,16 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
+    ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
     args = ap.parse_args(argv)
     quick = os.environ.get("QUICK") == "1"
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(int(os.environ.get("NEURONS_THREADS", 1)))  # 2 threads on 2 shared cores: 40x slower
     n = args.n or (10 if quick else 50)
     settings = dict(width=32, edge_width=8, depth=2, steps=60, batch=16, sample_steps=20) if quick else {}
     for kv in args.set:
         k, v = kv.split("=")
-        settings[k] = type(NeuronGenerator.DEFAULTS[k])(v)
+        kind = type(NeuronGenerator.DEFAULTS[k])
+        settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
 
     run = pdiff.open_run(args.run, model=None)
     if not run.collection.get("aligned"):
@@ -424,6 +485,11 @@ def main(argv=None):
     if args.save:
         torch.save(sets, args.save)
     rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
+    if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
+        done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
+        rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout))
+    if args.save_model:
+        torch.save(gen.state_dict(), args.save_model)
 
     g = torch.Generator().manual_seed(args.seed + 2)
     m = min(16, len(train))

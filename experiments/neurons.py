@@ -140,7 +140,7 @@ class Block(nn.Module):
         self.Ce = Ce
 
     def forward(self, h: list, e: list, g: torch.Tensor):  # h [(B, n_l, C)], e [(B, n_l, n_{l-1}, Ce)], g (B, C)
-        H, Ce = self.H, self.Ce
+        H, Ce = len(h), self.Ce  # the layers present: the first len(h) (mode layers: those up to the one made)
         e_new = []
         for k in range(H - 1):  # edge between hidden layers k+1 (rows) and k (columns)
             to, fr = self.edge_to[k](h[k + 1]), self.edge_from[k](h[k])  # (B, n_{k+1}, Ce), (B, n_k, Ce)
@@ -166,7 +166,8 @@ class Block(nn.Module):
             x = x + self.attn[l](y, y, y, need_weights=False)[0]
             x = x + self.mlp[l](torch.cat([self.norm2[l](x), g[:, None].expand(B, n, C)], -1))
             out.append(x)
-        g = g + self.glob(torch.cat([g] + [x.mean(1) for x in out], -1))
+        pooled = [x.mean(1) for x in out] + [g.new_zeros(g.shape)] * (self.H - H)  # absent layers: zeros
+        g = g + self.glob(torch.cat([g] + pooled, -1))
         return out, e, g
 
 
@@ -192,20 +193,22 @@ class NeuronDenoiser(nn.Module):
             nn.init.zeros_(head[-1].weight)
             nn.init.zeros_(head[-1].bias)
 
-    def forward(self, tokens: list, edges: list, glob: torch.Tensor, t: torch.Tensor):
-        """t: (B,) one time for the whole network, or (B, H) one per group (hidden layer l's units, the edges into
-        them, and with the last layer the output bias): a clean group (t = 0) conditions the others."""
-        B, H = glob.shape[0], self.H
-        t = t[:, None].expand(B, H) if t.dim() == 1 else t
-        tt = [self.temb(time_embedding(t[:, l], 64)) for l in range(H)]  # (B, C) each
-        g = self.glob_in(glob) + self.time_mix(torch.cat(tt, -1))  # (B, C)
+    def forward(self, tokens: list, edges: list, glob, t: torch.Tensor):
+        """The groups present: hidden layer l's units, the edges into them, and with the last hidden layer the
+        output bias; the first P of the H (mode layers builds layer P - 1 given those before it; glob None unless
+        P = H). t: (B,) one time for all, or (B, P) one per group: a clean group (t = 0) conditions the others."""
+        B, P = tokens[0].shape[0], len(tokens)
+        t = t[:, None].expand(B, P) if t.dim() == 1 else t
+        tt = [self.temb(time_embedding(t[:, l], 64)) for l in range(P)]  # (B, C) each
+        g = self.time_mix(torch.cat(tt + [tt[0].new_zeros(B, self.C)] * (self.H - P), -1))  # (B, C)
+        g = g + self.glob_in(glob) if glob is not None else g
         h = [f(x) + g[:, None] + tt[l][:, None] for l, (f, x) in enumerate(zip(self.tok_in, tokens))]
         e = [f(x[..., None]) + te(tt[k + 1])[:, None, None] for k, (f, te, x) in
              enumerate(zip(self.edge_in, self.edge_t, edges))]
         for block in self.blocks:
             h, e, g = block(h, e, g)
         return ([f(x) for f, x in zip(self.tok_out, h)], [f(x)[..., 0] for f, x in zip(self.edge_out, e)],
-                self.glob_out(g))
+                self.glob_out(g) if glob is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,18 +222,22 @@ class NeuronGenerator:
     parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
-                    sample_steps=100, mode="joint", products=True, seed=0)
+                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
-                 sample_steps: int = 100, mode: str = "joint", products: bool = True, seed: int = 0):
+                 sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
+                 guidance: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
-        each group learnt with the groups before it clean)."""
+        each group learnt with the groups before it clean). drop (layers): the share of training cases in which
+        the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
+        (classifier-free guidance, weight `guidance`: v = (1 + w) v(given them) - w v(not))."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
-                             lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, seed=seed)
+                             lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
+                             guidance=guidance, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -278,19 +285,26 @@ class NeuronGenerator:
             idx = torch.randint(0, K, (cfg["batch"],), generator=g)
             B = cfg["batch"]
             t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
-            weight = torch.ones(B, H)  # which groups the loss counts, per network
-            if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it pure noise
+            stage = torch.full((B,), H - 1)  # the last group a network's loss counts: all of them (joint)
+            if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it absent
                 stage = torch.randint(0, H, (B,), generator=g)
                 ids = torch.arange(H)[None]
-                t = torch.where(ids < stage[:, None], 0.0, torch.where(ids > stage[:, None], 1.0, t))
-                weight = (ids == stage[:, None]).float()
+                before = 0.0 if not cfg["drop"] else torch.where(  # dropped: the layers before it unseen, for
+                    torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, 0.0)  # guidance (classifier-free)
+                t = torch.where(ids < stage[:, None], before, t)
+            weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
             parts0 = _index(x0, idx)
             eps = _like(parts0, g)
-            tp = self.per_part(t)
-            xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, tp)
+            xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, self.per_part(t))
             target = _map2(lambda a, n: n - a, parts0, eps)
-            pred = self.net(*xt, t)
-            loss = _mse(pred, target, self.per_part(weight))
+            se, count = 0.0, 0.0
+            for s in stage.unique().tolist():  # the networks learning group s: groups after it are left out
+                rows, P = (stage == s).nonzero()[:, 0], s + 1
+                pick = lambda parts: _first(_index(parts, rows), P, H)
+                pred = self.net(*pick(xt), t[rows, :P])
+                a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
+                se, count = se + a, count + b
+            loss = se / count
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -306,11 +320,14 @@ class NeuronGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
-               start: int = 0) -> torch.Tensor:
+               start: int = 0, guidance: float = None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
         layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
         steps = steps or self.settings["sample_steps"]
+        guidance = self.settings["guidance"] if guidance is None else guidance
+        if guidance and not self.settings["drop"]:
+            raise ValueError("guidance needs a model trained with drop > 0 (layers before a layer sometimes unseen)")
         B = n
         shapes = self.encode(torch.zeros(1, self.graph.layout.D))
         x = _map(lambda a: torch.randn((B, *a.shape[1:]), generator=generator), shapes)
@@ -322,12 +339,22 @@ class NeuronGenerator:
         ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
         stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, H)]
         for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
-            mask = self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H))
+            P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
+            mask = _first(self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H)), P, H)
+            y = _first(x, P, H)
+            w = guidance if first > 0 else 0.0
+            if w:  # the unconditional pass sees the layers before as pure noise (t = 1)
+                seen = _first(self.per_part(torch.tensor([[float(l >= first) for l in range(H)]]).expand(B, H)), P, H)
+                blind = _map(lambda a: torch.randn(a.shape, generator=generator), y)
             for i in range(steps):
-                t = torch.tensor([[ts[i].item() if l in groups else 0.0 if l < min(groups) else 1.0
-                                   for l in range(H)]]).expand(B, H)
-                v = self.ema(*x, t)
-                x = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, x, v, mask)
+                t = torch.tensor([[ts[i].item() if l in groups else 0.0 for l in range(P)]]).expand(B, P)
+                v = self.ema(*y, t)
+                if w:
+                    tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
+                    vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
+                    v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
+                y = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, y, v, mask)
+            x = _put(x, y, P, H)
         return self.decode(*x)
 
     def state_dict(self) -> dict:
@@ -342,16 +369,24 @@ class NeuronGenerator:
 # helpers over (tokens list, edges list, glob) triples
 def _map(f, parts):
     tokens, edges, glob = parts
-    return [f(a) for a in tokens], [f(a) for a in edges], f(glob)
+    return [f(a) for a in tokens], [f(a) for a in edges], None if glob is None else f(glob)
 
 
 def _map2(f, p, q):
-    return [f(a, b) for a, b in zip(p[0], q[0])], [f(a, b) for a, b in zip(p[1], q[1])], f(p[2], q[2])
+    return _map3(lambda a, b, _: f(a, b), p, q, p)
 
 
 def _map3(f, p, q, r):
     return ([f(a, b, c) for a, b, c in zip(p[0], q[0], r[0])], [f(a, b, c) for a, b, c in zip(p[1], q[1], r[1])],
-            f(p[2], q[2], r[2]))
+            None if p[2] is None else f(p[2], q[2], r[2]))
+
+
+def _first(parts, P: int, H: int):  # the first P groups of H
+    return parts[0][:P], parts[1][:P - 1], parts[2] if P == H else None
+
+
+def _put(parts, part, P: int, H: int):  # parts with its first P groups replaced by part's
+    return (part[0] + parts[0][P:], part[1] + parts[1][P - 1:], part[2] if P == H else parts[2])
 
 
 def _index(parts, idx):
@@ -366,12 +401,12 @@ def _mix(a, n, t):  # t broadcasts
     return (1 - t) * a + t * n
 
 
-def _mse(pred, target, weight):
-    """Mean squared error per parameter counted (weight 1): every parameter of the network weighs the same."""
-    flat = lambda p: p[0] + p[1] + [p[2]]
+def _se(pred, target, weight) -> tuple:
+    """(sum of squared errors, parameters counted) over the parts, weighted (0 / 1) per network and group."""
+    flat = lambda p: p[0] + p[1] + ([p[2]] if p[2] is not None else [])
     se = sum(((p - q).square() * w).sum() for p, q, w in zip(flat(pred), flat(target), flat(weight)))
     count = sum((w * torch.ones_like(q)).sum() for q, w in zip(flat(target), flat(weight)))
-    return se / count
+    return se, count
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,6 +482,8 @@ def main(argv=None):
                     help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
+    ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
+                    "(--set then changes sampling settings only: sample_steps, guidance)")
     args = ap.parse_args(argv)
     quick = os.environ.get("QUICK") == "1"
     torch.set_num_threads(int(os.environ.get("NEURONS_THREADS", 1)))  # 2 threads on 2 shared cores: 40x slower
@@ -474,10 +511,17 @@ def main(argv=None):
                                   "max_iou": m_held["max_iou"].mean().item(), "copies": None}
     judge = lambda sets: judge_group(run, ruler, sets, m_held, n_held, m_held["nearest_ratio"])
 
-    gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
-    t0 = time.perf_counter()
-    gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
-    fit_s = time.perf_counter() - t0
+    if args.load_model:
+        state = torch.load(args.load_model, weights_only=False)
+        gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
+                                                                  if k in ("sample_steps", "guidance")}))
+        gen.load_state_dict(state)
+        fit_s = float("nan")
+    else:
+        gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
+        t0 = time.perf_counter()
+        gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
+        fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     raw = gen.sample(n, torch.Generator().manual_seed(args.seed + 1))
     sample_s = time.perf_counter() - t0

@@ -222,22 +222,25 @@ class NeuronGenerator:
     parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
-                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, seed=0)
+                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
-                 guidance: float = 0.0, seed: int = 0):
+                 guidance: float = 0.0, cond_noise: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
-        (classifier-free guidance, weight `guidance`: v = (1 + w) v(given them) - w v(not))."""
+        (classifier-free guidance, weight `guidance`: v = (1 + w) v(given them) - w v(not)). cond_noise (layers):
+        the layers before are learnt from at noise levels up to this (t in [0, cond_noise]) and sample() shows
+        them at cond_noise / 2, so a layer is made for what the earlier ones are, not for their last details
+        (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models")."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
-                             guidance=guidance, seed=seed)
+                             guidance=guidance, cond_noise=cond_noise, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -289,8 +292,10 @@ class NeuronGenerator:
             if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it absent
                 stage = torch.randint(0, H, (B,), generator=g)
                 ids = torch.arange(H)[None]
-                before = 0.0 if not cfg["drop"] else torch.where(  # dropped: the layers before it unseen, for
-                    torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, 0.0)  # guidance (classifier-free)
+                before = torch.zeros(B, 1) if not cfg["cond_noise"] else \
+                    cfg["cond_noise"] * torch.rand(B, 1, generator=g)  # conditioning augmentation (cascades)
+                if cfg["drop"]:  # dropped: the layers before it unseen, for guidance (classifier-free)
+                    before = torch.where(torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, before)
                 t = torch.where(ids < stage[:, None], before, t)
             weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
             parts0 = _index(x0, idx)
@@ -342,13 +347,18 @@ class NeuronGenerator:
             P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
             mask = _first(self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H)), P, H)
             y = _first(x, P, H)
+            tau = self.settings["cond_noise"] / 2 if first > 0 else 0.0  # the layers before, seen a little noised:
+            if tau:  # as they were in training (the cascade's conditioning augmentation); the output keeps them clean
+                before = _first(self.per_part(torch.tensor([[float(l < first) for l in range(H)]]).expand(B, H)), P, H)
+                seen_y = _map2(lambda a, m: a + m * tau * (torch.randn(a.shape, generator=generator) - a), y, before)
             w = guidance if first > 0 else 0.0
             if w:  # the unconditional pass sees the layers before as pure noise (t = 1)
                 seen = _first(self.per_part(torch.tensor([[float(l >= first) for l in range(H)]]).expand(B, H)), P, H)
                 blind = _map(lambda a: torch.randn(a.shape, generator=generator), y)
             for i in range(steps):
-                t = torch.tensor([[ts[i].item() if l in groups else 0.0 for l in range(P)]]).expand(B, P)
-                v = self.ema(*y, t)
+                t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
+                y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
+                v = self.ema(*y_in, t)
                 if w:
                     tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)

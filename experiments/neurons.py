@@ -222,25 +222,27 @@ class NeuronGenerator:
     parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
-                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0, seed=0)
+                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
+                    auto_guidance=False, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
-                 guidance: float = 0.0, cond_noise: float = 0.0, seed: int = 0):
+                 guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
         (classifier-free guidance, weight `guidance`: v = (1 + w) v(given them) - w v(not)). cond_noise (layers):
         the layers before are learnt from at noise levels up to this (t in [0, cond_noise]) and sample() shows
         them at cond_noise / 2, so a layer is made for what the earlier ones are, not for their last details
-        (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models")."""
+        (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models"). auto_guidance: fit() ends by
+        choosing `guidance` with pick_guidance (from the training networks only)."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
-                             guidance=guidance, cond_noise=cond_noise, seed=seed)
+                             guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -321,7 +323,25 @@ class NeuronGenerator:
                     pe.lerp_(p, 1 - d)
             if progress and (step % 100 == 0 or step == cfg["steps"] - 1):
                 progress(step, loss.item())
+        if cfg["auto_guidance"]:
+            self.settings["guidance"] = self.pick_guidance(originals)
         return self
+
+    GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
+
+    @torch.no_grad()
+    def pick_guidance(self, originals: torch.Tensor, n: int = 32, steps: int = 50) -> float:
+        """The guidance weight whose networks have the training networks' size: per tensor, the RMS of its values
+        (no permutation changes it; no held-out network, no data), the weight with the smallest mean |log ratio|
+        of generated to training RMS. Flows that fit imperfectly shrink their samples; guidance grows them."""
+        rms = lambda x: torch.stack([v.flatten(1).square().mean(1).sqrt().mean()
+                                     for v in self.graph.layout.unflatten(x).values()])  # (tensors,)
+        target, scores = rms(originals), {}
+        for w in self.GUIDANCE:
+            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 7), steps=steps, guidance=w)
+            scores[w] = (rms(x) / target).log().abs().mean().item()
+        self.guidance_scores = scores
+        return min(scores, key=scores.get)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
@@ -524,8 +544,11 @@ def main(argv=None):
     if args.load_model:
         state = torch.load(args.load_model, weights_only=False)
         gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
-                                                                  if k in ("sample_steps", "guidance")}))
+                                                                  if k in ("sample_steps", "guidance",
+                                                                           "auto_guidance")}))
         gen.load_state_dict(state)
+        if gen.settings["auto_guidance"]:
+            gen.settings["guidance"] = gen.pick_guidance(x_train)
         fit_s = float("nan")
     else:
         gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
@@ -559,6 +582,9 @@ def main(argv=None):
 
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")
+    if hasattr(gen, "guidance_scores"):
+        print("pick_guidance (mean |log RMS ratio| to the training networks, per weight): " + ", ".join(
+            f"{w:g}: {v:.4f}" for w, v in gen.guidance_scores.items()) + "\n")
     print("| group | n | median % | best % | label | to_mean (held-out) | nearest ratio | max IoU | copies | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     h = rows["held-out originals"]

@@ -223,12 +223,13 @@ class NeuronGenerator:
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
-                    auto_guidance=False, seed=0)
+                    auto_guidance=False, first_batch=0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
-                 guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, seed: int = 0):
+                 guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
+                 seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -236,13 +237,15 @@ class NeuronGenerator:
         the layers before are learnt from at noise levels up to this (t in [0, cond_noise]) and sample() shows
         them at cond_noise / 2, so a layer is made for what the earlier ones are, not for their last details
         (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models"). auto_guidance: fit() ends by
-        choosing `guidance` with pick_guidance (from the training networks only)."""
+        choosing `guidance` with pick_guidance (from the training networks only). first_batch (layers): this many
+        more networks per step learn hidden layer 1 alone (its tokens only: cheap)."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
-                             guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance, seed=seed)
+                             guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
+                             first_batch=first_batch, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -311,6 +314,14 @@ class NeuronGenerator:
                 pred = self.net(*pick(xt), t[rows, :P])
                 a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
                 se, count = se + a, count + b
+            if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:
+                rows = torch.randint(0, K, (cfg["first_batch"],), generator=g)  # its tokens only)
+                t1 = torch.rand(len(rows), 1, generator=g)
+                p0 = _first(_index(x0, rows), 1, H)
+                e0 = _like(p0, g)
+                pred = self.net(*_map2(lambda a, n: _mix(a, n, t1[:, :, None]), p0, e0), t1)
+                a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
+                se, count = se + a, count + b
             loss = se / count
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -330,13 +341,13 @@ class NeuronGenerator:
     GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
 
     @torch.no_grad()
-    def pick_guidance(self, originals: torch.Tensor, n: int = 32, steps: int = 50) -> float:
+    def pick_guidance(self, originals: torch.Tensor, n: int = 32, steps: int = None) -> float:
         """The guidance weight whose networks have the training networks' size: per tensor, the RMS of its values
         (no permutation changes it; no held-out network, no data), the weight with the smallest mean |log ratio|
         of generated to training RMS. Flows that fit imperfectly shrink their samples; guidance grows them."""
         rms = lambda x: torch.stack([v.flatten(1).square().mean(1).sqrt().mean()
                                      for v in self.graph.layout.unflatten(x).values()])  # (tensors,)
-        target, scores = rms(originals), {}
+        target, scores, steps = rms(originals), {}, steps or min(50, self.settings["sample_steps"])
         for w in self.GUIDANCE:
             x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 7), steps=steps, guidance=w)
             scores[w] = (rms(x) / target).log().abs().mean().item()

@@ -223,13 +223,13 @@ class NeuronGenerator:
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
-                    auto_guidance=False, first_batch=0, seed=0)
+                    auto_guidance=False, first_batch=0, calibrate="", seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
-                 seed: int = 0):
+                 calibrate: str = "", seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -238,14 +238,16 @@ class NeuronGenerator:
         them at cond_noise / 2, so a layer is made for what the earlier ones are, not for their last details
         (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models"). auto_guidance: fit() ends by
         choosing `guidance` with pick_guidance (from the training networks only). first_batch (layers): this many
-        more networks per step learn hidden layer 1 alone (its tokens only: cheap)."""
+        more networks per step learn hidden layer 1 alone (its tokens only: cheap). calibrate: "" or "bias": sample()
+        ends by setting each network's output bias so that its mean prediction on probe inputs equals the training
+        networks' (Probes: inputs synthesised from the training networks alone, no data)."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
-                             first_batch=first_batch, seed=seed)
+                             first_batch=first_batch, calibrate=calibrate, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -334,6 +336,8 @@ class NeuronGenerator:
                     pe.lerp_(p, 1 - d)
             if progress and (step % 100 == 0 or step == cfg["steps"] - 1):
                 progress(step, loss.item())
+        if cfg["calibrate"]:
+            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
         if cfg["auto_guidance"]:
             self.settings["guidance"] = self.pick_guidance(originals)
         return self
@@ -349,14 +353,15 @@ class NeuronGenerator:
                                      for v in self.graph.layout.unflatten(x).values()])  # (tensors,)
         target, scores, steps = rms(originals), {}, steps or min(50, self.settings["sample_steps"])
         for w in self.GUIDANCE:
-            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 7), steps=steps, guidance=w)
+            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 7), steps=steps, guidance=w,
+                            calibrate=False)
             scores[w] = (rms(x) / target).log().abs().mean().item()
         self.guidance_scores = scores
         return min(scores, key=scores.get)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
-               start: int = 0, guidance: float = None) -> torch.Tensor:
+               start: int = 0, guidance: float = None, calibrate: bool = True) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
         layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
@@ -396,7 +401,202 @@ class NeuronGenerator:
                     v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
                 y = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, y, v, mask)
             x = _put(x, y, P, H)
-        return self.decode(*x)
+        x = self.decode(*x)
+        if calibrate and self.settings["calibrate"]:
+            x = Probes.load(self.graph.layout, self.stats["probes"]).calibrate(x)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict(state["net"])
+        self.net.load_state_dict(state["net"])
+        self.stats = state["stats"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# probes: inputs synthesised from the training networks (no data), to calibrate a generated network's output bias
+
+
+class Probes:
+    """Model inversion of the training networks: `m` inputs, each pushed (Adam on cross-entropy, an L2 penalty
+    `wd` on the inputs) toward one class (m / classes per class) by the training networks together; then `mixes`
+    random convex combinations of two of them, inputs between the classes. target: the training networks' mean
+    predicted class distribution on those inputs. calibrate() sets a network's output bias so that its own mean
+    prediction on them equals the target (prior matching: iterate b <- b + log(target / mean softmax)), which fits
+    10 numbers per network to one class-frequency statistic, never to per-input answers."""
+
+    def __init__(self, layout: pdiff.Layout, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
+                 seed: int = 0):
+        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
+        self.x = self.target = None
+
+    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, n_in) -> (B, N, out)
+        p, h = self.layout.unflatten(x), inputs
+        for l, (w, b) in enumerate(self.pairs):
+            h = h @ p[w].transpose(-1, -2) + p[b][..., None, :]
+            h = h.relu() if l < len(self.pairs) - 1 else h
+        return h
+
+    def fit(self, originals: torch.Tensor) -> "Probes":
+        g = torch.Generator().manual_seed(self.seed + 13)
+        shapes = dict(zip(self.layout.names, self.layout.shapes))
+        n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
+        P = torch.randn(self.m, n_in, generator=g).requires_grad_(True)
+        y = torch.arange(self.m) % n_out
+        opt = torch.optim.Adam([P], 0.05)
+        for _ in range(self.steps):
+            idx = torch.randint(0, len(originals), (16,), generator=g)
+            lg = self.forward(originals[idx], P)
+            loss = F.cross_entropy(lg.reshape(-1, n_out), y.repeat(len(idx))) + self.wd * P.square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        P = P.detach()
+        a = torch.rand(self.mixes, 1, generator=g)
+        i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)
+        self.x = a * P[i] + (1 - a) * P[j]
+        with torch.no_grad():
+            self.target = self.forward(originals, self.x).softmax(-1).mean(1).mean(0)
+        return self
+
+    def state(self) -> dict:
+        return {"x": self.x, "target": self.target}
+
+    @classmethod
+    def load(cls, layout, state: dict) -> "Probes":
+        pr = cls(layout)
+        pr.x, pr.target = state["x"], state["target"]
+        return pr
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
+        p = self.layout.unflatten(x.clone())
+        bname = self.pairs[-1][1]
+        lg = self.forward(x, self.x) - p[bname][:, None]  # logits without the output bias
+        b = p[bname].clone()
+        for _ in range(iters):
+            b = b + (self.target / (lg + b[:, None]).softmax(-1).mean(1)).log()
+        p[bname] = b
+        return self.layout.pack(p, batch=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the output stage: the output layer generated for given hidden layers, read through the last hidden layer's
+# units' templates
+
+
+class OutputDenoiser(nn.Module):
+    """Velocity for the output layer (each last-hidden unit's outgoing weights, one per class, and the output
+    bias) given per-unit condition features: a transformer over the units plus one global token (the output
+    bias), no positions, so permuting the units permutes the output alike."""
+
+    def __init__(self, f_cond: int, n_out: int, *, width: int = 128, depth: int = 4, heads: int = 4):
+        super().__init__()
+        self.cond_in, self.z_in = nn.Linear(f_cond, width), nn.Linear(n_out, width)
+        self.g_in, self.g_type = nn.Linear(n_out, width), nn.Parameter(torch.zeros(width))
+        self.temb = Mlp(64, width, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.z_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_out))
+        self.g_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_out))
+        for head in (self.z_out, self.g_out):
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def forward(self, cond, z, g, t):  # (B, n, f), (B, n, n_out), (B, n_out), (B,)
+        te = self.temb(time_embedding(t, 64))[:, None]
+        h = torch.cat([(self.g_in(g) + self.g_type)[:, None], self.cond_in(cond) + self.z_in(z)], 1) + te
+        h = self.body(h)
+        return self.z_out(h[:, 1:]), self.g_out(h[:, 0])
+
+
+class OutputStage:
+    """p(output layer | hidden layers) as a flow (x_t = (1 - t) x_0 + t eps). What the last hidden layer's unit j
+    computes, in pixel terms and without data: its excitatory and inhibitory templates over the inputs
+    (relu(W) @ T and relu(-W) @ T, T the layer below's templates, the first layer's own weights), its bias and
+    the bias it inherits (W @ b_below), and its incoming weights' norm. fit() sees the training networks only."""
+
+    def __init__(self, layout: pdiff.Layout, *, width: int = 128, depth: int = 4, heads: int = 4,
+                 steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999, sample_steps: int = 100,
+                 seed: int = 0):
+        self.pairs, self.layout = pdiff.layer_pairs(layout), layout
+        self.settings = dict(width=width, depth=depth, heads=heads, steps=steps, batch=batch, lr=lr, ema=ema,
+                             sample_steps=sample_steps, seed=seed)
+        shapes = dict(zip(layout.names, layout.shapes))
+        n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
+        torch.manual_seed(seed)
+        self.net = OutputDenoiser(2 * n_in + 3, n_out, width=width, depth=depth, heads=heads)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.stats = None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) raw -> (B, n_last, 2 n_in + 3) raw features
+        p = self.layout.unflatten(x)
+        T, c = p[self.pairs[0][0]], p[self.pairs[0][1]]  # templates (B, n, n_in) and biases of hidden layer 1
+        for w, b in self.pairs[1:-1]:
+            W = p[w]
+            new_c = W @ c[..., None]
+            T_pos, T_neg = W.clamp_min(0) @ T, (-W).clamp_min(0) @ T
+            T, c = T_pos - T_neg, new_c[..., 0] + p[b]
+        if len(self.pairs) == 2:  # one hidden layer: its own weights
+            T_pos, T_neg, W = T, torch.zeros_like(T), T
+        return torch.cat([T_pos, T_neg, c[..., None], p[self.pairs[-2][1]][..., None],
+                          W.norm(dim=-1, keepdim=True)], -1)
+
+    def parts(self, x):  # (B, D) -> (outgoing weights (B, n_last, n_out), output bias (B, n_out)), raw
+        p = self.layout.unflatten(x)
+        return p[self.pairs[-1][0]].transpose(-1, -2), p[self.pairs[-1][1]]
+
+    def fit(self, originals: torch.Tensor, progress=None) -> "OutputStage":
+        cfg, K = self.settings, len(originals)
+        f = self.features(originals)
+        z, gb = self.parts(originals)
+        self.stats = dict(f=(f.mean((0, 1)), f.std((0, 1)).clamp_min(1e-6)), z=(z.mean((0, 1)), z.std((0, 1))),
+                          g=(gb.mean(0), gb.std(0).clamp_min(1e-6)))
+        st = self.stats
+        f, z, gb = (f - st["f"][0]) / st["f"][1], (z - st["z"][0]) / st["z"][1], (gb - st["g"][0]) / st["g"][1]
+        g = torch.Generator().manual_seed(cfg["seed"] + 11)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        warm, total = max(1, cfg["steps"] // 20), cfg["steps"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(1.0, s / total)))))
+        for step in range(total):
+            idx = torch.randint(0, K, (cfg["batch"],), generator=g)
+            t = torch.rand(len(idx), generator=g)
+            ez, eg = torch.randn(z[idx].shape, generator=g), torch.randn(gb[idx].shape, generator=g)
+            vz, vg = self.net(f[idx], _mix(z[idx], ez, t[:, None, None]), _mix(gb[idx], eg, t[:, None]), t)
+            loss = ((vz - (ez - z[idx])).square().sum() + (vg - (eg - gb[idx])).square().sum()) / \
+                (z[idx].numel() + gb[idx].numel())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                d = min(cfg["ema"], (1 + step) / (10 + step))
+                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+                    pe.lerp_(p, 1 - d)
+            if progress and (step % 500 == 0 or step == total - 1):
+                progress(step, loss.item())
+        return self
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, generator: torch.Generator, steps: int = None) -> torch.Tensor:
+        """(B, D) raw networks -> the same with the output layer generated for their hidden layers."""
+        st, B, steps = self.stats, len(x), steps or self.settings["sample_steps"]
+        f = (self.features(x) - st["f"][0]) / st["f"][1]
+        z0, g0 = self.parts(x)
+        z, gb = torch.randn(z0.shape, generator=generator), torch.randn(g0.shape, generator=generator)
+        ts = torch.linspace(1, 0, steps + 1)
+        for i in range(steps):
+            vz, vg = self.ema(f, z, gb, ts[i].expand(B))
+            z, gb = z + (ts[i + 1] - ts[i]) * vz, gb + (ts[i + 1] - ts[i]) * vg
+        p = self.layout.unflatten(x.clone())
+        p[self.pairs[-1][0]] = (z * st["z"][1] + st["z"][0]).transpose(-1, -2)
+        p[self.pairs[-1][1]] = gb * st["g"][1] + st["g"][0]
+        return self.layout.pack(p, batch=1)
 
     def state_dict(self) -> dict:
         return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
@@ -556,8 +756,10 @@ def main(argv=None):
         state = torch.load(args.load_model, weights_only=False)
         gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
                                                                   if k in ("sample_steps", "guidance",
-                                                                           "auto_guidance")}))
+                                                                           "auto_guidance", "calibrate")}))
         gen.load_state_dict(state)
+        if gen.settings["calibrate"] and "probes" not in gen.stats:
+            gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
         if gen.settings["auto_guidance"]:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
         fit_s = float("nan")
@@ -573,6 +775,9 @@ def main(argv=None):
     if args.save:
         torch.save(sets, args.save)
     rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
+    if gen.settings["calibrate"]:  # ablation: the same networks without the output-bias calibration
+        plain = gen.sample(n, torch.Generator().manual_seed(args.seed + 1), calibrate=False)
+        rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout))
     if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
         done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
         rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout))

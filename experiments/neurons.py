@@ -440,7 +440,7 @@ class Probes:
             h = h.relu() if l < len(self.pairs) - 1 else h
         return h
 
-    def fit(self, originals: torch.Tensor) -> "Probes":
+    def fit(self, originals: torch.Tensor) -> "Probes":  # sets self.x (mixes) and self.classes (the m inputs)
         g = torch.Generator().manual_seed(self.seed + 13)
         shapes = dict(zip(self.layout.names, self.layout.shapes))
         n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
@@ -454,7 +454,7 @@ class Probes:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        P = P.detach()
+        P = self.classes = P.detach()
         a = torch.rand(self.mixes, 1, generator=g)
         i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)
         self.x = a * P[i] + (1 - a) * P[j]
@@ -479,6 +479,7 @@ class Probes:
         b = p[bname].clone()
         for _ in range(iters):
             b = b + (self.target / (lg + b[:, None]).softmax(-1).mean(1)).log()
+        b = b - (b - p[bname]).mean(-1, keepdim=True)  # a shift common to all classes changes no prediction
         p[bname] = b
         return self.layout.pack(p, batch=1)
 
@@ -521,14 +522,16 @@ class OutputStage:
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 128, depth: int = 4, heads: int = 4,
                  steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999, sample_steps: int = 100,
-                 seed: int = 0):
-        self.pairs, self.layout = pdiff.layer_pairs(layout), layout
+                 probes: torch.Tensor = None, seed: int = 0):
+        """probes (m, n_in): inputs (Probes' class inputs, no data) on which each last-hidden unit's responses
+        are added to its features: what it computes, read functionally."""
+        self.pairs, self.layout, self.probes = pdiff.layer_pairs(layout), layout, probes
         self.settings = dict(width=width, depth=depth, heads=heads, steps=steps, batch=batch, lr=lr, ema=ema,
                              sample_steps=sample_steps, seed=seed)
         shapes = dict(zip(layout.names, layout.shapes))
         n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
         torch.manual_seed(seed)
-        self.net = OutputDenoiser(2 * n_in + 3, n_out, width=width, depth=depth, heads=heads)
+        self.net = OutputDenoiser(2 * n_in + 3 + (0 if probes is None else len(probes)), n_out, width=width, depth=depth, heads=heads)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None
 
@@ -542,8 +545,13 @@ class OutputStage:
             T, c = T_pos - T_neg, new_c[..., 0] + p[b]
         if len(self.pairs) == 2:  # one hidden layer: its own weights
             T_pos, T_neg, W = T, torch.zeros_like(T), T
-        return torch.cat([T_pos, T_neg, c[..., None], p[self.pairs[-2][1]][..., None],
-                          W.norm(dim=-1, keepdim=True)], -1)
+        feats = [T_pos, T_neg, c[..., None], p[self.pairs[-2][1]][..., None], W.norm(dim=-1, keepdim=True)]
+        if self.probes is not None:
+            h = self.probes
+            for w, b in self.pairs[:-1]:
+                h = (h @ p[w].transpose(-1, -2) + p[b][..., None, :]).relu()  # (B, m, n_last) at the end
+            feats.append(h.transpose(-1, -2))
+        return torch.cat(feats, -1)
 
     def parts(self, x):  # (B, D) -> (outgoing weights (B, n_last, n_out), output bias (B, n_out)), raw
         p = self.layout.unflatten(x)
@@ -721,6 +729,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
+    ap.add_argument("--no-baselines", action="store_true", help="only the generated rows (the baselines' numbers "
+                    "do not change between generators)")
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
     ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
@@ -786,15 +796,16 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(args.seed + 2)
     m = min(16, len(train))
-    picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(n)]
-    avg = torch.stack([x_train[p].mean(0) for p in picks])
-    rows[f"average of {m}"] = judge(avg)
-    rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
-    xr = repair_inputs(run, seed=args.seed)
-    rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(
-        torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)]))
-    sd = x_train.std(0)
-    rows["gaussian (per coordinate)"] = judge(x_train.mean(0) + sd * torch.randn(n, x_train.shape[1], generator=g))
+    if not args.no_baselines:
+        picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(n)]
+        avg = torch.stack([x_train[p].mean(0) for p in picks])
+        rows[f"average of {m}"] = judge(avg)
+        rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
+        xr = repair_inputs(run, seed=args.seed)
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(
+            torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)]))
+        sd = x_train.std(0)
+        rows["gaussian (per coordinate)"] = judge(x_train.mean(0) + sd * torch.randn(n, x_train.shape[1], generator=g))
 
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")

@@ -1717,3 +1717,34 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     assert gen["label"] in ("fresh", "inferior", "averaging", "copying") and 0 <= gen["median"] <= 100
     assert rows["average of 16"]["label"] == "averaging"  # a blend reads as one
     assert rows["held-out originals"]["median"] > 85
+
+
+def test_probes_calibrate_the_output_bias_to_the_training_networks_mean_prediction():
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=5, h1=4, h2=3, out=3)
+    g = torch.Generator().manual_seed(0)
+    nets = torch.randn(6, layout.D, generator=g)
+    pr = nm.Probes(layout, m=12, steps=20, mixes=50).fit(nets)
+    assert pr.classes.shape == (12, 5) and pr.x.shape == (50, 5) and torch.isclose(pr.target.sum(), torch.tensor(1.0))
+    x = torch.randn(4, layout.D, generator=g)
+    c = pr.calibrate(x, iters=500)
+    assert torch.allclose(pr.forward(c, pr.x).softmax(-1).mean(1), pr.target.expand(4, -1), atol=1e-4)
+    p, q = layout.unflatten(x), layout.unflatten(c)
+    assert all(torch.equal(p[k], q[k]) for k in layout.names if k != "5.bias")  # only the output bias moves
+    assert torch.allclose((q["5.bias"] - p["5.bias"]).mean(-1), torch.zeros(4), atol=1e-5)  # no common shift
+    shifted = layout.unflatten(c.clone())
+    shifted["5.bias"] = shifted["5.bias"] + torch.tensor([2.0, -1.0, 0.5])  # a calibrated network, bias moved:
+    back = layout.unflatten(pr.calibrate(layout.pack(shifted, batch=1), iters=500))  # moved back, but for the
+    assert torch.allclose(back["5.bias"], q["5.bias"] + 0.5, atol=1e-3)  # shift common to all classes (mean 0.5)
+
+
+def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
+    nm = neurons_module()
+    run = tmp_path / "seeds"
+    assert cli("collect", "--run", run, "--seeds", 24, "--epochs", 5).exit_code == 0
+    monkeypatch.setenv("QUICK", "1")
+    rows = nm.main(["--run", str(run), "--no-baselines", "--set", "mode=layers", "drop=0.1", "guidance=1",
+                    "calibrate=bias"])
+    assert set(rows) == {"held-out originals", "generated (neurons)", "generated, not calibrated",
+                         "diagnostic: held-out layer 1, rest generated"}
+    assert 0 <= rows["generated (neurons)"]["median"] <= 100

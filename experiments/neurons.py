@@ -223,13 +223,15 @@ class NeuronGenerator:
 
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
-                    auto_guidance=False, first_batch=0, calibrate="", seed=0)
+                    auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
+                    exposure_t=0.5, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
-                 calibrate: str = "", seed: int = 0):
+                 calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
+                 seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -240,14 +242,19 @@ class NeuronGenerator:
         choosing `guidance` with pick_guidance (from the training networks only). first_batch (layers): this many
         more networks per step learn hidden layer 1 alone (its tokens only: cheap). calibrate: "" or "bias": sample()
         ends by setting each network's output bias so that its mean prediction on probe inputs equals the training
-        networks' (Probes: inputs synthesised from the training networks alone, no data)."""
+        networks' (Probes: inputs synthesised from the training networks alone, no data). exposure_steps (layers):
+        after fit, this many more steps in which a share `exposure_share` of the networks learning a later layer
+        see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0 ~ U[0.2 t, t],
+        t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
+        first layers like the generator's own (the targets stay the network's own later layers)."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
-                             first_batch=first_batch, calibrate=calibrate, seed=seed)
+                             first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
+                             exposure_share=exposure_share, exposure_t=exposure_t, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -283,15 +290,54 @@ class NeuronGenerator:
         """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then."""
         cfg = self.settings
         self.set_stats(originals)
+        self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
+        if cfg["exposure_steps"] and cfg["mode"] == "layers":
+            self.exposure(originals, progress)
+        if cfg["calibrate"]:
+            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
+        if cfg["auto_guidance"]:
+            self.settings["guidance"] = self.pick_guidance(originals)
+        return self
+
+    def exposure(self, originals: torch.Tensor, progress=None):
+        """The exposure_steps more steps (see __init__), from the averaged (EMA) model, at a third of the rate."""
+        cfg = self.settings
+        g = torch.Generator().manual_seed(cfg["seed"] + 17)
+        pool = torch.stack([self.renoise_first(originals, cfg["exposure_t"] * (0.2 + 0.8 * torch.rand(
+            len(originals), generator=g)), g) for _ in range(4)], 1)  # (K, 4, D): 4 re-made first layers each
+        self.net.load_state_dict(self.ema.state_dict())
+        self._train(originals, cfg["exposure_steps"], cfg["lr"] / 3, cfg["seed"] + 1, progress, pool=pool,
+                    share=cfg["exposure_share"])
+
+    @torch.no_grad()
+    def renoise_first(self, x: torch.Tensor, t0: torch.Tensor, g: torch.Generator, steps: int = 50) -> torch.Tensor:
+        """x (B, D) raw with hidden layer 1 noised to t0 (B,) and denoised by the model's layer-1 stage (SDEdit),
+        the other layers kept."""
+        H = self.graph.L - 1
+        parts = self.encode(x)
+        y = _first(parts, 1, H)
+        y = _map2(lambda a, n: _mix(a, n, t0.view(-1, *[1] * (a.dim() - 1))), y, _like(y, g))
+        for i in range(steps):  # each network from its own t0 down to 0 in `steps` Euler steps
+            t, dt = t0 * (1 - i / steps), t0 / steps
+            v = self.ema(*y, t[:, None])
+            y = _map2(lambda a, u: a - dt.view(-1, *[1] * (a.dim() - 1)) * u, y, v)
+        return self.decode(*_put(parts, y, 1, H))
+
+    def _train(self, originals, steps: int, lr: float, seed: int, progress=None, pool=None, share: float = 0.0):
+        """pool (K, C, D): other versions of each network's hidden layer 1 (exposure); with probability `share`
+        a network learning a later layer sees one of them in place of its own."""
+        cfg = self.settings
         x0 = self.encode(originals)
         K = len(originals)
-        g = torch.Generator().manual_seed(cfg["seed"])
-        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=0.0)
-        warm, total = max(1, cfg["steps"] // 20), cfg["steps"]  # linear warm-up, then cosine to 0
+        if pool is not None:
+            pool = self.encode(pool.flatten(0, 1))[0][0].unflatten(0, pool.shape[:2])  # (K, C, n_1, f_1) tokens
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
+        warm, total = max(1, steps // 20), steps  # linear warm-up, then cosine to 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(1.0, s / total)))))
         H = self.graph.L - 1
-        for step in range(cfg["steps"]):
+        for step in range(steps):
             idx = torch.randint(0, K, (cfg["batch"],), generator=g)
             B = cfg["batch"]
             t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
@@ -306,6 +352,10 @@ class NeuronGenerator:
                 t = torch.where(ids < stage[:, None], before, t)
             weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
             parts0 = _index(x0, idx)
+            if pool is not None:  # exposure: the first layer as the model re-makes it, for later layers' learning
+                swap = (stage > 0) & (torch.rand(B, generator=g) < share)
+                alt = pool[idx, torch.randint(0, pool.shape[1], (B,), generator=g)]
+                parts0 = ([torch.where(swap[:, None, None], alt, parts0[0][0])] + parts0[0][1:], parts0[1], parts0[2])
             eps = _like(parts0, g)
             xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, self.per_part(t))
             target = _map2(lambda a, n: n - a, parts0, eps)
@@ -334,13 +384,8 @@ class NeuronGenerator:
                 d = min(cfg["ema"], (1 + step) / (10 + step))
                 for pe, p in zip(self.ema.parameters(), self.net.parameters()):
                     pe.lerp_(p, 1 - d)
-            if progress and (step % 100 == 0 or step == cfg["steps"] - 1):
+            if progress and (step % 100 == 0 or step == steps - 1):
                 progress(step, loss.item())
-        if cfg["calibrate"]:
-            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
-        if cfg["auto_guidance"]:
-            self.settings["guidance"] = self.pick_guidance(originals)
-        return self
 
     GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
 
@@ -766,13 +811,19 @@ def main(argv=None):
         state = torch.load(args.load_model, weights_only=False)
         gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
                                                                   if k in ("sample_steps", "guidance",
-                                                                           "auto_guidance", "calibrate")}))
+                                                                           "auto_guidance", "calibrate",
+                                                                           "exposure_steps", "exposure_share",
+                                                                           "exposure_t")}))
         gen.load_state_dict(state)
+        fit_s = float("nan")
+        if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
+            t0 = time.perf_counter()
+            gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
+            fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
         if gen.settings["auto_guidance"]:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
-        fit_s = float("nan")
     else:
         gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
         t0 = time.perf_counter()

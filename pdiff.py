@@ -20,12 +20,12 @@ Map of this file. The method, in the order the data flows:
     data          data sets as uint8 tensors on the device (digits offline; torchvision's loaders)
     networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
     parameter vectors   Layout (which parameters, flattened to D floats), standardisation, alignment
-    autoencoder   AE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
-    diffusion     Denoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
+    autoencoder   SpanAE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
+    diffusion     MLPDenoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
     evaluation    evaluate() -> which test examples each parameter set gets right
     novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
     collect       stage 1 (train the network), stage 2 (snapshots), or many seeds
-    fit           Model (what fit writes), fit()
+    fit           LatentDiffusion (a generator: autoencoder + DDPM; span and v3 are two), fit()
     sample        generate, baselines, one evaluation pass, a label for every group, plots
 The machinery: devices and processes (torchrun), the run folder (artifacts, open_run), the training loop (Loop:
 checkpoints, resume, signals), the CLI (options from the config dataclasses, one-line errors).
@@ -66,8 +66,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
-VERSION = "2"  # of the file formats; a format that changed since has its own below
-VERSIONS = {"model": "3"}  # 3: the autoencoder in the training originals' span (v2 files: fit again)
+__version__ = "0.2.0"
+VERSION = "3"  # of the file formats (3: a validation split kept out of training, and its masks)
+VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
             "pets", "food101")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -75,6 +76,7 @@ SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("sgd", "adamw")
 AUTOENCODERS, DENOISERS = ("pca", "pdiff"), ("mlp", "pdiff")  # pdiff's own first; "pdiff": p-diff's (v3 code)
 EVAL_MEMORY = 1 << 30  # bytes of activations one batched evaluation chunk may hold
+MAX_VALIDATION = 5000  # training images a share of collect --validation keeps apart at most
 err = Console(stderr=True)
 
 
@@ -114,6 +116,10 @@ class CollectConfig:
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
     data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
+    validation: float = opt(0.2, f"Training images kept apart before anything trains, for every selection (sample "
+                                 f"--min-accuracy, --export, fit --condition): a share below 1 (at most "
+                                 f"{MAX_VALIDATION:,}), else a count; 0 keeps none (nothing can then be selected).",
+                            min=0)
     image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share one "
                                           "square size; else 64).", min=1)
     download: bool = opt(True, "Fetch a torchvision data set missing from --data-dir (torchvision's downloader and "
@@ -202,71 +208,31 @@ class CollectConfig:
 
 @dataclass
 class FitConfig:
-    autoencoder: typing.Literal[AUTOENCODERS] = opt(
-        "pca", "pca: pdiff's (the snapshots' principal directions, whitened, then a residual MLP decoder, trained in "
-               "their span: cost per step independent of the network's size); pdiff: p-diff's own 1-D conv "
-               "autoencoder, as the v3 reference code builds and trains it (model/pdiff.py OneDimVAE; cost per step "
-               "grows with the size).")
-    denoiser: typing.Literal[DENOISERS] = opt(
-        "mlp", "mlp: pdiff's (residual MLP on standardised latents, EMA, sampling clamped to the latents' range); "
-               "pdiff: p-diff's own 1-D conv denoiser as the v3 code builds and trains it (model/denoiser.py "
-               "OneDimCNN, no EMA, no clamp).")
-    ae_norm: typing.Literal[("batch", "running")] = opt(
-        "batch", "BatchNorm of --autoencoder pdiff once trained: batch, as the v3 code runs (it never leaves train "
-                 "mode: latents encoded in batches of 50, samples decoded one at a time, each with its own "
-                 "statistics); running: the running statistics (eval mode).")
-    latent: Optional[int] = opt(None, "Latent size [pca: 16, the principal directions encoded; pdiff: 128].", min=1)
-    ae_width: int = opt(256, "Width of the pca decoder's residual MLP.", min=1)
-    ae_steps: Optional[int] = opt(None, "Autoencoder training steps [pca: 1500; pdiff: 500].", min=1)
-    ae_lr: Optional[float] = opt(None, "Autoencoder learning rate, AdamW with a cosine schedule [pca: 1e-3, weight "
-                                       "decay 0.01; pdiff: 2e-5, no weight decay].", min=0)
-    ae_batch: int = opt(50, "Autoencoder batch size.", min=1)
-    input_noise: float = opt(0.001, "Noise std added to the standardised parameters in training (p-diff's "
-                                    "augmentation).", min=0)
-    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training [pca: 1.0, in units of "
-                                              "their spread (the codes are whitened); pdiff: 0.1].", min=0)
-    ddpm_width: int = opt(512, "Width of the mlp denoiser.", min=1)
-    ddpm_depth: int = opt(3, "Residual blocks of the mlp denoiser.", min=1)
-    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps [mlp: 3000; pdiff: 1000].", min=1)
-    ddpm_lr: Optional[float] = opt(None, "Denoiser learning rate, AdamW with a cosine schedule [mlp: 1e-3; pdiff: "
-                                         "1e-4].", min=0)
-    ddpm_batch: int = opt(50, "Denoiser batch size.", min=1)
-    ema_decay: Optional[float] = opt(None, "EMA decay of the denoiser's weights, below 1 (bias-corrected, so it acts "
-                                           "from the first step) [mlp: 0.999; pdiff: 0, none].")
-    timesteps: int = opt(1000, "Diffusion steps T.", min=2)
-    beta_start: float = opt(1e-4, "First beta of the linear noise schedule (above 0).")
-    beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
-    clip: Optional[float] = opt(None, "Sampling clamps each predicted clean latent to the training latents' range, "
-                                      "widened by this share of it on each side [mlp: 0.1; pdiff: no clamp].", min=0)
-    condition: bool = opt(False, "Condition the mlp denoiser on each original's test accuracy (dropped for 10 % of "
-                                 "each batch, so one network is also unconditioned), for sample --target-accuracy. "
-                                 "The test set then shapes the generator (pdiff keeps no validation split).")
-    holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
-                              "test: a share below 1, else a count; whole networks with --seeds; at least 5 when "
-                              "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
+    generator: str = opt("span", "span: pdiff's (the training originals' principal directions, whitened, a residual "
+                                 "MLP decoder in their span: cost per step independent of the network's size; an MLP "
+                                 "denoiser with EMA); v3: p-diff's own 1-D conv autoencoder and denoiser as the v3 "
+                                 "code builds and runs them (BatchNorm decoding with batch statistics); v3-eval: the "
+                                 "same, BatchNorm in eval mode; or AUTOENCODER+DENOISER from span|conv|conv-eval and "
+                                 "mlp|conv, e.g. span+conv.")
+    latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
+    ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
+    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
+    input_noise: Optional[float] = opt(None, "Noise std added to the standardised parameters in training (p-diff's "
+                                             "augmentation; default 0.001).", min=0)
+    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training (default: span 1.0, in "
+                                              "units of their spread; v3 0.1).", min=0)
+    condition: bool = opt(False, "Condition pdiff's denoiser on each original's validation accuracy (dropped for 10 "
+                                 "% of each batch, so one network is also unconditioned), for sample "
+                                 "--target-accuracy. The test set stays out of it.")
+    holdout: float = opt(0.1, "Originals kept away from the generator, for sample's memorisation test: a share "
+                              "below 1, else a count; whole networks with --seeds, blocks of consecutive snapshots "
+                              "with a gap otherwise; at least 5 when above 0; 0 keeps none (the verdict is then "
+                              "unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
-    # Defaults that depend on the generator chosen (as CollectConfig's: the fields keep what was asked).
-    paper_ae = property(lambda c: c.autoencoder == "pdiff")
-    paper_denoiser = property(lambda c: c.denoiser == "pdiff")
-    latent_size = property(lambda c: c.latent or (128 if c.paper_ae else 16))
-    ae_train_steps = property(lambda c: c.ae_steps or (500 if c.paper_ae else 1500))
-    ae_rate = property(lambda c: c.ae_lr if c.ae_lr is not None else 2e-5 if c.paper_ae else 1e-3)
-    latent_std = property(lambda c: c.latent_noise if c.latent_noise is not None else 0.1 if c.paper_ae else 1.0)
-    ddpm_train_steps = property(lambda c: c.ddpm_steps or (1000 if c.paper_denoiser else 3000))
-    ddpm_rate = property(lambda c: c.ddpm_lr if c.ddpm_lr is not None else 1e-4 if c.paper_denoiser else 1e-3)
-    decay = property(lambda c: c.ema_decay if c.ema_decay is not None else 0.0 if c.paper_denoiser else 0.999)
-    clip_share = property(lambda c: c.clip if c.clip is not None else None if c.paper_denoiser else 0.1)
-
-    def __post_init__(self):  # the bounds an option's min/max cannot say
-        if self.condition and self.paper_denoiser:
-            raise PdiffError("--condition needs pdiff's denoiser (--denoiser mlp): p-diff's has no conditioning", 2)
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise PdiffError(f"the noise schedule needs 0 < --beta-start < --beta-end < 1, not {self.beta_start}, "
-                             f"{self.beta_end}", 2)
-        if not 0 <= self.decay < 1:
-            raise PdiffError(f"--ema-decay must be at least 0 and below 1, not {self.ema_decay}", 2)
+    def __post_init__(self):
+        generator_parts(self.generator)  # a usage error now, not after the data has loaded
 
 
 @dataclass
@@ -276,21 +242,25 @@ class SampleConfig:
                                                     "(fast; deterministic with --eta 0).")
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     eta: float = opt(0.0, "DDIM eta: 0 deterministic, 1 as noisy as DDPM.", min=0)
-    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines.")
-    noise_std: str = opt("0.001,0.05,0.15", "Noise baselines: a training original plus noise of each of these stds "
-                                            "(the reference code's levels), in --noise-units.")
+    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
+                                "verdict says at most `fresh`).")
+    noise_std: str = opt("0.001,0.01,0.05,0.15,0.5,1", "Noise baselines: a training original plus noise of each of "
+                                                       "these stds, in --noise-units (the reference code's 0.001, 0.05, "
+                                                       "0.15 among them): the curve of accuracy against novelty that "
+                                                       "noise alone buys.")
     noise_units: typing.Literal["values", "spread", "raw"] = opt(
         "values", "The unit of --noise-std: values, the std of each tensor's values in that original (the reference "
                   "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
                   "units (arXiv 2506.07998).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
-    target_accuracy: Optional[float] = opt(None, "Generate at this test accuracy in % (a model fitted with "
+    target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
                                                  "--condition; classifier-free guidance).", min=0, max=100)
     guidance: float = opt(2.0, "Guidance weight w of --target-accuracy: eps = (1 + w) eps(target) - w eps(none); 0 "
                                "is the conditioned model alone.", min=0)
     min_accuracy: Optional[float] = opt(None, "Keep drawing, n sets at a time (at most 20 n), until n generated sets "
-                                              "reach this test accuracy in % (the paper's Fig. 5b; the test set then "
-                                              "picks them); the report says how many were drawn.", min=0, max=100)
+                                              "reach this validation accuracy in % (the paper's Fig. 5b); every "
+                                              "baseline is picked alike from as many draws; the test set only "
+                                              "grades.", min=0, max=100)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
 
@@ -330,13 +300,27 @@ class Data:
     mean: list  # per channel, of x/255 over the training set
     std: list
     augment: bool  # random crop + flip (natural images only)
+    x_val: torch.Tensor = None  # (N_val, C, H, W) uint8: training images held out before anything trains
+    y_val: torch.Tensor = None
 
     def to(self, device):
-        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")}
         return dataclasses.replace(self, **moved)
 
 
-def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None) -> Data:
+def validation_rows(N: int, validation: float) -> torch.Tensor:
+    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, the
+    same rows for every --seed (collections to compare see the same split), and never trained on."""
+    n = min(round(validation * N), MAX_VALIDATION) if validation < 1 else int(validation)
+    if n >= N:
+        raise PdiffError(f"--validation {validation:g} would hold out {n} of the {N} training images", 2)
+    return torch.randperm(N, generator=rng(0, "validation"))[:n]
+
+
+def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None, *,
+              validation: float = 0.0) -> Data:
+    """A data set as uint8 tensors; `validation` (a share or a count, fixed rows) of the training images kept apart
+    as the validation split, before the normalisation statistics are taken from the rest."""
     if name not in DATASETS:
         raise PdiffError(f"unknown --data '{name}' (choose from {', '.join(DATASETS)})", 2)
     if name == "digits":
@@ -355,10 +339,13 @@ def load_data(name: str, root: str = "data", download: bool = False, image_size:
         xtr, xte = resized(xtr, image_size), resized(xte, image_size)
     if xtr.shape[1] != xte.shape[1]:  # a grayscale split beside a colour one
         xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
+    val = validation_rows(len(ytr), validation) if validation else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(len(ytr), dtype=torch.bool).index_fill_(0, val, False)
+    xva, yva, xtr, ytr = xtr[val], ytr[val], xtr[keep], ytr[keep]
     xf = xtr.float().div(255)
     mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).clamp_min(1e-3).tolist()
     natural = ("cifar10", "cifar100", "stl10", "flowers102", "pets", "food101")
-    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in natural)
+    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in natural, x_val=xva, y_val=yva)
 
 
 def torchvision_split(name: str, root: str, download: bool, train: bool, image_size: Optional[int]) -> tuple:
@@ -843,7 +830,7 @@ def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> tor
 # autoencoder: parameter vector (D,) <-> latent (latent,)
 
 
-class AE(nn.Module):
+class SpanAE(nn.Module):
     """pdiff's autoencoder, working in the coordinates of the training originals' span. The standardised training
     originals x_i (K, D) around their mean span r <= K - 1 directions; with G = X X^T = U diag(lam) U^T (their
     (K, K) Gram matrix) the rows of lam^-1/2 U^T X are an orthonormal basis of that span, and a vector's
@@ -856,16 +843,32 @@ class AE(nn.Module):
     affine combination of training originals); what that costs where held-out networks lie off it is measured
     in the README. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D
     conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, this one at 89.1."""
+    DEFAULTS = {"latent": 16, "ae_steps": 1500, "ae_lr": 1e-3, "ae_weight_decay": 0.01, "input_noise": 0.001,
+                "latent_noise": 1.0, "ae_width": 256}  # latent noise in units of the latents' spread (whitened)
+    bf16 = False  # float32 everywhere: exact and repeatable on the CPU
+    ordered = True  # coordinate 0 is the originals' first principal direction
 
-    def __init__(self, K: int, *, latent: int = 16, width: int = 256):
+    def __init__(self, D: int, K: int, s: dict):
         super().__init__()
+        latent, width, self.noise = s["latent"], s["ae_width"], (s["input_noise"], s["latent_noise"])
         act, r = nn.LeakyReLU(0.2), max(K, latent)  # coordinates: K (zero past the rank), at least the latent's
+        self.register_buffer("mean", torch.zeros(D))  # tensor_stats of the training originals
+        self.register_buffer("std", torch.ones(D))
         self.register_buffer("coords", torch.zeros(K, r))  # inner products with the originals -> coordinates
         self.register_buffer("scale", torch.ones(latent))  # the originals' spread along each principal direction
         self.residual = nn.Sequential(nn.Linear(latent, width), act, nn.Linear(width, width), act, nn.Linear(width, r))
         nn.init.zeros_(self.residual[-1].weight)
         nn.init.zeros_(self.residual[-1].bias)
         self.offset = nn.Parameter(torch.zeros(r))
+
+    def bind(self, originals: torch.Tensor, rows: list):  # it reads and writes parameters through the originals
+        self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
+
+    def prepare(self, layout: Layout, originals: torch.Tensor, rows: list) -> torch.Tensor:
+        """Standardise (tensor_stats) and find the span of the training originals -> their coordinates (K, K)."""
+        mean, std = tensor_stats(layout, originals, rows)
+        self.mean.copy_(mean), self.std.copy_(std), self.bind(originals, rows)
+        return self.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(self.mean.device)
 
     @torch.no_grad()
     def set_span(self, gram: torch.Tensor) -> torch.Tensor:
@@ -881,14 +884,29 @@ class AE(nn.Module):
         self.scale.copy_(a[:, :k].std(0).nan_to_num(0).clamp_min(1e-8) if len(a) > 1 else torch.ones(k))
         return a
 
+    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, r) span coordinates
+        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
+        return (g @ self.coords.cpu().double()).float().to(self.mean.device)
+
+    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # (n, r) span coordinates -> (n, D) parameters
+        return combine((a @ self.coords.T).cpu(), self.originals, self.rows, self.mean.cpu())
+
     def encode(self, a):  # (B, r) span coordinates -> (B, latent)
         return (a - self.offset)[:, :len(self.scale)] / self.scale
 
     def decode(self, z):  # (B, latent) -> (B, r) span coordinates
         return self.offset + F.pad(z * self.scale, (0, len(self.offset) - z.shape[1])) + self.residual(z)
 
-    def weights(self, a):  # (B, r) span coordinates -> (B, K) weights of the originals' deviations: combine()
-        return a @ self.coords.T
+    def loss(self, a0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """p-diff's noise augmentation (on the input: its part along the encoder's directions) and the parameters'
+        mean squared error over D (the squared error in these orthonormal coordinates)."""
+        z = self.encode(a0 + self.noise[0] * randn(a0.shape, g, a0.device))
+        z = z + self.noise[1] * randn(z.shape, g, z.device)
+        return (self.decode(z).float() - a0).pow(2).sum(1).mean() / len(self.mean)
+
+    def linear(self, a: torch.Tensor) -> torch.Tensor:  # PCA of the same size: the first `latent` coordinates
+        n = len(self.scale)
+        return F.pad(a[:, :n], (0, a.shape[1] - n))
 
 
 def paper_stats(layout: Layout, x: torch.Tensor, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -922,10 +940,18 @@ class ConvAE(nn.Module):
     its own statistics) or "running" (eval mode)."""
 
     CHANNELS = (64, 128, 256, 256, 32)
+    DEFAULTS = {"latent": 128, "ae_steps": 500, "ae_lr": 2e-5, "ae_weight_decay": 0.0, "input_noise": 0.001,
+                "latent_noise": 0.1}  # v3's (workspace/main/cifar100_resnet18.py)
+    bf16 = True  # as the v3 code trains and samples (accelerate's bf16), on the CPU too: about twice as fast there
+    ordered = False
 
-    def __init__(self, D: int, *, latent: int = 128, norm: str = "batch"):
+    def __init__(self, D: int, K: int = 0, s: Optional[dict] = None, *, norm: str = "batch"):
         super().__init__()
-        ch, self.D, self.norm = self.CHANNELS, D, norm
+        s = s or self.DEFAULTS
+        ch, self.D, self.norm, latent, self.noise = self.CHANNELS, D, norm, s["latent"], (s["input_noise"],
+                                                                                         s["latent_noise"])
+        self.register_buffer("mean", torch.zeros(D))  # paper_stats of the training originals
+        self.register_buffer("std", torch.ones(D))
         self.L = -(-D // 64) * 64  # v3 pads to a multiple of 64, which five halvings divide (64 / 2^5 = 2)
         self.last = (ch[-1], self.L // 2 ** len(ch))  # (channels, length) at the bottleneck
         self.encoder = nn.Sequential(*[conv_level(i, o, nn.LeakyReLU()) for i, o in zip((1,) + ch[:-1], ch)])
@@ -965,6 +991,29 @@ class ConvAE(nn.Module):
     def decode(self, z):  # (B, latent) -> (B, D) standardised
         return self.chunked(lambda c: self.decode_padded(c)[:, :self.D], z, 1)
 
+    def prepare(self, layout: Layout, originals: torch.Tensor, rows: list) -> torch.Tensor:
+        """Standardise as v3 does (paper_stats) -> the training originals standardised (K, D): its coordinates."""
+        mean, std = paper_stats(layout, originals, rows)
+        self.mean.copy_(mean), self.std.copy_(std)
+        return self.coordinates(originals[rows])
+
+    def bind(self, originals: torch.Tensor, rows: list):  # it reads parameters themselves: nothing to keep
+        pass
+
+    def coordinates(self, sets):  # (n, D) parameters -> (n, D) standardised
+        return (sets.to(self.mean.device) - self.mean) / self.std
+
+    def parameters_of(self, a):  # (n, D) standardised -> (n, D) parameters
+        return (a * self.std + self.mean).cpu()
+
+    def loss(self, a0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """v3's: the padded input plus noise, the latent plus noise; the mean squared error against the noisy input."""
+        noisy = self.pad(a0) + self.noise[0] * randn((len(a0), self.L), g, a0.device)
+        z = self.encode_padded(noisy)
+        return F.mse_loss(self.decode_padded(z + self.noise[1] * randn(z.shape, g, z.device)).float(), noisy)
+
+    linear = None  # no linear counterpart to report
+
 
 # ----------------------------------------------------------------------------------------------------
 # diffusion: DDPM (Ho et al. 2020) on standardised latents; DDIM (Song et al. 2021) for fast sampling
@@ -977,14 +1026,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) -> (B
     return torch.cat([a.sin(), a.cos()], dim=1)
 
 
-class Denoiser(nn.Module):
-    """eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding added
-    to its input. (A 1-D conv U-Net over the latent coordinates, measured on the quick start's latents,
-    sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
+class MLPDenoiser(nn.Module):
+    """pdiff's eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding
+    added to its input; trained on standardised latents with an EMA of its weights, sampling clamped to the
+    training latents' range widened by `clip` of it on each side. (A 1-D conv U-Net over the latent coordinates,
+    measured on the quick start's latents, sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
+    DEFAULTS = {"ddpm_steps": 3000, "ddpm_lr": 1e-3, "ddpm_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
+                "ddpm_width": 512, "ddpm_depth": 3}
+    bf16, standardised = False, True
 
-    def __init__(self, latent: int, *, width: int = 512, depth: int = 3, temb: int = 64, condition: bool = False):
+    def __init__(self, latent: int, s: Optional[dict] = None, *, temb: int = 64, condition: bool = False):
         super().__init__()
-        self.temb_dim = temb
+        s = s or self.DEFAULTS
+        width, depth, self.temb_dim = s["ddpm_width"], s["ddpm_depth"], temb
         self.temb = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(latent, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
@@ -1010,9 +1064,13 @@ class ConvDenoiser(nn.Module):
     size) added to the input of every conv."""
 
     CHANNELS = (1, 64, 128, 256, 512, 256, 128, 64, 1)
+    DEFAULTS = {"ddpm_steps": 1000, "ddpm_lr": 1e-4, "ddpm_weight_decay": 0.0, "ema": 0.0, "clip": None}  # v3's
+    bf16, standardised = True, False  # the latents as the autoencoder gives them, no EMA, no clamp
 
-    def __init__(self, latent: int = 128, *, freq: int = 256):
+    def __init__(self, latent: int = 128, s: Optional[dict] = None, *, freq: int = 256, condition: bool = False):
         super().__init__()
+        if condition:
+            raise PdiffError("--condition needs pdiff's denoiser (span's): p-diff's has no conditioning", 2)
         self.freq, pairs = freq, list(zip(self.CHANNELS, self.CHANNELS[1:]))
         self.temb = nn.Sequential(nn.Linear(freq, latent), nn.SiLU(), nn.Linear(latent, latent))
         layer = lambda i, o: nn.Sequential(nn.Conv1d(i, o, 7, 1, 3), *((nn.BatchNorm1d(o), nn.ELU()) if o > 1 else ()))
@@ -1230,28 +1288,63 @@ def wrong_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # measured against the *training* originals, and judged against the *held-out* originals: fresh draws of the
 # process the generator learns, never fitted to (the data-copying test of Meehan, Chaudhuri & Dasgupta 2020)
 
-MIN_HELD_OUT = 5  # held-out networks the test needs; with fewer the verdict is "unknown"
-ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over its metrics)
-# metric: (the label a significant shift in this direction gives, the direction: -1 lower, +1 higher)
+MIN_HELD_OUT = 5  # independent held-out draws (networks, or blocks of one run) the tests need; fewer: "unknown"
+ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over all of them)
+ZONE = 0.05  # a model is in a zone beyond (about) the held-out originals' 5th or 95th percentile
+DUPLICATE = 1e-6  # a set this close to an original, relative to the original's length, is that original
+# metric: (the label a significant shift in this direction gives, the direction: -1 lower, +1 higher). TESTS: where
+# the group lies as a whole (a location test); ZONES: how many of its models lie beyond the held-out originals.
 TESTS = {"nearest_ratio": ("copying", -1), "max_iou": ("copying", 1), "to_mean": ("averaging", -1),
          "accuracy": ("inferior", -1)}
+ZONES = {"nearest_ratio": ("copying", -1), "max_iou": ("copying", 1), "to_mean": ("averaging", -1)}
+DISTANCES = ("nearest_ratio", "to_mean")  # positive, on a ratio scale
 METRIC_WORDS = {"nearest_ratio": "relative nearest-original distance", "max_iou": "max IoU",
                 "to_mean": "distance to their mean", "accuracy": "accuracy"}
 
 
-def held_out_rows(collection: dict, K: int, holdout: float) -> list[int]:
-    """Rows of the (K, D) originals kept away from the generator: whole networks (with --seeds N -k k, all k
-    snapshots of a held-out seed), spread evenly through the collection (for consecutive snapshots each held-out
-    one lies between two training ones), never the first network (the alignment reference). holdout: a share
-    below 1, else a count; a share above 0 holds out at least MIN_HELD_OUT networks (at most half of them)."""
+@dataclass
+class Holdout:
+    """The originals split before anything is fitted: the training rows (the generator and the baselines are made
+    from these alone) and the held-out units, each one independent draw of the process the generator learns: a
+    network (all k snapshots of a held-out seed, with --seeds) or, for consecutive snapshots of one run, a block of
+    them with unused snapshots on either side (so no held-out snapshot is one step from a training one)."""
+    training: list
+    units: list  # [[rows of one held-out unit]]
+    held_out = property(lambda h: [i for u in h.units for i in u])
+
+
+def holdout(collection: dict, K: int, share: float) -> Holdout:
+    """Hold out `share` of the collection (below 1: a share of its networks or snapshots, at least MIN_HELD_OUT of
+    them and at most half; else a count): whole networks spread through a many-seed collection, never the first (the
+    alignment reference); for one run's snapshots, snapshot_blocks."""
     seeds = collection.get("kind") == "seeds"
-    units, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
-    n = round(holdout * units) if holdout < 1 else int(holdout)
-    n = max(n, min(MIN_HELD_OUT, units // 2)) if 0 < holdout < 1 else n
-    if n >= units and n:
-        raise PdiffError(f"--holdout {holdout:g} would hold out {n} of {units} {'networks' if seeds else 'snapshots'}"
+    count, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
+    n = round(share * count) if share < 1 else int(share)
+    n = max(n, min(MIN_HELD_OUT, count // 2)) if 0 < share < 1 else n
+    if n >= count and n:
+        raise PdiffError(f"--holdout {share:g} would hold out {n} of {count} {'networks' if seeds else 'snapshots'}"
                          "; at least one must remain to fit", 2)
-    return [(1 + int((j + 0.5) * (units - 1) / n)) * per + i for j in range(n) for i in range(per)]
+    if seeds:
+        units, unused = [[(1 + int((j + 0.5) * (count - 1) / n)) * per + i for i in range(per)] for j in range(n)], []
+    else:
+        units, unused = snapshot_blocks(K, n)
+    out = {i for u in units for i in u} | set(unused)
+    return Holdout([i for i in range(K) if i not in out], units)
+
+
+def snapshot_blocks(K: int, n: int) -> tuple[list, list]:
+    """n of one run's K snapshots held out as blocks of two consecutive ones (at least MIN_HELD_OUT blocks), spread
+    evenly through the run, each with a gap of half a block (at least one snapshot) left unused on either side where the
+    run is long enough. -> (blocks, unused rows). A block is one draw: its snapshots are near-copies of each other."""
+    B = min(n, max(MIN_HELD_OUT, n // 2))
+    sizes = [n // B + (j < n % B) for j in range(B)]
+    gap = max(1, min(sizes, default=0) // 2) if n + 2 * B * max(1, min(sizes, default=0) // 2) < K else 0
+    blocks, unused = [], []
+    for j, L in enumerate(sizes):
+        start = min(max(gap, int((j + 0.5) * K / B - L / 2)), K - L - gap)
+        blocks.append(list(range(start, start + L)))
+        unused += [*range(start - gap, start), *range(start + L, start + L + gap)]
+    return blocks, unused
 
 
 @dataclass
@@ -1317,17 +1410,19 @@ def off_span_loo(gram: torch.Tensor) -> torch.Tensor:
     return height / (K / (K - 1) * gram.diagonal().clamp_min(0).sqrt()).clamp_min(1e-30)  # |x_i - mean of others|
 
 
-def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float]:
+def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int, log: bool = False) -> tuple[float, float]:
     """Is group a shifted against reference b? -> (effect, p): effect = P(a > b) - P(a < b) (Cliff's delta, -1..1),
     p two-sided. Mann-Whitney U, normal approximation with ties (the statistic of Meehan et al.'s data-copying
     test); b counts as n_b draws (k snapshots of one held-out network are one draw). A single model cannot be
-    ranked: it gets a t prediction interval from b's mean and spread instead."""
+    ranked: it gets a t prediction interval from b's mean and spread instead, on the log scale for a distance
+    (log=True: a distance's spread grows with its size, and a copy's or the mean's 0 is infinitely far below)."""
     from scipy import stats
 
     n_a = len(a)
     if n_a == 1:
-        sd = b.std().item() if len(b) > 1 else 0.0
-        diff = (a[0] - b.mean()).item()
+        la, lb = (v.clamp_min(1e-12).log() for v in (a, b)) if log else (a, b)
+        sd = lb.std().item() if len(b) > 1 else 0.0
+        diff = (la[0] - lb.mean()).item()
         if sd == 0:
             return float(math.copysign(1, diff)) if diff else 0.0, 1.0 if diff == 0 else 0.0
         t = diff / (sd * math.sqrt(1 + 1 / n_b))
@@ -1343,46 +1438,114 @@ def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float
     return 2 * auc - 1, math.erfc(abs(score) / math.sqrt(2))
 
 
-def judge(group: dict, ref: dict, n_ref: int) -> dict:
-    """A group's label from its per-model numbers (measure) against the held-out originals' (ref, n_ref networks):
-    each metric's two-sample test, Holm-corrected over the metrics, then the first that applies of averaging
-    (significantly closer to the training originals' mean: blends), copying (closer to particular training
-    originals, in parameters or in behaviour), inferior (less accurate), and fresh (as new as a held-out original,
-    as accurate). Averaging comes first because a blend of m originals is also a little closer to each of its m
-    parts (measured: means of 16 aligned networks, relative nearest distance 0.935 against 0.955)."""
-    tests = {}
+edge_rank = lambda m: max(1, round(ZONE * (m + 1)))  # the zone's edge: the j-th most extreme held-out unit
+
+
+def zone_test(a: torch.Tensor, n: int, ref: torch.Tensor, sign: int) -> dict:
+    """How many of a group's n models (a: the finite values; failed sets count in n, outside the zone) lie beyond the
+    j-th most extreme of the m held-out units' values ref, j = ZONE (m + 1) rounded, at least 1: the most extreme
+    one for m < 30 (the lower side for sign -1). If the
+    group's models were drawn like the held-out ones, the count k would follow a beta-binomial(n, j, m + 1 - j)
+    distribution (all n + m ranks equally likely; about a share j / (m + 1) of them beyond the edge, and with few
+    held-out units a wide spread around it): p = P(K >= k). Exact copies or blends among fresh-looking models show
+    here while a location test, seeing half above and half below, would not (Meehan et al. 2020 test per cell)."""
+    from scipy import stats
+
+    m = len(ref)
+    j = edge_rank(m)
+    if m < 2:
+        return {"share": None, "held_out": None, "count": 0, "p": 1.0}
+    edge = (ref.sort().values if sign < 0 else ref.sort(descending=True).values)[j - 1]
+    k = int((a < edge).sum() if sign < 0 else (a > edge).sum())
+    p = float(stats.betabinom.sf(k - 1, n, j, m + 1 - j)) if n else 1.0
+    return {"share": rnd(k / max(1, n)), "held_out": rnd(j / (m + 1)), "count": k, "p": p}
+
+
+def holm(ps: list) -> list:
+    """Holm's step-down adjustment of p-values (family-wise error ALPHA over all of a group's tests)."""
+    out, adjusted = [0.0] * len(ps), 0.0
+    for i, k in enumerate(sorted(range(len(ps)), key=lambda k: ps[k])):
+        adjusted = max(adjusted, min(1.0, (len(ps) - i) * ps[k]))
+        out[k] = adjusted
+    return out
+
+
+def judge(group: dict, ref: dict, n_ref: int, *, failed: int = 0, copies: int = 0) -> dict:
+    """A group's label from its per-model numbers (Ruler.measure of its finite sets; `failed` more sets had NaN/Inf
+    parameters and count as failures: accuracy 0, in no zone) against the held-out originals' (ref, n_ref units;
+    ref["unit"] says which unit each row is, default one row each). Two readings, Holm-corrected together:
+    - TESTS, where the group lies: each metric's two-sample test (Mann-Whitney; one model: a t prediction interval);
+    - ZONES, how many of its models lie beyond the held-out originals (zone_test): copies mixed with far-off sets
+      show here, whatever the group's median says.
+    The label: `copying` if `copies` of its sets are originals (or each other) exactly; else the strongest of the
+    significant copying and averaging findings (effect size, or the zone share's excess over the held-out
+    originals'; averaging on a tie: a blend of m originals is also a little closer to each of them); else `inferior`
+    (less accurate); else `fresh`, or `unknown` where the group is too small for any difference to show."""
+    n = len(group["accuracy"]) + failed
+    unit = ref.get("unit", torch.arange(len(ref["accuracy"])))
+    tests, zones = {}, {}
     for metric in TESTS:
         a, b = group[metric][group[metric].isfinite()], ref[metric][ref[metric].isfinite()]
-        effect, p = two_sample(a, b, n_ref) if len(a) and len(b) > 1 else (0.0, 1.0)
+        a = torch.cat([a, a.new_zeros(failed)]) if metric == "accuracy" else a  # a failed set gets nothing right
+        effect, p = two_sample(a, b, n_ref, metric in DISTANCES) if len(a) and len(b) > 1 else (0.0, 1.0)
         tests[metric] = {"median": rnd(a.quantile(0.5)) if len(a) else None,
-                          "held_out": rnd(b.quantile(0.5)) if len(b) else None,
-                         "effect": rnd(effect), "p": p}
-    order = sorted(tests, key=lambda m: tests[m]["p"])
-    adjusted = 0.0
-    for i, m in enumerate(order):  # Holm: the i-th smallest p times the tests left, never below the one before
-        adjusted = max(adjusted, min(1.0, (len(order) - i) * tests[m]["p"]))
-        tests[m]["p"] = float(f"{adjusted:.3g}")
-        tests[m]["shift"] = "same" if adjusted >= ALPHA else "higher" if tests[m]["effect"] > 0 else "lower"
-    shifted = lambda label: [m for m, (lab, sign) in TESTS.items()
-                             if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
-    label = next((lab for lab in ("averaging", "copying", "inferior") if shifted(lab)), "fresh")
-    n = len(group["accuracy"])
+                         "held_out": rnd(b.quantile(0.5)) if len(b) else None, "effect": rnd(effect), "p": p}
+    for metric, (_, sign) in ZONES.items():  # one value per held-out unit: a block's or network's median
+        v, ok = ref[metric], ref[metric].isfinite()
+        edges = torch.stack([v[ok & (unit == u)].median() for u in unit[ok].unique()]) if ok.any() else v[:0]
+        zones[metric] = zone_test(group[metric][group[metric].isfinite()], n, edges, sign)
+    family = [tests[m] for m in tests] + [zones[m] for m in zones]
+    for t, p in zip(family, holm([t["p"] for t in family])):
+        t["p"] = float(f"{p:.3g}")
+    for m, t in tests.items():
+        t["shift"] = "same" if t["p"] >= ALPHA else "higher" if t["effect"] > 0 else "lower"
+    found = [(lab, abs(tests[m]["effect"])) for m, (lab, sign) in TESTS.items()
+             if tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
+    found += [(lab, (zones[m]["share"] - zones[m]["held_out"]) / (1 - zones[m]["held_out"]))
+              for m, (lab, _) in ZONES.items() if zones[m]["p"] < ALPHA]
+    strongest = max((f for f in found if f[0] != "inferior"), key=lambda f: (f[1], f[0] == "averaging"), default=None)
+    label = "copying" if copies else strongest[0] if strongest else "inferior" if found else "fresh"
     reach = two_sample(torch.arange(n), torch.arange(n, n + n_ref), n_ref)[1] if n > 1 else 0.0  # groups wholly apart
-    if label == "fresh" and len(TESTS) * reach >= ALPHA:
+    if label == "fresh" and len(family) * reach >= ALPHA:
         label = "unknown"  # no difference could have been shown: even groups wholly apart would pass as fresh
-    return {"label": label, "tests": tests}
+    return {"label": label, "tests": tests, "zones": zones, "power": power(n, n_ref, len(family))}
+
+
+def power(n: int, m: int, tests: int) -> dict:
+    """What the zone tests can see for a group of n models against m held-out units: the smallest share of models
+    beyond the held-out originals' edge that reads significant even when its p is multiplied by all `tests` (Holm's
+    worst case). `low` when a quarter of the models could be copies unseen."""
+    from scipy import stats
+
+    j = edge_rank(m)
+    k = next((k for k in range(1, n + 1) if m >= j and tests * stats.betabinom.sf(k - 1, n, j, m + 1 - j) < ALPHA),
+             None)
+    share = None if k is None else rnd(k / n)
+    return {"detectable_share": share, "low": share is None or share > 0.25}
 
 
 rnd = lambda v: round(float(v), 4)
 
 
+def median_ci(v: list) -> list:
+    """A 95 % confidence interval of the median of the values v, from their order statistics (distribution-free:
+    the binomial(n, 1/2) quantiles); the whole range for fewer than 6 values, a point for one."""
+    from scipy import stats
+
+    v = sorted(v)
+    if not v:
+        return [None, None]
+    lo = max(0, int(stats.binom.ppf(0.025, len(v), 0.5)) - 1) if len(v) >= 6 else 0
+    return [rnd(v[lo]), rnd(v[len(v) - 1 - lo])]
+
+
 def summary(acc: torch.Tensor) -> dict:
-    """best / mean / median / min of the finite accuracies (failed sets are NaN and left out)."""
+    """best / mean / median (and its 95 % interval) / min of the finite accuracies (failed sets are NaN, left out)."""
     a = acc[acc.isfinite()].tolist()
     if not a:
-        return {"count": 0, "best": None, "mean": None, "median": None, "min": None}
+        return {"count": 0, "best": None, "mean": None, "median": None, "min": None, "ci": [None, None]}
     return {"count": len(a), "best": rnd(max(a)), "mean": rnd(statistics.fmean(a)), "median": rnd(statistics.median(a)),
-            "min": rnd(min(a))}
+            "min": rnd(min(a)), "ci": median_ci(a)}
 
 
 def novelty(m: dict, correct: torch.Tensor) -> dict:
@@ -1396,30 +1559,70 @@ def novelty(m: dict, correct: torch.Tensor) -> dict:
             "to_mean": stat(m["to_mean"], median), "off_span": stat(m["off_span"], median)}
 
 
-def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict:
-    """The generator's word: the label of its group g (or of the judged sets), then set against the baselines,
-    which need no generator: `novel` only when it is `fresh` and more accurate (median) than every baseline."""
-    if held_out < MIN_HELD_OUT:
-        return {"label": "unknown", "text": f"{held_out} held-out networks: too few to judge anything (needs "
+def curve(base: dict) -> list:
+    """The noise baselines (an original plus noise, at several levels) as points of accuracy against novelty,
+    ordered from the least novel: what noise alone buys at each distance from the originals (arXiv 2506.07998)."""
+    points = [{"group": k, "nearest_ratio": b["tests"]["nearest_ratio"]["median"],
+               "max_iou": b["tests"]["max_iou"]["median"], "median": b["median"], "ci": b["ci"]}
+              for k, b in base.items() if k.startswith("noise-") and b.get("tests") and b["median"] is not None]
+    return sorted(points, key=lambda p: (-p["max_iou"], p["nearest_ratio"]))
+
+
+def on_curve(points: list, axis: str, novelty: float) -> float:
+    """The curve's accuracy (the upper end of each level's interval) at a novelty on one axis (max_iou: lower is
+    newer; nearest_ratio: higher is newer), linear between levels; outside them, the nearest level's (an
+    accuracy that falls with novelty is then overstated past the noisiest level: the conservative side)."""
+    xs = [(-p[axis] if axis == "max_iou" else p[axis], p["ci"][1]) for p in points]
+    xs, x = sorted(xs), -novelty if axis == "max_iou" else novelty
+    if x <= xs[0][0]:
+        return xs[0][1]
+    for (x0, y0), (x1, y1) in zip(xs, xs[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return xs[-1][1]
+
+
+def verdict(g: dict, base: dict, n_ref: int, name: str = "generated", reference: str = "") -> dict:
+    """The generator's word on its group g (or the judged sets): its label, then, if it is `fresh`, set against what
+    needs no generator: `novel` only when its median accuracy's interval lies above the noise baselines' curve at
+    its own novelty (on both axes) and above every baseline that is not copying. No baselines: at most `fresh`.
+    reference: how many independent draws the held-out originals are (said beside the label)."""
+    if n_ref < MIN_HELD_OUT:
+        return {"label": "unknown", "text": f"{n_ref} held-out networks: too few to judge anything (needs "
                 f"{MIN_HELD_OUT}; fit --holdout)"}
     if g.get("label") is None:
         return {"label": "unknown", "text": f"none of the {g['drawn']} sets drawn reached --min-accuracy" if g.get(
             "drawn") else f"no {name} set had finite parameters"}
-    why = "; ".join(f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} "
-                    f"({t['shift']}, p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same")
+    low = f"; low power: a quarter of the {g['count']} sets could be copies unseen" if g["power"]["low"] else ""
+    ref = f" (reference: {reference}{low})"
     if g["label"] == "unknown":
-        return {"label": "unknown", "text": f"{g['count']} {name} sets against {held_out} held-out networks: too few "
-                f"for any difference to show at p < {ALPHA} over {len(TESTS)} tests (sample -n more)"}
+        return {"label": "unknown", "text": f"{g['count']} {name} sets against {n_ref} held-out units: too few for "
+                f"any difference to show at p < {ALPHA} (sample -n more){ref}"}
     if g["label"] != "fresh":
-        return {"label": g["label"], "text": f"{name} sets: {why}"}
-    better = sorted((k for k, b in base.items() if b["median"] is not None and b["median"] >= g["median"]),
-                    key=lambda k: (base[k].get("label") != "fresh", -base[k]["median"]))
-    if better:
-        b = base[better[0]]
-        return {"label": "fresh", "text": f"fresh, but no better than `{better[0]}` ({b.get('label')}, median "
-                f"{b['median']:.2f} % against {g['median']:.2f} %)" + (f"; {why}" if why else "")}
-    return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %) than every baseline"
-            + (f"; {why}" if why else "")}
+        return {"label": g["label"], "text": f"{name} sets: {findings(g)}{ref}"}
+    if not base:
+        return {"label": "fresh", "text": f"fresh; nothing to compare its accuracy with (no baselines){ref}"}
+    lo, points = g["ci"][0], curve(base)
+    under = [f"the noise curve at its {METRIC_WORDS[a]} ({on_curve(points, a, g['tests'][a]['median']):.2f} %)"
+             for a in ("max_iou", "nearest_ratio") if points and on_curve(points, a, g["tests"][a]["median"]) >= lo]
+    under += [f"`{k}` ({b['label']}, median {b['median']:.2f} %, up to {b['ci'][1]:.2f})" for k, b in base.items()
+              if b["median"] is not None and b.get("label") != "copying" and b["ci"][1] >= lo]
+    if under:
+        return {"label": "fresh", "text": f"fresh, but its median {g['median']:.2f} % (from {lo:.2f}) is not above "
+                f"{under[0]}{' and ' + str(len(under) - 1) + ' more' if len(under) > 1 else ''}{ref}"}
+    return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %, from {lo:.2f}) than "
+            f"every baseline and than noise at its novelty{ref}"}
+
+
+def findings(g: dict) -> str:
+    """What made a group's label, in words."""
+    said = [f"{g['copies']} of {g['count'] + g.get('failed', 0)} are exact copies of originals"] if g.get("copies") \
+        else []
+    said += [f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} ({t['shift']}, "
+             f"p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same"]
+    said += [f"{z['share']:.0%} beyond the held-out originals' edge in {METRIC_WORDS[m]} (they: {z['held_out']:.0%}, "
+             f"p={z['p']:.2g})" for m, z in g["zones"].items() if z["p"] < ALPHA]
+    return "; ".join(said)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1631,6 +1834,156 @@ def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) ->
 # fit: autoencoder on the standardised snapshots, then a DDPM on its (standardised) latents
 
 
+SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a large network's sets come in chunks
+
+
+class LatentDiffusion(nn.Module):
+    """A generator as p-diff builds one: an autoencoder of parameter vectors (its own standardisation and
+    coordinates), then a DDPM on its latents. pdiff's (`span`: SpanAE + MLPDenoiser) and p-diff's v3 (`v3`: ConvAE +
+    ConvDenoiser) are two of its combinations. Buffers: the latents' standardisation (z_mean, z_std), the box
+    sampling clamps them to (z_lo, z_hi), and with `condition` the accuracies' standardisation. Its state_dict and
+    its settings (every default resolved) are the model file.
+
+    The interface every generator has (fit, sample and the plots use nothing else): fit(), draw() -> codes,
+    decode(codes) -> (n, D) parameters, encode(sets) -> codes (None where there are no codes to plot),
+    reconstructions() -> the training originals through the autoencoder, for the reports."""
+    BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
+
+    def __init__(self, autoencoder: str, denoiser: str, D: int, K: int, s: dict, *, condition: bool = False):
+        super().__init__()
+        torch.manual_seed(s["seed"])
+        cls, kw = AUTOENCODERS[autoencoder]
+        self.ae = cls(D, K, s, **kw)
+        self.denoiser = DENOISERS[denoiser](s["latent"], s, condition=condition)
+        self.diffusion, self.s = Diffusion(self.T, *self.BETAS), s
+        n = s["latent"]
+        stats = {"z_mean": torch.zeros(n), "z_std": torch.ones(()), "z_lo": torch.full((n,), -math.inf),
+                 "z_hi": torch.full((n,), math.inf), "acc_mean": torch.zeros(()), "acc_std": torch.ones(())}
+        for name, v in stats.items():
+            self.register_buffer(name, v)
+
+    def bind(self, originals: torch.Tensor, rows: list):  # the collection it was fitted to (SpanAE reads through it)
+        self.ae.bind(originals, rows)
+
+    def fit(self, layout: Layout, originals: torch.Tensor, rows: list, *, loop: "Loop",
+            accuracies: Optional[torch.Tensor] = None):
+        """The autoencoder on the training originals (rows of originals (K_all, D)) in its coordinates, then the DDPM
+        on its latents (standardised for pdiff's denoiser, as they come for p-diff's). With `condition`,
+        accuracies (K,) are the training originals' validation accuracies (%), which the denoiser learns to follow."""
+        dev = self.z_mean.device
+        a = self.ae.prepare(layout, originals, rows)  # (K, K) or (K, D)
+        fit_autoencoder(self.ae, a, self.s, loop)
+        with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
+            order = torch.randperm(len(a), generator=rng(self.s["seed"], "encode")).to(dev)
+            z = torch.empty(len(a), self.s["latent"], device=dev)
+            with autocast(dev, self.ae.bf16):
+                z[order] = self.ae.encode(a[order]).float()  # (K, latent)
+        if self.denoiser.standardised:
+            self.z_mean, self.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all
+        zs = (z - self.z_mean) / self.z_std
+        if self.s["clip"] is not None:
+            lo, hi = zs.min(0).values, zs.max(0).values
+            self.z_lo, self.z_hi = lo - self.s["clip"] * (hi - lo), hi + self.s["clip"] * (hi - lo)
+        cond = None
+        if hasattr(self.denoiser, "cond"):
+            self.acc_mean, self.acc_std = accuracies.mean().to(dev), accuracies.std().clamp_min(1e-6).to(dev)
+            cond = ((accuracies.to(dev) - self.acc_mean) / self.acc_std).float()
+        self.denoiser = fit_diffusion(self.denoiser, self.diffusion, zs, self.s, loop, cond)
+
+    @torch.no_grad()
+    def draw(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
+             target: Optional[float] = None, guidance: float = 0.0) -> torch.Tensor:
+        """-> (n, latent) standardised latents (decode() makes parameters); at a target accuracy (%) with
+        classifier-free guidance when the denoiser was fitted with --condition."""
+        self.eval()
+        eps = self.denoiser
+        if target is not None:
+            if not hasattr(self.denoiser, "cond"):
+                raise PdiffError("--target-accuracy needs a model fitted with --condition", 2)
+            c = (target - self.acc_mean) / self.acc_std
+            eps = lambda x, t: (1 + guidance) * self.denoiser(x, t, c.expand(len(x))) - guidance * self.denoiser(x, t)
+        with autocast(self.z_mean.device, self.denoiser.bf16):
+            return self.diffusion.sample(eps, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
+                                         clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
+
+    @torch.no_grad()
+    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
+        with autocast(self.z_mean.device, self.ae.bf16):
+            z = self.ae.encode(self.ae.coordinates(sets)).float()
+        return ((z - self.z_mean) / self.z_std).cpu()
+
+    @torch.no_grad()
+    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
+        with autocast(self.z_mean.device, self.ae.bf16):
+            a = self.ae.decode(zs.to(self.z_mean.device) * self.z_std + self.z_mean).float()
+        return self.ae.parameters_of(a)
+
+    @torch.no_grad()
+    def reconstructions(self, originals: torch.Tensor) -> dict:
+        """The training originals (n, D) through the autoencoder ("decoded"), and for SpanAE through PCA of the
+        latent's size: {name: (Group of parameter sets, median relative error in its coordinates)}."""
+        a = self.ae.coordinates(originals)
+        with autocast(self.z_mean.device, self.ae.bf16):
+            out = {"decoded": self.ae.decode(self.ae.encode(a)).float()}
+        out |= {f"PCA-{self.s['latent']}": self.ae.linear(a)} if self.ae.linear else {}
+        c = 0 if self.ae.ordered else a.mean(0)  # span coordinates are centred already
+        return {k: (Group(len(v), lambda i, v=v: self.ae.parameters_of(v[i])), rel_error((a - c).cpu(), (v - c).cpu()))
+                for k, v in out.items()}
+
+    def projection(self, originals: torch.Tensor) -> tuple:
+        """For the trajectory plot: (the originals' places on their first principal direction, in the autoencoder's
+        coordinates; codes -> the places of their decoded parameters)."""
+        h = self.ae.coordinates(originals)
+        axis = None if self.ae.ordered else principal_axes(h - h.mean(0), 1)[0]
+        pc1 = lambda a: (a[:, 0] if axis is None else a @ axis).detach().cpu()
+        return pc1(h), lambda zs: pc1(self.ae.decode(zs.to(self.z_mean.device) * self.z_std + self.z_mean).float())
+
+
+AUTOENCODERS = {"span": (SpanAE, {}), "conv": (ConvAE, {"norm": "batch"}), "conv-eval": (ConvAE, {"norm": "running"})}
+DENOISERS = {"mlp": MLPDenoiser, "conv": ConvDenoiser}
+GENERATORS = {"span": "span+mlp", "v3": "conv+conv", "v3-eval": "conv-eval+conv"}  # named combinations
+
+
+def generator_parts(name: str) -> tuple[str, str]:
+    """A --generator value -> (autoencoder, denoiser): a name of GENERATORS or AUTOENCODER+DENOISER."""
+    ae, _, dn = GENERATORS.get(name, name).partition("+")
+    if ae not in AUTOENCODERS or dn not in DENOISERS:
+        raise PdiffError(f"unknown --generator '{name}' (choose from {', '.join(GENERATORS)}, or AUTOENCODER+DENOISER "
+                         f"from {'|'.join(AUTOENCODERS)} and {'|'.join(DENOISERS)})", 2)
+    return ae, dn
+
+
+def generator_settings(cfg: "FitConfig") -> dict:
+    """Every setting of the generator cfg names: its parts' defaults, then what the command line gave. Recorded in
+    the model file as resolved, and read back from there (a later default never changes a fitted model)."""
+    ae, dn = generator_parts(cfg.generator)
+    given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "ddpm_steps", "input_noise", "latent_noise")}
+    return {**AUTOENCODERS[ae][0].DEFAULTS, **DENOISERS[dn].DEFAULTS, "seed": cfg.seed,
+            **{k: v for k, v in given.items() if v is not None}}
+
+
+def make_generator(name: str, D: int, K: int, s: dict, *, condition: bool = False) -> nn.Module:
+    """The one place a generator is chosen: its name and resolved settings -> the generator."""
+    return LatentDiffusion(*generator_parts(name), D, K, s, condition=condition)
+
+
+def fit_autoencoder(ae: nn.Module, a: torch.Tensor, s: dict, loop: "Loop"):
+    """The autoencoder on the training originals in its coordinates a (K, K) or (K, D), batches drawn from them:
+    its own loss (noise augmentation included); AdamW with a cosine schedule."""
+    opt = torch.optim.AdamW(ae.parameters(), lr=s["ae_lr"], weight_decay=s["ae_weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["ae_steps"]))
+
+    def loss(step):
+        g = rng(s["seed"], "ae", step)
+        a0 = a[torch.randint(0, len(a), (LatentDiffusion.BATCH,), generator=g).to(a.device)]
+        with autocast(a.device, ae.bf16):
+            return ae.loss(a0, g)
+
+    ae.train()
+    loop.run("autoencoder", s["ae_steps"], loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
+    ae.eval()
+
+
 def ema(decay: float):
     """A bias-corrected exponential moving average for swa_utils.AveragedModel (Adam's correction of its
     moments): after n updates each weight counts (1 - decay) decay^(n - i) / (1 - decay^n), so the stated
@@ -1641,167 +1994,43 @@ def ema(decay: float):
     return update
 
 
-SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a large network's sets come in chunks
-
-
-class Model(nn.Module):
-    """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
-    standardisation of parameters (mean, std: (D,), of the training originals) and of latents (z_mean, z_std), and
-    the box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file. The
-    autoencoder reads and writes its own coordinates of a parameter vector: with pca those of the training
-    originals' span, so the model reads and writes parameters through the originals (bind() hands it the
-    collection and the training rows: fit and open_run do); with pdiff the standardised vector itself."""
-
-    def __init__(self, cfg: FitConfig, D: int, K: int):
-        super().__init__()
-        torch.manual_seed(cfg.seed)
-        n = cfg.latent_size
-        self.ae = ConvAE(D, latent=n, norm=cfg.ae_norm) if cfg.paper_ae else AE(K, latent=n, width=cfg.ae_width)
-        self.denoiser = ConvDenoiser(n) if cfg.paper_denoiser else \
-            Denoiser(n, width=cfg.ddpm_width, depth=cfg.ddpm_depth, condition=cfg.condition)
-        self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(n), "z_std": torch.ones(()),
-                 "z_lo": torch.full((n,), -math.inf), "z_hi": torch.full((n,), math.inf),
-                 "acc_mean": torch.zeros(()), "acc_std": torch.ones(())}  # --condition: accuracy's standardisation
-        for name, v in stats.items():
-            self.register_buffer(name, v)
-
-    def bind(self, originals: torch.Tensor, rows: list):
-        self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
-
-    spanned = property(lambda self: isinstance(self.ae, AE))  # pca: coordinates are the span's
-
-    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the autoencoder's coordinates
-        if not self.spanned:  # (n, D) standardised
-            return ((sets.to(self.mean.device) - self.mean) / self.std)
-        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
-        return (g @ self.ae.coords.cpu().double()).float().to(self.mean.device)  # (n, K)
-
-    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates -> (n, D) parameters
-        if not self.spanned:
-            return (a.to(self.mean.device) * self.std + self.mean).cpu()
-        return combine(self.ae.weights(a).cpu(), self.originals, self.rows, self.mean.cpu())
-
-    @torch.no_grad()
-    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
-                 target: Optional[float] = None, guidance: float = 0.0) -> torch.Tensor:
-        """-> (n, latent) standardised latents (decode() makes parameters); at a target accuracy (%) with
-        classifier-free guidance when the denoiser was fitted with --condition."""
-        self.eval()
-        eps = self.denoiser
-        if target is not None:
-            c = (target - self.acc_mean) / self.acc_std
-            eps = lambda x, t: (1 + guidance) * self.denoiser(x, t, c.expand(len(x))) - guidance * self.denoiser(x, t)
-        with autocast(self.mean.device, isinstance(self.denoiser, ConvDenoiser)):
-            return self.diffusion.sample(eps, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                         clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
-
-    @torch.no_grad()
-    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
-        with autocast(self.mean.device, not self.spanned):
-            z = self.ae.encode(self.coordinates(sets)).float()
-        return ((z - self.z_mean) / self.z_std).cpu()
-
-    @torch.no_grad()
-    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
-        with autocast(self.mean.device, not self.spanned):
-            h = self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float()
-        return self.parameters_of(h)
-
-    @torch.no_grad()
-    def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates through it and back
-        with autocast(self.mean.device, not self.spanned):
-            return self.ae.decode(self.ae.encode(a.to(self.mean.device))).float()
-
-
-def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop: "Loop"):
-    """The autoencoder on the training originals in its coordinates a (K, K) or (K, D): p-diff's noise
-    augmentation on the input (in span coordinates the part along the encoder's directions, with the same std)
-    and on the latent; the parameters' mean squared error (in span coordinates: the squared error over D; p-diff's
-    against the noisy padded input, as v3 does); AdamW with a cosine schedule."""
-    paper = isinstance(ae, ConvAE)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_rate, weight_decay=0.0 if paper else 0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_train_steps))
-    dev = a.device
-
-    def loss(step):
-        g = rng(cfg.seed, "ae", step)
-        a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K) or (B, D)
-        a0 = ae.pad(a0) if paper else a0
-        noisy = a0 + cfg.input_noise * randn(a0.shape, g, dev)
-        with autocast(dev, paper):
-            z = ae.encode_padded(noisy) if paper else ae.encode(noisy)
-            z = z + cfg.latent_std * randn(z.shape, g, dev)
-            if paper:
-                return F.mse_loss(ae.decode_padded(z).float(), noisy)
-            return (ae.decode(z).float() - a0).pow(2).sum(1).mean() / D
-
-    ae.train()
-    loop.run("autoencoder", cfg.ae_train_steps, loss, opt, sched=sched,
-             keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
-    ae.eval()
-
-
-def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop",
+def fit_diffusion(denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, s: dict, loop: "Loop",
                   cond: Optional[torch.Tensor] = None):
     """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
     denoiser's weights (decay 0: the weights themselves) with its buffers as they ended. cond (K,): each latent's
     standardised accuracy, dropped (NaN) for a tenth of every batch (classifier-free guidance's dropout)."""
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_rate)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_train_steps))
-    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.decay))
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=s["ddpm_lr"], weight_decay=s["ddpm_weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["ddpm_steps"]))
+    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(s["ema"]))
 
     def loss(step):
-        g = rng(cfg.seed, "ddpm", step)
-        i = torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)
+        g = rng(s["seed"], "ddpm", step)
+        i = torch.randint(0, len(zs), (LatentDiffusion.BATCH,), generator=g).to(zs.device)
         eps = denoiser
         if cond is not None:
             c = cond[i].masked_fill((torch.rand(len(i), generator=g) < 0.1).to(zs.device), math.nan)
             eps = lambda x, t: denoiser(x, t, c)
-        with autocast(zs.device, isinstance(denoiser, ConvDenoiser)):
+        with autocast(zs.device, denoiser.bf16):
             return diffusion.loss(eps, zs[i], g)
 
     denoiser.train()
-    loop.run("diffusion", cfg.ddpm_train_steps, loss, opt, sched=sched,
-             after=lambda step: avg.update_parameters(denoiser),
+    loop.run("diffusion", s["ddpm_steps"], loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
              keep={"denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
     for mine, now in zip(avg.module.buffers(), denoiser.buffers()):  # BatchNorm's statistics: the latest
         mine.copy_(now)
     return avg.module.eval()
 
 
-def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device,
-        loop: Optional["Loop"] = None, accuracies: Optional[torch.Tensor] = None) -> tuple:
-    """Standardise the training originals (rows of originals (K_all, D)), take the autoencoder's coordinates of
-    them (pca: their span's, the one pass over D being their Gram matrix), fit the autoencoder in them, then the
-    DDPM on its latents (standardised for the mlp denoiser, as they come for p-diff's).
-    With --condition, accuracies (K,) are the training originals' (%), which the denoiser learns to follow.
-    -> (model, the originals' coordinates: (K, K) or (K, D))."""
-    loop = loop or Loop()
-    m = Model(cfg, layout.D, len(rows)).to(device)
-    mean, std = paper_stats(layout, originals, rows) if cfg.paper_ae else tensor_stats(layout, originals, rows)
-    m.mean, m.std = mean.to(device), std.to(device)
-    m.bind(originals, rows)
-    a = m.coordinates(originals[rows]) if cfg.paper_ae else \
-        m.ae.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(device)
-    fit_autoencoder(cfg, m.ae, a, layout.D, loop)
-    with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
-        order = torch.randperm(len(a), generator=rng(cfg.seed, "encode")).to(device)
-        z = torch.empty(len(a), cfg.latent_size, device=device)
-        with autocast(device, cfg.paper_ae):
-            z[order] = m.ae.encode(a[order]).float()  # (K, latent)
-    if not cfg.paper_denoiser:
-        m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
-    zs = (z - m.z_mean) / m.z_std
-    if cfg.clip_share is not None:
-        lo, hi = zs.min(0).values, zs.max(0).values
-        m.z_lo, m.z_hi = lo - cfg.clip_share * (hi - lo), hi + cfg.clip_share * (hi - lo)
-    cond = None
-    if cfg.condition:
-        m.acc_mean, m.acc_std = accuracies.mean().to(device), accuracies.std().clamp_min(1e-6).to(device)
-        cond = ((accuracies.to(device) - m.acc_mean) / m.acc_std).float()
-    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop, cond)
-    return m, a
+def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device, loop: Optional["Loop"] = None,
+        accuracies: Optional[torch.Tensor] = None) -> nn.Module:
+    """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
+    settings = generator_settings(cfg)
+    if settings["latent"] > layout.D and cfg.generator == "span":
+        raise PdiffError(f"--latent {settings['latent']} is more than the {layout.D} parameters it would encode", 2)
+    model = make_generator(cfg.generator, layout.D, len(rows), settings, condition=cfg.condition).to(device)
+    model.bind(originals, rows)
+    model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)
+    return model
 
 
 def rel_error(a: torch.Tensor, a_hat: torch.Tensor) -> Optional[float]:
@@ -1835,39 +2064,46 @@ def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout
     """(n, D) -> what one unit of noise is for each coordinate of each original: `values`, the std of the values
     of its tensor in that original (the reference code's noise-added models); `spread`, pdiff's standardised
     units (the training originals' per-tensor spread); `raw`, parameter units (arXiv 2506.07998)."""
-    if units == "values":
+    if units == "values" and len(x):
         return torch.cat([t.std(1, keepdim=True).nan_to_num(0).expand_as(t) for t in x.split(layout.sizes, dim=1)], 1)
-    return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
+    return spread.expand_as(x) if units != "raw" else torch.ones_like(x)
 
 
 @dataclass
 class Group:
     """A group of n parameter sets that sample judges, made a chunk at a time (a large network's sets do not all
-    fit in memory): make(s) -> the sets at the indices of slice s, (len, D), raw."""
+    fit in memory): make(idx) -> the sets at indices idx (a slice or a list), (len, D), raw."""
     n: int
-    make: Callable[[slice], torch.Tensor]
-    drawn: Optional[int] = None  # sample --min-accuracy: how many sets were drawn to find these
+    make: Callable
+    drawn: Optional[int] = None  # when selected: how many sets were drawn to find these
 
 
-def drawn(key: tuple, s: slice, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
-    return torch.stack([torch.randn(D, generator=rng(*key, i)) for i in range(s.start, s.stop)])
+indices = lambda idx: list(range(idx.start, idx.stop)) if isinstance(idx, slice) else list(idx)
+
+
+stack = lambda rows, D: torch.stack(rows) if rows else torch.zeros(0, D)  # (len, D), also for none
+
+
+def drawn(key: tuple, idx, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
+    return stack([torch.randn(D, generator=rng(*key, i)) for i in indices(idx)], D)
 
 
 def baselines(ruler: Ruler, n: int, cfg: SampleConfig, layout: Layout) -> dict:
     """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
-    originals only: an original plus noise (one group per level), the mean of m random originals, a
-    per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
-    x, rows, D = ruler.originals, ruler.rows, ruler.originals.shape[1]
+    originals only: an original plus noise (one group per level: together the noise curve), the mean of m random
+    originals, a per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one
+    model)."""
+    x, rows, D = ruler.originals, torch.tensor(ruler.rows), ruler.originals.shape[1]
     K, out = len(rows), {}
     for s in noise_levels(cfg):
-        picks = [rows[i] for i in torch.randint(0, K, (n,), generator=rng(cfg.seed, "noise", s)).tolist()]
-        out[f"noise-{s:g}"] = Group(n, lambda c, s=s, picks=picks: x[picks[c]] + s * noise_unit(
-            x[picks[c]], cfg.noise_units, ruler.std, layout) * drawn((cfg.seed, "noise", s), c, D))
-    picks = torch.rand(n, K, generator=rng(cfg.seed, "average")).argsort(1)[:, :min(cfg.average_m, K)]
-    sd = coordinate_std(x, rows)
-    return out | {"average": Group(n, lambda c: torch.stack([x[[rows[j] for j in p]].mean(0) for p in picks[c]])),
-                  "gaussian": Group(n, lambda c: ruler.mean + sd * drawn((cfg.seed, "gaussian"), c, D)),
-                  "ensemble": Group(1, lambda c: ruler.mean[None])}
+        picks = rows[torch.randint(0, K, (n,), generator=rng(cfg.seed, "noise", s))]
+        out[f"noise-{s:g}"] = Group(n, lambda i, s=s, picks=picks: x[picks[i]] + s * noise_unit(
+            x[picks[i]], cfg.noise_units, ruler.std, layout) * drawn((cfg.seed, "noise", s), i, D))
+    picks = rows[torch.rand(n, K, generator=rng(cfg.seed, "average")).argsort(1)[:, :min(cfg.average_m, K)]]
+    sd = coordinate_std(x, ruler.rows)
+    return out | {"average": Group(n, lambda i: stack([x[p].mean(0) for p in picks[i]], D)),
+                  "gaussian": Group(n, lambda i: ruler.mean + sd * drawn((cfg.seed, "gaussian"), i, D)),
+                  "ensemble": Group(1, lambda i: ruler.mean[None].expand(len(indices(i)), -1))}
 
 
 def coordinate_std(x: torch.Tensor, rows: list, *, chunk: int = 1 << 22) -> torch.Tensor:  # (D,) over x[rows]
@@ -1877,24 +2113,63 @@ def coordinate_std(x: torch.Tensor, rows: list, *, chunk: int = 1 << 22) -> torc
     return torch.cat([x[:, i:i + step][rows].std(0) for i in range(0, x.shape[1], step)])
 
 
+def validation_accuracy(run: Run, group: Group, path: str) -> torch.Tensor:  # (n,) percent on the validation split
+    if not len(run.data.y_val):
+        raise PdiffError("selecting sets needs the validation split collect keeps (this run was collected with "
+                         "--validation 0): the test set only grades", 2)
+    return torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, group.make(c), run.data.x_val, run.data.y_val,
+                                        spread=True, path=path)) for c in in_chunks(run.layout.D, group.n)])
+
+
+def selected(run: Run, group: Group, at_least: float, n: int, path: str) -> Group:
+    """The first n sets of a group whose validation accuracy reaches at_least (%): how sample --min-accuracy picks
+    generated sets, and so how it picks every baseline's, from as many draws."""
+    acc = validation_accuracy(run, group, path)
+    keep = (acc >= at_least).nonzero().flatten()[:n].tolist()
+    return Group(len(keep), lambda i: group.make([keep[j] for j in indices(i)]), drawn=group.n)
+
+
+@dataclass
+class Measured:
+    """One group evaluated: test accuracies (n,) in %, NaN where a set failed (NaN/Inf parameters); the per-model
+    numbers of its finite sets (Ruler.measure) and their masks; which original each finite set is exactly (a row,
+    -1 for none: duplicates()); how many repeat an earlier set of the group; the sets themselves if kept."""
+    accuracy: torch.Tensor
+    m: dict
+    correct: torch.Tensor
+    copy_of: torch.Tensor
+    repeats: int
+    sets: Optional[torch.Tensor] = None
+
+
 @dataclass
 class Sampled:
     report: dict  # the JSON document's body (without run, device and totals the command adds)
     name: str  # the group under test: "generated", or "judged" (sample --judge)
     sets: dict  # {group: (n, D) parameter sets}: the group under test; with keep=True also the held-out originals
     # and the noise baselines (for the plot); failed sets (NaN) kept
-    accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
+    accuracies: torch.Tensor  # (n,) of the group under test, percent (test set), NaN where a set failed
     per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
     trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
+    val_accuracies: Optional[torch.Tensor] = None  # (n,) on the validation split, when asked (export picks by it)
 
 
 TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
 
 
-def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -> tuple:
-    """Evaluate a group a chunk at a time -> (accuracies (n,) with NaN for failed sets, per-model numbers of the
-    finite ones (Ruler.measure), their masks, the sets if keep)."""
-    accs, ms, masks, kept = [], [], [], []
+def duplicates(sets: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """(n,) for each set the row of the original it is, within float noise (|x - o| <= DUPLICATE |o|, in parameter
+    units), or -1. A fresh draw of any process the generator could learn is never an original bit for bit."""
+    zero, one = torch.zeros(sets.shape[1]), torch.ones(sets.shape[1])
+    ab, aa, bb = products(sets, originals, zero, one)
+    hit = (aa[:, None] + bb[None] - 2 * ab).clamp_min(0) <= DUPLICATE ** 2 * bb[None]
+    return torch.where(hit.any(1), hit.double().argmax(1), -1)
+
+
+def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -> Measured:
+    """Evaluate a group on the test set a chunk at a time, measure its finite sets against the training originals,
+    and find the sets that are originals (or repeat each other) exactly."""
+    accs, ms, masks, copies, kept, repeats = [], [], [], [], [], 0
     for s in in_chunks(ruler.originals.shape[1], group.n):
         sets = group.make(s)
         ok = torch.isfinite(sets).all(1)
@@ -1903,79 +2178,112 @@ def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -
         accs.append(accuracy(correct).masked_fill(~ok, float("nan")))
         ms.append(ruler.measure(sets[ok], correct[ok]))
         masks.append(correct[ok])
+        copies.append(duplicates(sets[ok], ruler.originals))
+        new = sets[ok][copies[-1] < 0]  # repeats among the sets that are no original (within a chunk: all of them
+        repeats += len(new) - len(new.unique(dim=0))  # for a small network)
         kept += [sets] if keep else []
     m = {k: torch.cat([x[k] for x in ms]) for k in ms[0]}
-    return torch.cat(accs), m, torch.cat(masks), torch.cat(kept) if keep else None
+    return Measured(torch.cat(accs), m, torch.cat(masks), torch.cat(copies), repeats, torch.cat(kept) if keep else None)
 
 
-def describe(acc: torch.Tensor, m: dict, correct: torch.Tensor, ref: Optional[tuple]) -> dict:
-    """One group's report row: accuracy summary, failed sets, novelty numbers, and the label from the test against
-    ref = (the held-out originals' per-model numbers, their networks)."""
-    row = {**summary(acc), "failed": int(acc.isnan().sum()), **novelty(m, correct)}
-    return row | judge(m, *ref) if ref is not None and len(m["accuracy"]) else row
+def describe(g: Measured, run: Run, ref: Optional[tuple]) -> dict:
+    """One group's report row: accuracy summary, failed sets, exact copies (named: training, held-out or unused
+    originals, or repeats within the group), novelty numbers, and the label from judge() against ref = (the
+    held-out originals' per-model numbers, their units)."""
+    rows, held = g.copy_of[g.copy_of >= 0].tolist(), set(run.held_out)
+    kind = lambda i: "held_out" if i in held else "training" if i in run.training_set else "unused"
+    copies = {"training": [], "held_out": [], "unused": []}
+    for i in sorted(set(rows)):
+        copies[kind(i)].append(i)
+    row = {**summary(g.accuracy), "failed": int(g.accuracy.isnan().sum()), "copies": len(rows) + g.repeats,
+           "copied": {k: v for k, v in copies.items() if v} | ({"repeats": g.repeats} if g.repeats else {}),
+           **novelty(g.m, g.correct)}
+    if ref is None or not len(g.accuracy):
+        return row
+    return row | judge(g.m, *ref, failed=row["failed"], copies=row["copies"])
 
 
 per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
                               "nearest_distance": m["nearest"].tolist()}
 
 
-def held_out_group(run: Run, ruler: Ruler, per: int) -> tuple:
-    """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
-    them as on any group: one half of the held-out networks judged with the other half as the reference."""
-    held = run.held_out
+def held_out_group(run: Run, ruler: Ruler) -> tuple:
+    """The held-out originals: (their per-model numbers with each row's unit, their report row). Their own label
+    is the test run on them as on any group: one half of the held-out units judged with the other half as the
+    reference."""
+    held, units = run.held_out, run.units
     m = [ruler.measure(run.snapshots[held[s]], run.correct[held[s]]) for s in in_chunks(run.layout.D, len(held))]
     m = {k: torch.cat([x[k] for x in m]) for k in m[0]}
-    units = len(held) // per
-    a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
-    b = [i for i in range(len(held)) if i not in set(a)]
-    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, run.correct[held])}
-    if units >= 2:
-        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
+    m["unit"] = torch.tensor([u for u, rows in enumerate(units) for _ in rows])
+    row = {**summary(m["accuracy"]), "units": len(units), "reference": reference(run), **novelty(m, run.correct[held])}
+    if len(units) >= 2:
+        half = lambda parity: (m["unit"] % 2 == parity).nonzero().flatten()
+        a, b = half(0), half(1)
+        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(units) // 2)
     return m, row
 
 
+def reference(run: Run) -> str:
+    """What the held-out originals are, in words: how many independent draws."""
+    units = run.units
+    if run.collection.get("kind") == "seeds":
+        return f"{len(units)} held-out networks"
+    return f"one run: {len(units)} blocks of {len(units[0]) if units else 0} of its snapshots, kept apart by a gap"
+
+
 def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
-           trace: bool = False, keep: bool = False) -> Sampled:
+           trace: bool = False, keep: bool = False, validation: bool = False) -> Sampled:
     """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
-    decoded originals and the baselines, and judge every group against the held-out originals. trace=True keeps
-    the reverse trajectories of a few samples; keep=True the sets the plot shows."""
+    decoded originals and the baselines, and judge every group against the held-out originals. With --min-accuracy
+    the generated sets and every baseline's are selected alike on the validation split. trace=True keeps the reverse
+    trajectories of a few samples; keep=True the sets the plot shows; validation=True also measures the group
+    under test on the validation split (export picks by it)."""
     t0, trajectory, name = time.perf_counter(), [], "judged" if judged is not None else "generated"
-    ruler, held = run.ruler(), run.held_out
-    groups = {name: Group(len(judged), lambda s: judged[s]) if judged is not None else
-              generated(cfg, run, prog, trajectory, trace)}
-    if run.model is not None:  # the training originals through the autoencoder
-        a = run.model.roundtrip(run.model.coordinates(ruler.originals[ruler.rows]))
-        groups["decoded"] = Group(len(a), lambda s: run.model.parameters_of(a[s]))
-    groups |= baselines(ruler, cfg.n, cfg, run.layout) if cfg.baselines else {}
-    t1, path = time.perf_counter(), eval_path(run.net, run.prep, run.layout, run.data.x_test)
-    per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
-    m_held, held_row = held_out_group(run, ruler, per) if held else (None, None)
-    ref, rows, per_model, kept = (m_held, len(held) // per) if held else None, {}, {}, {}
+    ruler, path = run.ruler(), eval_path(run.net, run.prep, run.layout, run.data.x_test)
+    groups = {name: Group(len(judged), lambda i: judged[i]) if judged is not None else
+              generated(cfg, run, prog, trajectory, trace, path)}
+    if run.model is not None:  # the training originals through the autoencoder, where there is one
+        groups |= {k: group for k, (group, _) in run.model.reconstructions(ruler.originals[ruler.rows]).items()
+                   if k == "decoded"}
+    drew = groups[name].drawn or cfg.n  # selected generated sets: each baseline picked alike from as many draws
+    for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
+        groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
+    t1 = time.perf_counter()
+    m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
+    ref = (m_held, len(run.units)) if run.units else None
+    rows, per_model, kept, measured = {}, {}, {}, {}
     for g, group in groups.items():
-        acc, m, correct, kept[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
-        rows[g], per_model[g] = describe(acc, m, correct, ref) | ({"accuracies": acc} if g == name else {}), \
-            per_model_values(m)
+        measured[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
+        rows[g], per_model[g], kept[g] = describe(measured[g], run, ref), per_model_values(measured[g].m), \
+            measured[g].sets
+        rows[g] |= {"drawn": group.drawn} if group.drawn is not None else {}
     m_train = ruler.measure_training()
-    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
-    accs = rows[name].pop("accuracies")
-    report = {
-        "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
-        sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units, "evaluation": path,
-        "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
-        **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
-        name: {**rows.pop(name), "accuracies": [None if math.isnan(v) else rnd(v) for v in accs.tolist()],
-               **({"drawn": groups[name].drawn} if groups[name].drawn is not None else {})},
-        "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
-                                       "total": round(time.perf_counter() - t0, 3)}}
-    if cfg.target_accuracy is not None and judged is None and report[name]["median"] is not None:
-        report[name] |= {"target": cfg.target_accuracy, "guidance": cfg.guidance,
-                         "from_target": rnd(report[name]["median"] - cfg.target_accuracy)}
-    report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
+    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if ref else {})
+    under_test = rows.pop(name) | {"accuracies": [None if math.isnan(v) else rnd(v) for v in
+                                                 measured[name].accuracy.tolist()]}
+    if groups[name].drawn is not None:
+        under_test |= {"selected_on": "validation"}
+    if cfg.target_accuracy is not None and judged is None and under_test["median"] is not None:
+        under_test |= {"target": cfg.target_accuracy, "guidance": cfg.guidance}
+    val = validation_accuracy(run, groups[name], path) if validation or "target" in under_test else None
+    if val is not None:
+        under_test["validation"] = summary(val.where(measured[name].accuracy.isfinite(), math.nan))
+    if "target" in under_test:  # the target is a validation accuracy: where the generated sets landed there
+        under_test["from_target"] = rnd(under_test["validation"]["median"] - cfg.target_accuracy)
+    report = {"sampler": None if judged is not None else cfg.sampler,
+              "steps": None if judged is not None else sampler_steps(cfg, run.model.T),
+              "noise_units": cfg.noise_units, "evaluation": path,
+              "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
+              **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}), name: under_test, "baselines": rows,
+              "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
+                          "total": round(time.perf_counter() - t0, 3)}}
+    report["verdict"] = verdict(under_test, rows, len(run.units), name, reference(run))
+    report["curve"] = curve(rows)
     if trajectory:
         report["trajectory"] = along(run, ruler, trajectory, path)
     per_model.pop("decoded", None)
-    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[held]} if keep else {})
-    return Sampled(report, name, kept, accs, per_model, trajectory)
+    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[run.held_out]} if keep else {})
+    return Sampled(report, name, kept, measured[name].accuracy, per_model, trajectory, val)
 
 
 def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20) -> list:
@@ -1993,17 +2301,15 @@ def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20)
     return out
 
 
-def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> Group:
-    """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time. Under torchrun
-    every process uses rank 0's latents."""
-    model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
-    total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    if cfg.target_accuracy is not None and not hasattr(model.denoiser, "cond"):
-        raise PdiffError("--target-accuracy needs a model fitted with --condition (pdiff fit --condition "
-                         f"--name NAME --run {run.path}, then sample --model NAME)", 2)
+def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool,
+              path: str) -> Group:
+    """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time; with --min-accuracy,
+    rounds of n until n reach it on the validation split. Under torchrun every process uses rank 0's latents."""
+    model, steps = run.model, sampler_steps(cfg, run.model.T)
+    total = steps if cfg.sampler == "ddpm" else len(Diffusion(model.T).ddim_times(steps))
 
     def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
-        zs = model.generate(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
+        zs = model.draw(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
                             eta=cfg.eta, tick=ticker(prog, f"{cfg.sampler} sampling", total),
                             target=cfg.target_accuracy, guidance=cfg.guidance,
                             trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace and not i else None)
@@ -2013,15 +2319,14 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
 
     if cfg.min_accuracy is None:
         zs = draw(0)
-        return Group(len(zs), lambda s: model.decode(zs[s]))
-    kept, rounds, path = [], 0, eval_path(run.net, run.prep, run.layout, run.data.x_test)  # one probe, not one a chunk
+        return Group(len(zs), lambda i: model.decode(zs[i]))
+    kept, rounds = [], 0
     while sum(map(len, kept)) < cfg.n and rounds < MAX_ROUNDS:  # the paper's Fig. 5b: draw until n reach A
         zs, rounds = draw(rounds), rounds + 1
-        acc = torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, model.decode(zs[c]), run.data.x_test,
-                                           run.data.y_test, path=path)) for c in in_chunks(run.layout.D, len(zs))])
+        acc = validation_accuracy(run, Group(len(zs), lambda i: model.decode(zs[i])), path)
         kept.append(zs[acc >= cfg.min_accuracy])
     zs = torch.cat(kept)[:cfg.n]
-    return Group(len(zs), lambda s: model.decode(zs[s]), drawn=rounds * cfg.n)
+    return Group(len(zs), lambda i: model.decode(zs[i]), drawn=rounds * cfg.n)
 
 
 MAX_ROUNDS = 20  # sample --min-accuracy draws at most this many times n sets
@@ -2066,7 +2371,7 @@ def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
 
 
-def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout, path: Path):
+def plot(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout, path: Path):
     """figure(), written to a PNG."""
     import matplotlib.pyplot as plt
 
@@ -2077,7 +2382,7 @@ def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: La
         plt.close(fig)
 
 
-def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout):
+def figure(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout):
     """Six panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
     with every baseline and the held-out originals), the latents of originals, generated and noise-added models on
     the first two principal directions of the originals' latents (Fig. 4c), the reverse trajectories of a few
@@ -2129,12 +2434,21 @@ def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy h
         a.scatter(pm["max_iou"], pm["accuracy"], label=name, **marks)
         style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
         b.hist(pm["accuracy"], bins=bins, label=name, **style)
+    points = s.report.get("curve", [])
+    if points:  # what noise alone buys: each level's median, its accuracy interval, joined from least to most noise
+        xs, ys = [p["max_iou"] for p in points], [p["median"] for p in points]
+        err_ = [[y - p["ci"][0] for y, p in zip(ys, points)], [p["ci"][1] - y for y, p in zip(ys, points)]]
+        a.errorbar(xs, ys, yerr=err_, color="grey", marker="s", ms=4, lw=1, capsize=2, label="noise curve (medians)")
+    g = s.report.get(s.name, {})
+    if g.get("ci") and g["ci"][0] is not None and g.get("tests"):
+        a.errorbar([g["tests"]["max_iou"]["median"]], [g["median"]], yerr=[[g["median"] - g["ci"][0]],
+                   [g["ci"][1] - g["median"]]], color="red", marker="D", ms=6, capsize=3, label=f"{s.name} (median)")
     a.set(xlabel="max IoU of wrong predictions with a training original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
 
 
-def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
+def plot_latents(c, s: Sampled, model: nn.Module, originals: torch.Tensor):  # on the originals' latent PC1/PC2
     z_o = model.encode(originals)  # (K, latent)
     mu, axes = z_o.mean(0), principal_axes(z_o, 2)
     for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k in (s.name, "held-out") or
@@ -2146,17 +2460,13 @@ def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on th
     c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
 
 
-def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
-    h = model.coordinates(originals)  # pca: the first span coordinate is the originals' first principal direction
-    axis = None if model.spanned else principal_axes(h - h.mean(0), 1)[0]
-    pc1 = lambda h: (h[:, 0] if axis is None else h @ axis).detach().cpu()
-    a_o = pc1(h)
+def plot_trajectories(d, s: Sampled, model: nn.Module, originals: torch.Tensor):  # decoded, on the originals' PC1
+    a_o, decode = model.projection(originals)
     d.axhspan(a_o.min().item(), a_o.max().item(), color="grey", alpha=0.15, label="originals: range")
     d.axhspan((a_o.mean() - a_o.std()).item(), (a_o.mean() + a_o.std()).item(), color="grey", alpha=0.3,
               label="originals: mean ± std")
     if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
         idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
-        decode = lambda zs: pc1(model.ae.decode(zs.to(model.mean.device) * model.z_std + model.z_mean))
         pts = torch.stack([decode(s.trajectory[i][1]) for i in idx])
         lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
         lines[0].set_label(f"{len(lines)} generated samples, a line each")
@@ -2333,17 +2643,18 @@ class Run:
     layout: Layout
     snapshots: torch.Tensor  # (K, D) the originals
     correct: torch.Tensor  # (K, N_test) which test examples each original gets right
+    val_correct: torch.Tensor  # (K, N_val) the same on the validation split
     data: Data
     ids: dict  # artifact ids: network, snapshots (and model)
     collection: dict  # where the snapshots come from (collection())
-    held_out: list  # rows of the originals kept away from the generator (the model's; else fit's default)
-    model: Optional[Model] = None
+    split: Holdout  # training rows and held-out units (the model's; else fit's default)
+    model: Optional[nn.Module] = None  # the generator fitted (LatentDiffusion, ...)
     fit_config: Optional[FitConfig] = None
 
-    @property
-    def training(self) -> list:  # rows of the originals the generator and the baselines are made from
-        held = set(self.held_out)
-        return [i for i in range(len(self.snapshots)) if i not in held]
+    training = property(lambda r: r.split.training)  # rows the generator and the baselines are made from
+    training_set = property(lambda r: set(r.split.training))
+    units = property(lambda r: r.split.units)  # held-out units: lists of rows, each one independent draw
+    held_out = property(lambda r: r.split.held_out)  # their rows
 
     def ruler(self) -> Ruler:
         """The training originals, standardised by tensor_stats whichever generator was fitted (every generator and
@@ -2363,28 +2674,29 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     check_parent(snap_path, meta, "network", net_id, "pdiff collect --force")
     if Layout.from_dict(meta.get("layout", {"names": [], "shapes": []})) != layout:
         raise PdiffError(f"{snap_path}: its parameter layout differs from {FILES['network']}")
-    if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or len(t.get("correct", [])) != len(t["snapshots"]):
+    K = len(t.get("snapshots", []))
+    if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or not all(len(t.get(k, [])) == K for k in (
+            "correct", "val_correct")):
         raise PdiffError(f"{snap_path}: its tensors do not match the layout of {layout.D} parameters")
-    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size).to(device)
-    if len(d.y_test) != t["correct"].shape[1]:
-        raise PdiffError(f"the {cfg.data} test set under '{data_dir or cfg.data_dir}' has {len(d.y_test)} "
-                         f"examples; the snapshots were evaluated on {t['correct'].shape[1]}")
-    collected = meta.get("collection", {"kind": "steps", "networks": 1, "per_network": len(t["snapshots"])})
-    run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), d,
-              {"network": net_id, "snapshots": meta["id"]}, collected,
-              held_out_rows(collected, len(t["snapshots"]), FitConfig().holdout))
+    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size,
+                  validation=cfg.validation).to(device)
+    if (len(d.y_test), len(d.y_val)) != (t["correct"].shape[1], t["val_correct"].shape[1]):
+        raise PdiffError(f"the {cfg.data} data under '{data_dir or cfg.data_dir}' has {len(d.y_test)} test and "
+                         f"{len(d.y_val)} validation examples; the snapshots were evaluated on "
+                         f"{t['correct'].shape[1]} and {t['val_correct'].shape[1]}")
+    collected = meta["collection"]
+    run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
+              {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
     if model is not None:
         model_path, ck = model_files(path, model)
         named = '' if model == DEFAULT_MODEL else ' --name ' + model
         t, meta = load_artifact(model_path, "model", f" (fit did not finish: `pdiff fit --resume --run {path}{named}`)"
                                 if ck.is_file() else f" (run `pdiff fit --run {path}{named}` first)")
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
-        if "held_out" not in meta:
-            raise PdiffError(f"{model_path} was fitted by an older pdiff that held no originals out for the "
-                             f"memorisation test: run `pdiff fit --force --run {path}{named}`")
         try:
-            run.fit_config, run.held_out = FitConfig(**meta["config"]), meta["held_out"]
-            run.model = Model(run.fit_config, layout.D, len(run.training))
+            run.fit_config, run.split = FitConfig(**meta["config"]), Holdout(**meta["split"])
+            run.model = make_generator(run.fit_config.generator, layout.D, len(run.training), meta["settings"],
+                                       condition=run.fit_config.condition)
             run.model.load_state_dict(t)
             run.model.to(device).bind(run.snapshots, run.training)
         except (KeyError, TypeError, RuntimeError) as e:
@@ -2589,6 +2901,19 @@ class OneLineGroup(typer.core.TyperGroup):
 app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Generate neural-network parameters with latent diffusion (p-diff), and measure whether "
                        "they are new.")
+
+
+def show_version(show: bool):
+    if show:
+        print(f"pdiff {__version__} (file formats: {VERSION}, models: {VERSIONS['model']}; torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                  help="Print pdiff's version and exit.")] = False):
+    pass
+
 DEFAULT_RUN = Path("pdiff-run")
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder: collect writes it, fit and sample read it.")]
 DeviceOpt = Annotated[str, typer.Option(help=f"{' | '.join(DEVICES)} (auto: cuda, then mps, then cpu).")]
@@ -2698,7 +3023,8 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
         existing = [p.name for p in [*outputs, ck] if p.exists()]
         if existing and not force:
             more = " or --resume to continue" if ck.exists() else ""
-            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; pass --force to replace it{more}")
+            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; give a new folder (--run NEW) to keep it, "
+                             f"or pass --force to replace it{more}")
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
     with checkpoint_errors(TypeError):
@@ -2754,7 +3080,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size,
+                  validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
     if cfg.seeds and any(b.numel() for b in net.buffers()):
@@ -2774,16 +3101,19 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
             stage1 = train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True)
+        val_correct = evaluate(net, prep, layout, snaps, d.x_val, d.y_val, spread=True)
     loop.stop_point()
-    acc = summary(accuracy(correct))
+    acc, val = summary(accuracy(correct)), summary(accuracy(val_correct))
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
-              "seed": cfg.seed, "snapshots": acc, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+              "seed": cfg.seed, "images": {"train": len(d.y_train), "validation": len(d.y_val), "test": len(d.y_test)},
+              "snapshots": acc, "validation": val, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
-    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct},
+    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct, "val_correct": val_correct},
                   {**meta, "collection": collection(cfg), "parents": {"network": net_id}, "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
-                    f"({len(layout.names)} tensors)", {"snapshots": acc}))
+                    f"({len(layout.names)} tensors); {len(d.y_train):,} training, {len(d.y_val):,} validation and "
+                    f"{len(d.y_test):,} test images", {"snapshots (test)": acc, "snapshots (validation)": val}))
     err.print(f"wrote {run / FILES['network']} and {snap_path} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
@@ -2808,41 +3138,42 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
-    if cfg.latent_size > r.layout.D and not cfg.paper_ae:
-        raise PdiffError(f"--latent {cfg.latent_size} is more than the {r.layout.D} parameters it would encode", 2)
-    r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    r.split = holdout(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    if cfg.condition and not r.val_correct.shape[1]:
+        raise PdiffError("--condition learns each original's validation accuracy: this run was collected with "
+                         "--validation 0", 2)
     with progress() as prog:
         loop.prog = prog
-        model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
-                       accuracies=accuracy(r.correct[r.training]))
-    n = cfg.latent_size  # through the autoencoder; PCA (pca's coordinates only): the first `latent` coordinates
-    rt, rt_pca = (round_trip(r, model, a, a_hat) if a_hat is not None else None for a_hat in (
-        model.roundtrip(a), F.pad(a[:, :n], (0, a.shape[1] - n)) if model.spanned else None))
+        model = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
+                    accuracies=accuracy(r.val_correct[r.training]))
+    rows = {k: round_trip(r, group, error) for k, (group, error) in model.reconstructions(
+        r.snapshots[r.training]).items()}
     loop.stop_point()
     orig = summary(accuracy(r.correct[r.training]))
-    report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out), "original": orig, "decoded": rt,
-              "pca": rt_pca, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
-    save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
-                                                     "parents": parents, "held_out": r.held_out, "report": report})
+    report = {"run": str(run), "model": name, "generator": cfg.generator, "arch": r.config.arch, "data": r.config.data,
+              "params": r.layout.D, "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out),
+              "reference": reference(r), "original": orig, "decoded": rows.get("decoded"),
+              "pca": next((v for k, v in rows.items() if k.startswith("PCA")), None),
+              "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+    save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "settings": model.s,
+                                                     "D": r.layout.D, "parents": parents, "report": report,
+                                                     "split": dataclasses.asdict(r.split)})
     loop.finish()
-    err.print(table(f"fit: round trip of {len(r.training)} training snapshots of {r.layout.D:,} parameters ("
-                    f"{len(r.held_out)} held out)", {
-        "original": orig, "decoded": rt, **({f"PCA-{n}": rt_pca} if rt_pca else {})},
-        {"rel. error": lambda s: s.get("rel_error")}))
-    pca = f"PCA-{n}: projected on the snapshots' first {n} principal directions (a linear latent of the same size); "
-    err.print(f"decoded: through the autoencoder; {pca if rt_pca else ''}rel. error: 0 exact, 1 no better than the "
-              "mean", style="dim")
+    err.print(table(f"fit: {cfg.generator}, round trip of {len(r.training)} training originals of {r.layout.D:,} "
+                    f"parameters ({len(r.held_out)} held out)", {"original": orig, **rows},
+                    {"rel. error": lambda s: s.get("rel_error")}))
+    pca = "PCA-n: projected on the originals' first n principal directions (a linear latent of the same size); "
+    err.print(f"decoded: through the autoencoder; {pca if len(rows) > 1 else ''}rel. error: 0 exact, 1 no better than "
+              "the mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
 
-def round_trip(r: Run, model: Model, a: torch.Tensor, a_hat: torch.Tensor) -> dict:
-    """fit's report of the training originals' coordinates a decoded from a_hat: accuracy and rel_error."""
-    correct = torch.cat([evaluate(r.net, r.prep, r.layout, model.parameters_of(a_hat[c]), r.data.x_test,
-                                  r.data.y_test) for c in in_chunks(r.layout.D, len(a))])
-    c = 0 if model.spanned else a.mean(0)  # span coordinates are centred already
-    return {**summary(accuracy(correct)), "rel_error": rel_error((a - c).cpu(), (a_hat - c).cpu())}
+def round_trip(r: Run, group: Group, error: Optional[float]) -> dict:
+    """fit's report of the training originals through the autoencoder (a group of sets): accuracy and rel_error."""
+    correct = torch.cat([evaluate(r.net, r.prep, r.layout, group.make(c), r.data.x_test, r.data.y_test)
+                         for c in in_chunks(r.layout.D, group.n)])
+    return {**summary(accuracy(correct)), "rel_error": error}
 
 
 FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]
@@ -2876,7 +3207,8 @@ def sample_cmd(cfg: SampleConfig,
     r = open_run(run, dev, model=model if fitted else None, data_dir=data_dir)
     judged = read_judged(judge_file, r) if judge_file is not None else None
     with progress() as prog:
-        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None, keep=plot_file is not None)
+        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None, keep=plot_file is not None,
+                   validation=export is not None)
     if save:
         save_artifact(save, "samples", {"samples": s.sets[s.name], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
@@ -2894,34 +3226,82 @@ def sample_cmd(cfg: SampleConfig,
     emit(report, json_out)
 
 
+@command(short="Show what a run folder holds.")
+def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFAULT_RUN, json_out: JsonOpt = False):
+    """Show what a run folder holds: the network, the collection, each fitted model (its generator, its settings,
+    what it held out), and any checkpoint an interrupted stage left. Reads the files' own records; nothing loads."""
+    check_run(run)
+    if not run.is_dir():
+        raise PdiffError(f"run folder '{run}' does not exist")
+    report = {"run": str(run)}
+    for kind in ("network", "snapshots"):
+        if (run / FILES[kind]).is_file():
+            _, meta = load_artifact(run / FILES[kind], kind)
+            report[kind] = {"id": meta["id"], "config": meta["config"]} if kind == "network" else \
+                {"id": meta["id"], "collection": meta["collection"], "report": meta["report"]}
+    report["models"] = {}
+    for path in sorted(run.glob("model*.safetensors")):
+        _, meta = load_artifact(path, "model")
+        split = meta["split"]
+        report["models"][path.stem.removeprefix("model").removeprefix("-") or DEFAULT_MODEL] = {
+            "generator": meta["config"]["generator"], "settings": meta["settings"], "training": len(split["training"]),
+            "held_out": [len(u) for u in split["units"]], "reference": meta["report"].get("reference"),
+            "decoded": (meta["report"].get("decoded") or {}).get("median")}
+    report["checkpoints"] = sorted(p.name for p in run.glob("*checkpoint*.safetensors"))
+    if json_out:
+        return emit(report, True)
+    net, snaps = report.get("network"), report.get("snapshots")
+    if net:
+        c = net["config"]
+        err.print(f"network: {c['arch']} on {c['data']} (collect seed {c['seed']}, validation {c['validation']:g})")
+    if snaps:
+        col, rep = snaps["collection"], snaps["report"]
+        err.print(f"collection: {col['kind']}, {col['networks']} network(s) x {col['per_network']} snapshot(s)"
+                  f"{', aligned' if col.get('aligned') else ''}; {rep['params']:,} parameters; test median "
+                  f"{rep['snapshots']['median']:.2f} %; images {rep.get('images')}")
+    for name, m in report["models"].items():
+        err.print(f"model {name}: {m['generator']}, fitted to {m['training']} originals, {len(m['held_out'])} held-out "
+                  f"units ({m['reference']}); decoded median {m['decoded']}")
+    for ck in report["checkpoints"]:
+        err.print(f"interrupted: {ck} (continue with --resume)")
+    if not (net or report["models"]):
+        err.print("nothing collected here yet: pdiff collect --run " + str(run))
+
+
 def export_best(s: Sampled, r: Run, path: Path, model: str):
-    """The whole network with the most accurate generated (or judged) set loaded, as a plain state dict."""
-    if not s.accuracies.isfinite().any():
+    """The whole network with the generated (or judged) set most accurate on the validation split loaded, as a plain
+    state dict; its test accuracy, which played no part in the choice, is an honest estimate."""
+    val = s.val_accuracies.where(s.accuracies.isfinite(), math.nan)
+    if not val.isfinite().any():
         raise PdiffError(f"no {s.name} set had finite parameters: nothing to export")
-    best = int(s.accuracies.nan_to_num(-1.0).argmax())
+    best = int(val.nan_to_num(-1.0).argmax())
     r.layout.load(r.net, s.sets[s.name][best])
     save_artifact(path, "export", r.net.state_dict(), {
-        "picked": f"the most accurate of {len(s.accuracies)} {s.name} sets, chosen on the test set (so its test "
-                  "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
-        "model": model, "arch": r.config.arch, "parents": r.ids,
-        "input": r.prep.to_dict(r.data.x_test.shape[-1])})
-    err.print(f"wrote {path}: {s.name} set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
+        "picked": f"the most accurate of {len(val)} {s.name} sets on the validation split; the test set played no "
+                  "part", "index": best, "accuracy": rnd(s.accuracies[best]), "validation_accuracy": rnd(val[best]),
+        "model": model, "arch": r.config.arch, "parents": r.ids, "input": r.prep.to_dict(r.data.x_test.shape[-1])})
+    err.print(f"wrote {path}: {s.name} set {best}, picked on the validation split ({float(val[best]):.2f} %); "
+              f"test accuracy {float(s.accuracies[best]):.2f} %")
 
 
 def print_sample(rep: dict):
     name = "judged" if "judged" in rep else "generated"
     g = rep[name]
     how = f"with {rep['sampler']} ({rep['steps']} steps)" if name == "generated" else f"from {rep.get('judge')}"
-    how += f", kept from {g['drawn']} drawn (the test set picked them)" if "drawn" in g else ""
+    how += f", kept from {g['drawn']} drawn on the validation split (baselines alike)" if "drawn" in g else ""
     rows = {"original": rep["original"], **({"held-out": rep["held_out"]} if rep["held_out"] else {}),
             **({"decoded": rep["decoded"]} if "decoded" in rep else {}), name: g, **rep["baselines"]}
-    err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in %", rows, {
+    zone = lambda s, *ms: max((s["zones"][m]["share"] or 0) * 100 for m in ms) if "zones" in s else None
+    err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in % (test set)", rows, {
         "NN dist": lambda s: s["nearest_distance"]["median"], "to mean": lambda s: s["to_mean"],
-        "max IoU": lambda s: s["max_iou"]["mean"], "label": lambda s: s.get("label")}, mean=False))
+        "max IoU": lambda s: s["max_iou"]["mean"], "copy %": lambda s: zone(s, "nearest_ratio", "max_iou"),
+        "blend %": lambda s: zone(s, "to_mean"), "exact": lambda s: s.get("copies"),
+        "label": lambda s: s.get("label")}, mean=False))
     err.print("original: the training originals; NN dist: median distance to the nearest training original "
               "(standardised units); to mean: median distance to their mean; max IoU: mean over models of the max "
-              "IoU of wrong predictions with a training original; label: the test against the held-out originals",
-              style="dim")
+              "IoU of wrong predictions with a training original; copy %, blend %: models beyond the held-out "
+              "originals' edge (about 5 % of theirs); exact: sets that are originals; label: the test against the "
+              f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})", style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:
         err.print(f"failed (NaN/Inf parameters, left out): {failed}")

@@ -1852,10 +1852,15 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     assert time.perf_counter() - t0 < 60
     table = capsys.readouterr().out
     assert "| generated (neurons) | 10 |" in table and "| REPAIR'd average of 16" in table
+    assert "19 training / 5 held-out networks" in table  # pdiff's split: 10 % of 24 seeds, at least 5 whole networks
     gen = rows["generated (neurons)"]
-    assert gen["label"] in ("fresh", "inferior", "averaging", "copying") and 0 <= gen["median"] <= 100
+    assert gen["label"] in ("fresh", "inferior", "averaging", "copying", "unknown") and 0 <= gen["median"] <= 100
+    assert gen["verdict"]["label"] == gen["label"] or gen["label"] == "fresh"  # pdiff.verdict: fresh may read novel
     assert rows["average of 16"]["label"] == "averaging"  # a blend reads as one
-    assert rows["held-out originals"]["median"] > 85
+    held = rows["held-out originals"]
+    assert held["median"] > 85 and held["units"] == 5
+    # pdiff judges the held-out networks as halves (3 against 2 networks here): too few for any difference to show
+    assert held["label"] == "unknown"
 
 
 def test_probes_calibrate_the_output_bias_to_the_training_networks_mean_prediction():

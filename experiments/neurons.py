@@ -17,6 +17,14 @@ its output the same way (checked numerically in test_pdiff.py). It needs no alig
 training network is a sample of the same token distribution. Generated networks come out in an arbitrary frame;
 main() aligns them to the reference network (pdiff.align_to) before the verdict's distances, as `--judge` does.
 
+What each part sees (pdiff's split, Run.split): the generator, its Probes and pick_guidance, and every baseline are
+made from the training networks alone (Run.training); the held-out networks (Run.units: whole seeds, all their
+snapshots; --holdout as `pdiff fit --holdout`) are only the reference each group is judged against, as `pdiff
+sample` judges (pdiff.measure_group, pdiff.describe, pdiff.judge, pdiff.verdict). Nothing here selects or tunes on
+data: pick_guidance and the output-bias calibration read no data; REPAIR reads 500 training images (the split the
+networks trained on, without collect's validation rows); the test set only grades. (The diagnostic row of mode
+layers completes the held-out networks' own hidden layer 1: a diagnostic, never the group under test.)
+
 Measurements: experiments/neurons.md (every number, setting and time).
 """
 from __future__ import annotations
@@ -25,7 +33,6 @@ import argparse
 import copy
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -750,21 +757,19 @@ def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0) -> torch.Tensor:
 # the comparison
 
 
-def judge_group(run, ruler, sets, ref, n_held, held_nearest_ratio):
-    """-> one table row's numbers for raw sets (n, D), already in the aligned frame."""
-    correct = pdiff.evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test)
-    m = ruler.measure(sets, correct)
-    acc = pdiff.accuracy(correct)
-    row = {"n": len(sets), "median": acc.median().item() if len(acc) % 2 else statistics.median(acc.tolist()),
-           "best": acc.max().item(), "to_mean": m["to_mean"].median().item(),
-           "nearest_ratio": m["nearest_ratio"].median().item(), "max_iou": m["max_iou"].mean().item(),
-           "copies": (m["nearest_ratio"] < held_nearest_ratio.quantile(0.05)).double().mean().item()}
-    if len(sets) > 1:
-        j = pdiff.judge(m, ref, n_held)
-        row["label"], row["tests"] = j["label"], j["tests"]
-    else:
-        row["label"] = "-"
-    return row
+def judge_group(run, ruler, path, sets, ref, near):
+    """-> one table row's numbers for raw sets (n, D), already in the aligned frame, as `pdiff sample` judges a
+    group: pdiff.measure_group (test accuracy, per-model numbers of the finite sets, exact copies) and
+    pdiff.describe (the label from pdiff.judge against ref = (the held-out originals' numbers, their units)).
+    near: the held-out originals' 5th percentile of the nearest ratio; "copies" is the share of the finite sets
+    below it (near-copies, this table's own column; exact copies make the label `copying`)."""
+    g = pdiff.measure_group(run, ruler, pdiff.Group(len(sets), lambda i: sets[i]), path, keep=False)
+    row = pdiff.describe(g, run, ref)
+    m, ok = g.m, len(g.m["accuracy"]) > 0
+    med = lambda v: v.quantile(0.5).item() if ok else math.nan
+    return row | {"n": len(sets), "to_mean": med(m["to_mean"]), "nearest_ratio": med(m["nearest_ratio"]),
+                  "max_iou": m["max_iou"].mean().item() if ok else math.nan,
+                  "near_copies": (m["nearest_ratio"] < near).double().mean().item() if ok else math.nan}
 
 
 def main(argv=None):
@@ -772,6 +777,8 @@ def main(argv=None):
     ap.add_argument("--run", required=True, type=Path)
     ap.add_argument("-n", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", type=float, default=None, help="held-out networks, as `pdiff fit --holdout` (a "
+                    "share below 1, else a count; default pdiff's FitConfig().holdout)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
     ap.add_argument("--no-baselines", action="store_true", help="only the generated rows (the baselines' numbers "
@@ -791,21 +798,30 @@ def main(argv=None):
         settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
 
     run = pdiff.open_run(args.run, model=None)
-    if not run.collection.get("aligned"):
-        sys.exit("neurons.py compares in the aligned frame: collect with --seeds (mlp3 aligns by default)")
+    if run.collection.get("kind") != "seeds" or not run.collection.get("aligned"):
+        sys.exit("neurons.py compares whole networks in the aligned frame: collect with --seeds (mlp3 aligns by "
+                 "default)")
+    if args.holdout is not None:  # as `pdiff fit --holdout`: whole held-out networks, never the reference
+        run.split = pdiff.holdout(run.collection, len(run.snapshots), args.holdout)
+    # the split is pdiff's (Run.split): the generator, Probes, pick_guidance and every baseline see the training
+    # networks only; the held-out networks (whole seeds, all their snapshots: Run.units) are only the reference
     ruler, train, held = run.ruler(), run.training, run.held_out
+    if not run.units:
+        sys.exit("neurons.py judges against held-out networks: --holdout must keep some")
     per = run.collection.get("per_network", 1)
     x_train = run.snapshots[train]
-    m_held, held_row = pdiff.held_out_group(run, ruler, per)
-    n_held = len(held) // per
-    ref_vec = run.snapshots[per - 1]  # the alignment reference (a training network)
+    m_held, held_row = pdiff.held_out_group(run, ruler)
+    n_held = len(run.units)
+    ref_vec = run.snapshots[per - 1]  # the alignment reference (network 0, a training network)
+    path = pdiff.eval_path(run.net, run.prep, run.layout, run.data.x_test)
 
     rows = {}
-    rows["held-out originals"] = {"n": len(held), "median": held_row["median"], "best": held_row["best"],
-                                  "label": held_row.get("label", "-"), "to_mean": m_held["to_mean"].median().item(),
-                                  "nearest_ratio": m_held["nearest_ratio"].median().item(),
-                                  "max_iou": m_held["max_iou"].mean().item(), "copies": None}
-    judge = lambda sets: judge_group(run, ruler, sets, m_held, n_held, m_held["nearest_ratio"])
+    near = m_held["nearest_ratio"][m_held["nearest_ratio"].isfinite()].quantile(0.05).item()
+    rows["held-out originals"] = held_row | {
+        "n": len(held), "label": held_row.get("label", "-"), "to_mean": m_held["to_mean"].median().item(),
+        "nearest_ratio": m_held["nearest_ratio"].median().item(), "max_iou": m_held["max_iou"].mean().item(),
+        "near_copies": None}
+    judge = lambda sets: judge_group(run, ruler, path, sets, (m_held, n_held), near)
 
     if args.load_model:
         state = torch.load(args.load_model, weights_only=False)
@@ -863,17 +879,27 @@ def main(argv=None):
     if hasattr(gen, "guidance_scores"):
         print("pick_guidance (mean |log RMS ratio| to the training networks, per weight): " + ", ".join(
             f"{w:g}: {v:.4f}" for w, v in gen.guidance_scores.items()) + "\n")
-    print("| group | n | median % | best % | label | to_mean (held-out) | nearest ratio | max IoU | copies | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| group | n | median % | best % | label | to_mean (held-out) | nearest ratio | max IoU | copies | "
+          "exact copies | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     h = rows["held-out originals"]
+    num = lambda v, f: "-" if v is None or v != v else format(v, f)
     for name, r in rows.items():
-        cp = "-" if r["copies"] is None else f"{100 * r['copies']:.0f} %"
-        print(f"| {name} | {r['n']} | {r['median']:.2f} | {r['best']:.2f} | {r['label']} | "
-              f"{r['to_mean']:.1f} ({h['to_mean']:.1f}) | {r['nearest_ratio']:.3f} | {r['max_iou']:.3f} | {cp} | "
-              f"{r.get('seconds', '')} |")
-    t = rows["generated (neurons)"].get("tests", {})
+        cp = "-" if r["near_copies"] is None else f"{100 * r['near_copies']:.0f} %"
+        failed = f", {r['failed']} failed" if r.get("failed") else ""
+        print(f"| {name} | {r['n']} | {num(r['median'], '.2f')} | {num(r['best'], '.2f')} | {r.get('label', '-')} | "
+              f"{num(r['to_mean'], '.1f')} ({h['to_mean']:.1f}) | {num(r['nearest_ratio'], '.3f')} | "
+              f"{num(r['max_iou'], '.3f')} | {cp} | {r.get('copies', '-') if name != 'held-out originals' else '-'} | "
+              f"{r.get('seconds', '')}{failed} |")
+    gen_row = rows["generated (neurons)"]
+    t = gen_row.get("tests", {})
     print("\ngenerated, per test (median vs held-out, Holm p): " + "; ".join(
         f"{k} {v['median']} vs {v['held_out']} p={v['p']:.2g}" for k, v in t.items()))
+    base = {k: r for k, r in rows.items() if k not in ("held-out originals", "generated (neurons)",
+                                                        "generated, not calibrated") and not k.startswith("diagnostic")}
+    v = pdiff.verdict(gen_row, base, n_held, "generated (neurons)", pdiff.reference(run))
+    gen_row["verdict"] = v
+    print(f"verdict (pdiff.verdict against the rows above; no noise curve here): {v['label']}: {v['text']}")
     return rows
 
 

@@ -1,7 +1,10 @@
 """Diagnostics on a saved NeuronGenerator (mode layers): where do generated networks lose accuracy?
 SDEdit of the held-out networks' hidden layer 1: noised to time t, denoised by the model's layer-1 stage, then
 (a) the held-out network's own later layers kept, (b) the later layers generated for it. Accuracy only (diagnostic:
-reads the held-out networks and the test set)."""
+reads the held-out networks and the test set, selects nothing). The held-out networks are pdiff's Run.held_out
+for the run's default split (FitConfig().holdout: whole seeds), as neurons.py without --holdout.
+
+    python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]     # MODEL.pt: neurons.py --save-model"""
 import statistics, sys, time
 from pathlib import Path
 import torch

@@ -1,0 +1,907 @@
+"""Whole networks as sets of neurons (issue #28): a flow-matching generator whose denoiser is equivariant to
+permuting each hidden layer's units, and the REPAIR blend baseline; main() compares them on a --seeds run.
+
+    python pdiff.py collect --seeds 200 --run /work/runs/seeds200
+    python experiments/neurons.py --run /work/runs/seeds200            # fit, sample 50, judge, Markdown table
+    QUICK=1 python experiments/neurons.py --run RUN                     # tiny settings: well under a minute
+
+The network (a Sequential MLP of Linear layers with ReLUs between: mlp3) is read as a graph, never as one vector:
+    hidden unit of layer 1       a token: its incoming weights (one per input pixel, fixed identities) and bias
+    hidden unit of the last      a token: its bias and its outgoing weights (one per class, fixed identities)
+    hidden layer
+    W between hidden layers      edges: a (units_l, units_l-1) matrix between two sets of tokens
+    output bias                  a global vector (the classes are not interchangeable)
+The denoiser (NeuronDenoiser) works on these sets with no position encoding: self-attention within a layer,
+edge <-> token messages between layers, mean pooling into a global token; so permuting a layer's units permutes
+its output the same way (checked numerically in test_pdiff.py). It needs no alignment and every neuron of every
+training network is a sample of the same token distribution. Generated networks come out in an arbitrary frame;
+main() aligns them to the reference network (pdiff.align_to) before the verdict's distances, as `--judge` does.
+
+What each part sees (pdiff's split, Run.split): the generator, its Probes and pick_guidance, and every baseline are
+made from the training networks alone (Run.training); the held-out networks (Run.units: whole seeds, all their
+snapshots; --holdout as `pdiff fit --holdout`) are only the reference each group is judged against, as `pdiff
+sample` judges (pdiff.measure_group, pdiff.describe, pdiff.judge, pdiff.verdict). Nothing here selects or tunes on
+data: pick_guidance and the output-bias calibration read no data; REPAIR reads 500 training images (the split the
+networks trained on, without collect's validation rows); the test set only grades. (The diagnostic row of mode
+layers completes the held-out networks' own hidden layer 1: a diagnostic, never the group under test.)
+
+Measurements: experiments/neurons.md (every number, setting and time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import pdiff  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------
+# a network vector (D,) <-> its graph: tokens per hidden layer, edges between hidden layers, a global vector
+
+
+class Graph:
+    """The parts of an MLP layout. Layers l = 0..L-1 are pdiff.layer_pairs(layout): W_l (n_l, n_{l-1}), b_l (n_l);
+    layers 0..L-2 have hidden (permutable) units. Token of hidden layer l: [b_l, W_0 row if l = 0, W_{L-1} column
+    if l = L-2]; edges: W_l for 1 <= l <= L-2; global: b_{L-1}."""
+
+    def __init__(self, layout: pdiff.Layout):
+        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        shapes = dict(zip(layout.names, layout.shapes))
+        if len(self.pairs) < 2 or any(len(shapes[w]) != 2 for w, _ in self.pairs) or \
+                len(layout.names) != 2 * len(self.pairs):
+            raise ValueError("NeuronGenerator needs an MLP layout: Linear weights and biases, at least 2 layers")
+        self.units = [shapes[w][0] for w, _ in self.pairs]  # n_l
+        self.n_in, self.L = shapes[self.pairs[0][0]][1], len(self.pairs)
+        H = self.L - 1  # hidden layers
+        self.token_dims = [1 + (self.n_in if l == 0 else 0) + (self.units[-1] if l == H - 1 else 0) for l in range(H)]
+        self.n_out = self.units[-1]
+
+    def split(self, x: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+        """(B, D) -> (tokens [(B, n_l, f_l)], edges [(B, n_l, n_{l-1})], global (B, n_out))."""
+        p, H = self.layout.unflatten(x), self.L - 1
+        tokens = []
+        for l in range(H):
+            w, b = self.pairs[l]
+            parts = [p[b][..., None]]
+            if l == 0:
+                parts.append(p[w])
+            if l == H - 1:
+                parts.append(p[self.pairs[-1][0]].transpose(-1, -2))  # (B, n_l, n_out): outgoing weights
+            tokens.append(torch.cat(parts, -1))
+        edges = [p[self.pairs[l][0]] for l in range(1, H)]
+        return tokens, edges, p[self.pairs[-1][1]]
+
+    def join(self, tokens: list, edges: list, glob: torch.Tensor) -> torch.Tensor:
+        """split's inverse -> (B, D)."""
+        H, p = self.L - 1, {}
+        for l in range(H):
+            w, b = self.pairs[l]
+            t, i = tokens[l], 1
+            p[b] = t[..., 0]
+            if l == 0:
+                p[w], i = t[..., 1:1 + self.n_in], 1 + self.n_in
+            if l == H - 1:
+                p[self.pairs[-1][0]] = t[..., i:].transpose(-1, -2)
+        for l in range(1, H):
+            p[self.pairs[l][0]] = edges[l - 1]
+        p[self.pairs[-1][1]] = glob
+        return self.layout.pack(p, batch=1)
+
+    def permute(self, x: torch.Tensor, perms: list) -> torch.Tensor:
+        """(B, D) with hidden layer l's units reordered by perms[l] (the same function): pdiff.permute per row."""
+        return torch.stack([self.layout.pack(pdiff.permute(self.layout.unflatten(v), self.pairs, perms)) for v in x])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the denoiser: equivariant to permuting each hidden layer's units
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) in [0, 1] -> (B, dim)
+    return pdiff.timestep_embedding(t * 1000, dim)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class Block(nn.Module):
+    """One round of messages: edges read their two end units and the global token; units read the mean of their
+    incoming and outgoing edges, attend to the other units of their layer, and read the global token; the global
+    token reads the mean of every layer's units. Every reduction over units is a mean or attention without
+    positions: permuting a layer's units permutes the outputs alike."""
+
+    def __init__(self, H: int, C: int, Ce: int, heads: int, products: bool = True):
+        super().__init__()
+        self.H = H
+        self.edge_to = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # the unit an edge enters
+        self.edge_from = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # the unit it leaves
+        self.edge_mlp = nn.ModuleList(Mlp(Ce, 2 * Ce, Ce) for _ in range(H - 1))
+        self.edge_norm = nn.ModuleList(nn.LayerNorm(Ce) for _ in range(H - 1))
+        self.edge_g = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        # per hidden layer: messages from the edges to it (incoming) and from it (outgoing), as sums of 2 Ce
+        self.msg = nn.ModuleList(nn.Linear(6 * Ce, C) for _ in range(H))
+        # products: an edge reads its two units multiplicatively (a bilinear form, as W_l[j, i] relates unit j's
+        # role to unit i's), and a unit reads its edges weighted by the features of the units at their other ends
+        self.products = products
+        self.edge_p = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.edge_q = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.val_up = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # features of the unit above
+        self.val_down = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))  # features of the unit below
+        self.attn = nn.ModuleList(nn.MultiheadAttention(C, heads, batch_first=True) for _ in range(H))
+        self.norm1 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
+        self.norm2 = nn.ModuleList(nn.LayerNorm(C) for _ in range(H))
+        self.mlp = nn.ModuleList(Mlp(2 * C, 2 * C, C) for _ in range(H))
+        self.glob = Mlp((H + 1) * C, 2 * C, C)
+        self.Ce = Ce
+
+    def forward(self, h: list, e: list, g: torch.Tensor):  # h [(B, n_l, C)], e [(B, n_l, n_{l-1}, Ce)], g (B, C)
+        H, Ce = len(h), self.Ce  # the layers present: the first len(h) (mode layers: those up to the one made)
+        e_new = []
+        for k in range(H - 1):  # edge between hidden layers k+1 (rows) and k (columns)
+            to, fr = self.edge_to[k](h[k + 1]), self.edge_from[k](h[k])  # (B, n_{k+1}, Ce), (B, n_k, Ce)
+            x = e[k] + to[:, :, None] + fr[:, None, :] + self.edge_g[k](g)[:, None, None]
+            if self.products:
+                x = x + self.edge_p[k](h[k + 1])[:, :, None] * self.edge_q[k](h[k])[:, None, :]
+            e_new.append(e[k] + self.edge_mlp[k](self.edge_norm[k](x)))
+        e = e_new
+        out = []
+        for l in range(H):
+            B, n, C = h[l].shape
+            inc = e[l - 1].mean(2) if l > 0 else h[l].new_zeros(B, n, Ce)  # (B, n_l, Ce): over the units below
+            og = e[l].mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)  # over the units above
+            inc2 = e[l - 1].square().mean(2) if l > 0 else h[l].new_zeros(B, n, Ce)
+            og2 = e[l].square().mean(1) if l < H - 1 else h[l].new_zeros(B, n, Ce)
+            zero = h[l].new_zeros(B, n, Ce)
+            inc_w = torch.einsum("bijc,bjc->bic", e[l - 1], self.val_down[l - 1](h[l - 1])) / h[l - 1].shape[1] \
+                if l > 0 and self.products else zero  # sum over the units below, by edge and by their features
+            og_w = torch.einsum("bjic,bjc->bic", e[l], self.val_up[l](h[l + 1])) / h[l + 1].shape[1] \
+                if l < H - 1 and self.products else zero
+            x = h[l] + self.msg[l](torch.cat([inc, og, inc2, og2, inc_w, og_w], -1))
+            y = self.norm1[l](x)
+            x = x + self.attn[l](y, y, y, need_weights=False)[0]
+            x = x + self.mlp[l](torch.cat([self.norm2[l](x), g[:, None].expand(B, n, C)], -1))
+            out.append(x)
+        pooled = [x.mean(1) for x in out] + [g.new_zeros(g.shape)] * (self.H - H)  # absent layers: zeros
+        g = g + self.glob(torch.cat([g] + pooled, -1))
+        return out, e, g
+
+
+class NeuronDenoiser(nn.Module):
+    """Velocity of the flow for a batch of noisy networks in graph form, at times t (B,)."""
+
+    def __init__(self, graph: Graph, *, width: int = 96, edge_width: int = 32, depth: int = 4, heads: int = 4,
+                 products: bool = True):
+        super().__init__()
+        H, C, Ce = graph.L - 1, width, edge_width
+        self.H, self.C = H, C
+        self.tok_in = nn.ModuleList(nn.Linear(f, C) for f in graph.token_dims)
+        self.tok_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(C), nn.Linear(C, f)) for f in graph.token_dims)
+        self.edge_in = nn.ModuleList(nn.Linear(1, Ce) for _ in range(H - 1))
+        self.edge_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(Ce), nn.Linear(Ce, 1)) for _ in range(H - 1))
+        self.glob_in = nn.Linear(graph.n_out, C)
+        self.glob_out = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, graph.n_out))
+        self.temb = Mlp(64, C, C)
+        self.time_mix = nn.Linear(H * C, C)
+        self.edge_t = nn.ModuleList(nn.Linear(C, Ce) for _ in range(H - 1))
+        self.blocks = nn.ModuleList(Block(H, C, Ce, heads, products) for _ in range(depth))
+        for head in [*self.tok_out, *self.edge_out, self.glob_out]:  # start at zero velocity
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def forward(self, tokens: list, edges: list, glob, t: torch.Tensor):
+        """The groups present: hidden layer l's units, the edges into them, and with the last hidden layer the
+        output bias; the first P of the H (mode layers builds layer P - 1 given those before it; glob None unless
+        P = H). t: (B,) one time for all, or (B, P) one per group: a clean group (t = 0) conditions the others."""
+        B, P = tokens[0].shape[0], len(tokens)
+        t = t[:, None].expand(B, P) if t.dim() == 1 else t
+        tt = [self.temb(time_embedding(t[:, l], 64)) for l in range(P)]  # (B, C) each
+        g = self.time_mix(torch.cat(tt + [tt[0].new_zeros(B, self.C)] * (self.H - P), -1))  # (B, C)
+        g = g + self.glob_in(glob) if glob is not None else g
+        h = [f(x) + g[:, None] + tt[l][:, None] for l, (f, x) in enumerate(zip(self.tok_in, tokens))]
+        e = [f(x[..., None]) + te(tt[k + 1])[:, None, None] for k, (f, te, x) in
+             enumerate(zip(self.edge_in, self.edge_t, edges))]
+        for block in self.blocks:
+            h, e, g = block(h, e, g)
+        return ([f(x) for f, x in zip(self.tok_out, h)], [f(x)[..., 0] for f, x in zip(self.edge_out, e)],
+                self.glob_out(g) if glob is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the generator
+
+
+class NeuronGenerator:
+    """Flow matching (x_t = (1 - t) x_0 + t eps, velocity eps - x_0) on networks in graph form, standardised per
+    part: each token feature centred and scaled by its spread over all units of all training networks, edges and
+    the global vector likewise (statistics that no permutation changes). fit() sees only the training networks'
+    parameters: no data, no alignment (the denoiser is equivariant; aligned or not, it learns the same thing)."""
+
+    DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
+                    sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
+                    auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
+                    exposure_t=0.5, seed=0)
+
+    def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
+                 heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
+                 sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
+                 guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
+                 calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
+                 seed: int = 0):
+        """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
+        each group learnt with the groups before it clean). drop (layers): the share of training cases in which
+        the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
+        (classifier-free guidance, weight `guidance`: v = (1 + w) v(given them) - w v(not)). cond_noise (layers):
+        the layers before are learnt from at noise levels up to this (t in [0, cond_noise]) and sample() shows
+        them at cond_noise / 2, so a layer is made for what the earlier ones are, not for their last details
+        (conditioning augmentation, Ho et al. 2021, "Cascaded Diffusion Models"). auto_guidance: fit() ends by
+        choosing `guidance` with pick_guidance (from the training networks only). first_batch (layers): this many
+        more networks per step learn hidden layer 1 alone (its tokens only: cheap). calibrate: "" or "bias": sample()
+        ends by setting each network's output bias so that its mean prediction on probe inputs equals the training
+        networks' (Probes: inputs synthesised from the training networks alone, no data). exposure_steps (layers):
+        after fit, this many more steps in which a share `exposure_share` of the networks learning a later layer
+        see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0 ~ U[0.2 t, t],
+        t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
+        first layers like the generator's own (the targets stay the network's own later layers)."""
+        if mode not in ("joint", "layers"):
+            raise ValueError(f"mode: joint or layers, not {mode}")
+        self.graph = Graph(layout)
+        self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
+                             lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
+                             guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
+                             first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
+                             exposure_share=exposure_share, exposure_t=exposure_t, seed=seed)
+        torch.manual_seed(seed)
+        self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
+                                  products=products)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.stats = None  # per part: (mean, std)
+
+    # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
+    def set_stats(self, x: torch.Tensor):
+        tokens, edges, glob = self.graph.split(x)
+        tok = [(t.mean((0, 1)), t.std((0, 1)).clamp_min(1e-3 * t.std().item() + 1e-12)) for t in tokens]
+        edg = [(e.mean(), e.std()) for e in edges]
+        self.stats = {"tokens": tok, "edges": edg, "glob": (glob.mean(0), glob.std(0).clamp_min(1e-6))}
+
+    def per_part(self, v: torch.Tensor) -> tuple:
+        """(B, H) values per group -> the parts' shape (tokens, edges, glob), each (B, 1, ...) to broadcast."""
+        H = self.graph.L - 1
+        return ([v[:, l, None, None] for l in range(H)], [v[:, k + 1, None, None] for k in range(H - 1)],
+                v[:, H - 1, None])
+
+    def encode(self, x: torch.Tensor) -> tuple:  # (B, D) raw -> standardised parts
+        tokens, edges, glob = self.graph.split(x)
+        s = self.stats
+        return ([(t - m) / sd for t, (m, sd) in zip(tokens, s["tokens"])],
+                [(e - m) / sd for e, (m, sd) in zip(edges, s["edges"])], (glob - s["glob"][0]) / s["glob"][1])
+
+    def decode(self, tokens, edges, glob) -> torch.Tensor:  # standardised parts -> (B, D) raw
+        s = self.stats
+        return self.graph.join([t * sd + m for t, (m, sd) in zip(tokens, s["tokens"])],
+                               [e * sd + m for e, (m, sd) in zip(edges, s["edges"])],
+                               glob * s["glob"][1] + s["glob"][0])
+
+    def fit(self, originals: torch.Tensor, progress=None) -> "NeuronGenerator":
+        """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then."""
+        cfg = self.settings
+        self.set_stats(originals)
+        self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
+        if cfg["exposure_steps"] and cfg["mode"] == "layers":
+            self.exposure(originals, progress)
+        if cfg["calibrate"]:
+            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
+        if cfg["auto_guidance"]:
+            self.settings["guidance"] = self.pick_guidance(originals)
+        return self
+
+    def exposure(self, originals: torch.Tensor, progress=None):
+        """The exposure_steps more steps (see __init__), from the averaged (EMA) model, at a third of the rate."""
+        cfg = self.settings
+        g = torch.Generator().manual_seed(cfg["seed"] + 17)
+        pool = torch.stack([self.renoise_first(originals, cfg["exposure_t"] * (0.2 + 0.8 * torch.rand(
+            len(originals), generator=g)), g) for _ in range(4)], 1)  # (K, 4, D): 4 re-made first layers each
+        self.net.load_state_dict(self.ema.state_dict())
+        self._train(originals, cfg["exposure_steps"], cfg["lr"] / 3, cfg["seed"] + 1, progress, pool=pool,
+                    share=cfg["exposure_share"])
+
+    @torch.no_grad()
+    def renoise_first(self, x: torch.Tensor, t0: torch.Tensor, g: torch.Generator, steps: int = 50) -> torch.Tensor:
+        """x (B, D) raw with hidden layer 1 noised to t0 (B,) and denoised by the model's layer-1 stage (SDEdit),
+        the other layers kept."""
+        H = self.graph.L - 1
+        parts = self.encode(x)
+        y = _first(parts, 1, H)
+        y = _map2(lambda a, n: _mix(a, n, t0.view(-1, *[1] * (a.dim() - 1))), y, _like(y, g))
+        for i in range(steps):  # each network from its own t0 down to 0 in `steps` Euler steps
+            t, dt = t0 * (1 - i / steps), t0 / steps
+            v = self.ema(*y, t[:, None])
+            y = _map2(lambda a, u: a - dt.view(-1, *[1] * (a.dim() - 1)) * u, y, v)
+        return self.decode(*_put(parts, y, 1, H))
+
+    def _train(self, originals, steps: int, lr: float, seed: int, progress=None, pool=None, share: float = 0.0):
+        """pool (K, C, D): other versions of each network's hidden layer 1 (exposure); with probability `share`
+        a network learning a later layer sees one of them in place of its own."""
+        cfg = self.settings
+        x0 = self.encode(originals)
+        K = len(originals)
+        if pool is not None:
+            pool = self.encode(pool.flatten(0, 1))[0][0].unflatten(0, pool.shape[:2])  # (K, C, n_1, f_1) tokens
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
+        warm, total = max(1, steps // 20), steps  # linear warm-up, then cosine to 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(1.0, s / total)))))
+        H = self.graph.L - 1
+        for step in range(steps):
+            idx = torch.randint(0, K, (cfg["batch"],), generator=g)
+            B = cfg["batch"]
+            t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
+            stage = torch.full((B,), H - 1)  # the last group a network's loss counts: all of them (joint)
+            if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it absent
+                stage = torch.randint(0, H, (B,), generator=g)
+                ids = torch.arange(H)[None]
+                before = torch.zeros(B, 1) if not cfg["cond_noise"] else \
+                    cfg["cond_noise"] * torch.rand(B, 1, generator=g)  # conditioning augmentation (cascades)
+                if cfg["drop"]:  # dropped: the layers before it unseen, for guidance (classifier-free)
+                    before = torch.where(torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, before)
+                t = torch.where(ids < stage[:, None], before, t)
+            weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
+            parts0 = _index(x0, idx)
+            if pool is not None:  # exposure: the first layer as the model re-makes it, for later layers' learning
+                swap = (stage > 0) & (torch.rand(B, generator=g) < share)
+                alt = pool[idx, torch.randint(0, pool.shape[1], (B,), generator=g)]
+                parts0 = ([torch.where(swap[:, None, None], alt, parts0[0][0])] + parts0[0][1:], parts0[1], parts0[2])
+            eps = _like(parts0, g)
+            xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, self.per_part(t))
+            target = _map2(lambda a, n: n - a, parts0, eps)
+            se, count = 0.0, 0.0
+            for s in stage.unique().tolist():  # the networks learning group s: groups after it are left out
+                rows, P = (stage == s).nonzero()[:, 0], s + 1
+                pick = lambda parts: _first(_index(parts, rows), P, H)
+                pred = self.net(*pick(xt), t[rows, :P])
+                a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
+                se, count = se + a, count + b
+            if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:
+                rows = torch.randint(0, K, (cfg["first_batch"],), generator=g)  # its tokens only)
+                t1 = torch.rand(len(rows), 1, generator=g)
+                p0 = _first(_index(x0, rows), 1, H)
+                e0 = _like(p0, g)
+                pred = self.net(*_map2(lambda a, n: _mix(a, n, t1[:, :, None]), p0, e0), t1)
+                a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
+                se, count = se + a, count + b
+            loss = se / count
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                d = min(cfg["ema"], (1 + step) / (10 + step))
+                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+                    pe.lerp_(p, 1 - d)
+            if progress and (step % 100 == 0 or step == steps - 1):
+                progress(step, loss.item())
+
+    GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
+
+    @torch.no_grad()
+    def pick_guidance(self, originals: torch.Tensor, n: int = 32, steps: int = None) -> float:
+        """The guidance weight whose networks have the training networks' size: per tensor, the RMS of its values
+        (no permutation changes it; no held-out network, no data), the weight with the smallest mean |log ratio|
+        of generated to training RMS. Flows that fit imperfectly shrink their samples; guidance grows them."""
+        rms = lambda x: torch.stack([v.flatten(1).square().mean(1).sqrt().mean()
+                                     for v in self.graph.layout.unflatten(x).values()])  # (tensors,)
+        target, scores, steps = rms(originals), {}, steps or min(50, self.settings["sample_steps"])
+        for w in self.GUIDANCE:
+            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 7), steps=steps, guidance=w,
+                            calibrate=False)
+            scores[w] = (rms(x) / target).log().abs().mean().item()
+        self.guidance_scores = scores
+        return min(scores, key=scores.get)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
+               start: int = 0, guidance: float = None, calibrate: bool = True) -> torch.Tensor:
+        """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
+        Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
+        layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
+        steps = steps or self.settings["sample_steps"]
+        guidance = self.settings["guidance"] if guidance is None else guidance
+        if guidance and not self.settings["drop"]:
+            raise ValueError("guidance needs a model trained with drop > 0 (layers before a layer sometimes unseen)")
+        B = n
+        shapes = self.encode(torch.zeros(1, self.graph.layout.D))
+        x = _map(lambda a: torch.randn((B, *a.shape[1:]), generator=generator), shapes)
+        if start:
+            if self.settings["mode"] != "layers":
+                raise ValueError("completion needs mode layers (a model trained with clean earlier layers)")
+            keep = self.per_part(torch.tensor([[float(l < start) for l in range(self.graph.L - 1)]]).expand(B, -1))
+            x = _map3(lambda a, k, m: a * (1 - m) + k * m, x, self.encode(given), keep)
+        ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
+        stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, H)]
+        for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
+            P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
+            mask = _first(self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H)), P, H)
+            y = _first(x, P, H)
+            tau = self.settings["cond_noise"] / 2 if first > 0 else 0.0  # the layers before, seen a little noised:
+            if tau:  # as they were in training (the cascade's conditioning augmentation); the output keeps them clean
+                before = _first(self.per_part(torch.tensor([[float(l < first) for l in range(H)]]).expand(B, H)), P, H)
+                seen_y = _map2(lambda a, m: a + m * tau * (torch.randn(a.shape, generator=generator) - a), y, before)
+            w = guidance if first > 0 else 0.0
+            if w:  # the unconditional pass sees the layers before as pure noise (t = 1)
+                seen = _first(self.per_part(torch.tensor([[float(l >= first) for l in range(H)]]).expand(B, H)), P, H)
+                blind = _map(lambda a: torch.randn(a.shape, generator=generator), y)
+            for i in range(steps):
+                t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
+                y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
+                v = self.ema(*y_in, t)
+                if w:
+                    tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
+                    vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
+                    v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
+                y = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, y, v, mask)
+            x = _put(x, y, P, H)
+        x = self.decode(*x)
+        if calibrate and self.settings["calibrate"]:
+            x = Probes.load(self.graph.layout, self.stats["probes"]).calibrate(x)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict(state["net"])
+        self.net.load_state_dict(state["net"])
+        self.stats = state["stats"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# probes: inputs synthesised from the training networks (no data), to calibrate a generated network's output bias
+
+
+class Probes:
+    """Model inversion of the training networks: `m` inputs, each pushed (Adam on cross-entropy, an L2 penalty
+    `wd` on the inputs) toward one class (m / classes per class) by the training networks together; then `mixes`
+    random convex combinations of two of them, inputs between the classes. target: the training networks' mean
+    predicted class distribution on those inputs. calibrate() sets a network's output bias so that its own mean
+    prediction on them equals the target (prior matching: iterate b <- b + log(target / mean softmax)), which fits
+    10 numbers per network to one class-frequency statistic, never to per-input answers."""
+
+    def __init__(self, layout: pdiff.Layout, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
+                 seed: int = 0):
+        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
+        self.x = self.target = None
+
+    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, n_in) -> (B, N, out)
+        p, h = self.layout.unflatten(x), inputs
+        for l, (w, b) in enumerate(self.pairs):
+            h = h @ p[w].transpose(-1, -2) + p[b][..., None, :]
+            h = h.relu() if l < len(self.pairs) - 1 else h
+        return h
+
+    def fit(self, originals: torch.Tensor) -> "Probes":  # sets self.x (mixes) and self.classes (the m inputs)
+        g = torch.Generator().manual_seed(self.seed + 13)
+        shapes = dict(zip(self.layout.names, self.layout.shapes))
+        n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
+        P = torch.randn(self.m, n_in, generator=g).requires_grad_(True)
+        y = torch.arange(self.m) % n_out
+        opt = torch.optim.Adam([P], 0.05)
+        for _ in range(self.steps):
+            idx = torch.randint(0, len(originals), (16,), generator=g)
+            lg = self.forward(originals[idx], P)
+            loss = F.cross_entropy(lg.reshape(-1, n_out), y.repeat(len(idx))) + self.wd * P.square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        P = self.classes = P.detach()
+        a = torch.rand(self.mixes, 1, generator=g)
+        i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)
+        self.x = a * P[i] + (1 - a) * P[j]
+        with torch.no_grad():
+            self.target = self.forward(originals, self.x).softmax(-1).mean(1).mean(0)
+        return self
+
+    def state(self) -> dict:
+        return {"x": self.x, "target": self.target}
+
+    @classmethod
+    def load(cls, layout, state: dict) -> "Probes":
+        pr = cls(layout)
+        pr.x, pr.target = state["x"], state["target"]
+        return pr
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
+        p = self.layout.unflatten(x.clone())
+        bname = self.pairs[-1][1]
+        lg = self.forward(x, self.x) - p[bname][:, None]  # logits without the output bias
+        b = p[bname].clone()
+        for _ in range(iters):
+            b = b + (self.target / (lg + b[:, None]).softmax(-1).mean(1)).log()
+        b = b - (b - p[bname]).mean(-1, keepdim=True)  # a shift common to all classes changes no prediction
+        p[bname] = b
+        return self.layout.pack(p, batch=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the output stage: the output layer generated for given hidden layers, read through the last hidden layer's
+# units' templates
+
+
+class OutputDenoiser(nn.Module):
+    """Velocity for the output layer (each last-hidden unit's outgoing weights, one per class, and the output
+    bias) given per-unit condition features: a transformer over the units plus one global token (the output
+    bias), no positions, so permuting the units permutes the output alike."""
+
+    def __init__(self, f_cond: int, n_out: int, *, width: int = 128, depth: int = 4, heads: int = 4):
+        super().__init__()
+        self.cond_in, self.z_in = nn.Linear(f_cond, width), nn.Linear(n_out, width)
+        self.g_in, self.g_type = nn.Linear(n_out, width), nn.Parameter(torch.zeros(width))
+        self.temb = Mlp(64, width, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.z_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_out))
+        self.g_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_out))
+        for head in (self.z_out, self.g_out):
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def forward(self, cond, z, g, t):  # (B, n, f), (B, n, n_out), (B, n_out), (B,)
+        te = self.temb(time_embedding(t, 64))[:, None]
+        h = torch.cat([(self.g_in(g) + self.g_type)[:, None], self.cond_in(cond) + self.z_in(z)], 1) + te
+        h = self.body(h)
+        return self.z_out(h[:, 1:]), self.g_out(h[:, 0])
+
+
+class OutputStage:
+    """p(output layer | hidden layers) as a flow (x_t = (1 - t) x_0 + t eps). What the last hidden layer's unit j
+    computes, in pixel terms and without data: its excitatory and inhibitory templates over the inputs
+    (relu(W) @ T and relu(-W) @ T, T the layer below's templates, the first layer's own weights), its bias and
+    the bias it inherits (W @ b_below), and its incoming weights' norm. fit() sees the training networks only."""
+
+    def __init__(self, layout: pdiff.Layout, *, width: int = 128, depth: int = 4, heads: int = 4,
+                 steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999, sample_steps: int = 100,
+                 probes: torch.Tensor = None, seed: int = 0):
+        """probes (m, n_in): inputs (Probes' class inputs, no data) on which each last-hidden unit's responses
+        are added to its features: what it computes, read functionally."""
+        self.pairs, self.layout, self.probes = pdiff.layer_pairs(layout), layout, probes
+        self.settings = dict(width=width, depth=depth, heads=heads, steps=steps, batch=batch, lr=lr, ema=ema,
+                             sample_steps=sample_steps, seed=seed)
+        shapes = dict(zip(layout.names, layout.shapes))
+        n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
+        torch.manual_seed(seed)
+        self.net = OutputDenoiser(2 * n_in + 3 + (0 if probes is None else len(probes)), n_out, width=width, depth=depth, heads=heads)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.stats = None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) raw -> (B, n_last, 2 n_in + 3) raw features
+        p = self.layout.unflatten(x)
+        T, c = p[self.pairs[0][0]], p[self.pairs[0][1]]  # templates (B, n, n_in) and biases of hidden layer 1
+        for w, b in self.pairs[1:-1]:
+            W = p[w]
+            new_c = W @ c[..., None]
+            T_pos, T_neg = W.clamp_min(0) @ T, (-W).clamp_min(0) @ T
+            T, c = T_pos - T_neg, new_c[..., 0] + p[b]
+        if len(self.pairs) == 2:  # one hidden layer: its own weights
+            T_pos, T_neg, W = T, torch.zeros_like(T), T
+        feats = [T_pos, T_neg, c[..., None], p[self.pairs[-2][1]][..., None], W.norm(dim=-1, keepdim=True)]
+        if self.probes is not None:
+            h = self.probes
+            for w, b in self.pairs[:-1]:
+                h = (h @ p[w].transpose(-1, -2) + p[b][..., None, :]).relu()  # (B, m, n_last) at the end
+            feats.append(h.transpose(-1, -2))
+        return torch.cat(feats, -1)
+
+    def parts(self, x):  # (B, D) -> (outgoing weights (B, n_last, n_out), output bias (B, n_out)), raw
+        p = self.layout.unflatten(x)
+        return p[self.pairs[-1][0]].transpose(-1, -2), p[self.pairs[-1][1]]
+
+    def fit(self, originals: torch.Tensor, progress=None) -> "OutputStage":
+        cfg, K = self.settings, len(originals)
+        f = self.features(originals)
+        z, gb = self.parts(originals)
+        self.stats = dict(f=(f.mean((0, 1)), f.std((0, 1)).clamp_min(1e-6)), z=(z.mean((0, 1)), z.std((0, 1))),
+                          g=(gb.mean(0), gb.std(0).clamp_min(1e-6)))
+        st = self.stats
+        f, z, gb = (f - st["f"][0]) / st["f"][1], (z - st["z"][0]) / st["z"][1], (gb - st["g"][0]) / st["g"][1]
+        g = torch.Generator().manual_seed(cfg["seed"] + 11)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        warm, total = max(1, cfg["steps"] // 20), cfg["steps"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(1.0, s / total)))))
+        for step in range(total):
+            idx = torch.randint(0, K, (cfg["batch"],), generator=g)
+            t = torch.rand(len(idx), generator=g)
+            ez, eg = torch.randn(z[idx].shape, generator=g), torch.randn(gb[idx].shape, generator=g)
+            vz, vg = self.net(f[idx], _mix(z[idx], ez, t[:, None, None]), _mix(gb[idx], eg, t[:, None]), t)
+            loss = ((vz - (ez - z[idx])).square().sum() + (vg - (eg - gb[idx])).square().sum()) / \
+                (z[idx].numel() + gb[idx].numel())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                d = min(cfg["ema"], (1 + step) / (10 + step))
+                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+                    pe.lerp_(p, 1 - d)
+            if progress and (step % 500 == 0 or step == total - 1):
+                progress(step, loss.item())
+        return self
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, generator: torch.Generator, steps: int = None) -> torch.Tensor:
+        """(B, D) raw networks -> the same with the output layer generated for their hidden layers."""
+        st, B, steps = self.stats, len(x), steps or self.settings["sample_steps"]
+        f = (self.features(x) - st["f"][0]) / st["f"][1]
+        z0, g0 = self.parts(x)
+        z, gb = torch.randn(z0.shape, generator=generator), torch.randn(g0.shape, generator=generator)
+        ts = torch.linspace(1, 0, steps + 1)
+        for i in range(steps):
+            vz, vg = self.ema(f, z, gb, ts[i].expand(B))
+            z, gb = z + (ts[i + 1] - ts[i]) * vz, gb + (ts[i + 1] - ts[i]) * vg
+        p = self.layout.unflatten(x.clone())
+        p[self.pairs[-1][0]] = (z * st["z"][1] + st["z"][0]).transpose(-1, -2)
+        p[self.pairs[-1][1]] = gb * st["g"][1] + st["g"][0]
+        return self.layout.pack(p, batch=1)
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict(state["net"])
+        self.net.load_state_dict(state["net"])
+        self.stats = state["stats"]
+
+
+# helpers over (tokens list, edges list, glob) triples
+def _map(f, parts):
+    tokens, edges, glob = parts
+    return [f(a) for a in tokens], [f(a) for a in edges], None if glob is None else f(glob)
+
+
+def _map2(f, p, q):
+    return _map3(lambda a, b, _: f(a, b), p, q, p)
+
+
+def _map3(f, p, q, r):
+    return ([f(a, b, c) for a, b, c in zip(p[0], q[0], r[0])], [f(a, b, c) for a, b, c in zip(p[1], q[1], r[1])],
+            None if p[2] is None else f(p[2], q[2], r[2]))
+
+
+def _first(parts, P: int, H: int):  # the first P groups of H
+    return parts[0][:P], parts[1][:P - 1], parts[2] if P == H else None
+
+
+def _put(parts, part, P: int, H: int):  # parts with its first P groups replaced by part's
+    return (part[0] + parts[0][P:], part[1] + parts[1][P - 1:], part[2] if P == H else parts[2])
+
+
+def _index(parts, idx):
+    return _map(lambda a: a[idx], parts)
+
+
+def _like(parts, g):
+    return _map(lambda a: torch.randn(a.shape, generator=g), parts)
+
+
+def _mix(a, n, t):  # t broadcasts
+    return (1 - t) * a + t * n
+
+
+def _se(pred, target, weight) -> tuple:
+    """(sum of squared errors, parameters counted) over the parts, weighted (0 / 1) per network and group."""
+    flat = lambda p: p[0] + p[1] + ([p[2]] if p[2] is not None else [])
+    se = sum(((p - q).square() * w).sum() for p, q, w in zip(flat(pred), flat(target), flat(weight)))
+    count = sum((w * torch.ones_like(q)).sum() for q, w in zip(flat(target), flat(weight)))
+    return se, count
+
+
+# ----------------------------------------------------------------------------------------------------
+# REPAIR (Jordan et al., arXiv 2211.08403): a blend's hidden units rescaled to their parents' statistics
+
+
+def mlp_forward(layout: pdiff.Layout, p: dict, x: torch.Tensor, upto: int = None) -> torch.Tensor:
+    """An MLP given as a parameter dict (pdiff.layer_pairs order, ReLU between layers) on inputs x (N, n_in) ->
+    logits, or the pre-activations of layer `upto` (N, n_upto)."""
+    pairs, h = pdiff.layer_pairs(layout), x
+    for l, (w, b) in enumerate(pairs):
+        z = h @ p[w].T + p[b]
+        if l == upto:
+            return z
+        h = z.relu()
+    return z
+
+
+@torch.no_grad()
+def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor) -> torch.Tensor:
+    """REPAIR one blend (D,) of aligned parents (m, D) on inputs x (N, n_in) (a few training batches, prepped):
+    layer by layer, each hidden unit's pre-activation is shifted and scaled (its incoming weights and bias) so its
+    mean and std on x equal the mean of its parents' means and stds. Later layers see the repaired earlier ones.
+    The output layer is left as it is. -> (D,)."""
+    pairs = pdiff.layer_pairs(layout)
+    q = layout.unflatten(blend.clone())
+    ps = [layout.unflatten(v) for v in parents]
+    for l, (w, b) in enumerate(pairs[:-1]):
+        zs = torch.stack([mlp_forward(layout, p, x, l) for p in ps])  # (m, N, n_l)
+        mu_t, sd_t = zs.mean(1).mean(0), zs.std(1).mean(0)  # the target: the parents' mean statistics
+        z = mlp_forward(layout, q, x, l)
+        mu, sd = z.mean(0), z.std(0)
+        s = sd_t / sd.clamp_min(1e-8)
+        q[w] = q[w] * s[:, None]
+        q[b] = (q[b] - mu) * s + mu_t
+    return layout.pack(q)
+
+
+def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0) -> torch.Tensor:
+    """n training images (seeded pick), prepped and flattened: the `few training batches` REPAIR reads."""
+    idx = torch.randperm(len(run.data.y_train), generator=torch.Generator().manual_seed(seed))[:n]
+    with torch.no_grad():
+        return run.prep(run.data.x_train[idx]).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the comparison
+
+
+def judge_group(run, ruler, path, sets, ref, near):
+    """-> one table row's numbers for raw sets (n, D), already in the aligned frame, as `pdiff sample` judges a
+    group: pdiff.measure_group (test accuracy, per-model numbers of the finite sets, exact copies) and
+    pdiff.describe (the label from pdiff.judge against ref = (the held-out originals' numbers, their units)).
+    near: the held-out originals' 5th percentile of the nearest ratio; "copies" is the share of the finite sets
+    below it (near-copies, this table's own column; exact copies make the label `copying`)."""
+    g = pdiff.measure_group(run, ruler, pdiff.Group(len(sets), lambda i: sets[i]), path, keep=False)
+    row = pdiff.describe(g, run, ref)
+    m, ok = g.m, len(g.m["accuracy"]) > 0
+    med = lambda v: v.quantile(0.5).item() if ok else math.nan
+    return row | {"n": len(sets), "to_mean": med(m["to_mean"]), "nearest_ratio": med(m["nearest_ratio"]),
+                  "max_iou": m["max_iou"].mean().item() if ok else math.nan,
+                  "near_copies": (m["nearest_ratio"] < near).double().mean().item() if ok else math.nan}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("-n", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", type=float, default=None, help="held-out networks, as `pdiff fit --holdout` (a "
+                    "share below 1, else a count; default pdiff's FitConfig().holdout)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
+    ap.add_argument("--no-baselines", action="store_true", help="only the generated rows (the baselines' numbers "
+                    "do not change between generators)")
+    ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
+    ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
+    ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
+                    "(--set then changes sampling settings only: sample_steps, guidance)")
+    args = ap.parse_args(argv)
+    quick = os.environ.get("QUICK") == "1"
+    torch.set_num_threads(int(os.environ.get("NEURONS_THREADS", 1)))  # 2 threads on 2 shared cores: 40x slower
+    n = args.n or (10 if quick else 50)
+    settings = dict(width=32, edge_width=8, depth=2, steps=60, batch=16, sample_steps=20) if quick else {}
+    for kv in args.set:
+        k, v = kv.split("=")
+        kind = type(NeuronGenerator.DEFAULTS[k])
+        settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
+
+    run = pdiff.open_run(args.run, model=None)
+    if run.collection.get("kind") != "seeds" or not run.collection.get("aligned"):
+        sys.exit("neurons.py compares whole networks in the aligned frame: collect with --seeds (mlp3 aligns by "
+                 "default)")
+    if args.holdout is not None:  # as `pdiff fit --holdout`: whole held-out networks, never the reference
+        run.split = pdiff.holdout(run.collection, len(run.snapshots), args.holdout)
+    # the split is pdiff's (Run.split): the generator, Probes, pick_guidance and every baseline see the training
+    # networks only; the held-out networks (whole seeds, all their snapshots: Run.units) are only the reference
+    ruler, train, held = run.ruler(), run.training, run.held_out
+    if not run.units:
+        sys.exit("neurons.py judges against held-out networks: --holdout must keep some")
+    per = run.collection.get("per_network", 1)
+    x_train = run.snapshots[train]
+    m_held, held_row = pdiff.held_out_group(run, ruler)
+    n_held = len(run.units)
+    ref_vec = run.snapshots[per - 1]  # the alignment reference (network 0, a training network)
+    path = pdiff.eval_path(run.net, run.prep, run.layout, run.data.x_test)
+
+    rows = {}
+    near = m_held["nearest_ratio"][m_held["nearest_ratio"].isfinite()].quantile(0.05).item()
+    rows["held-out originals"] = held_row | {
+        "n": len(held), "label": held_row.get("label", "-"), "to_mean": m_held["to_mean"].median().item(),
+        "nearest_ratio": m_held["nearest_ratio"].median().item(), "max_iou": m_held["max_iou"].mean().item(),
+        "near_copies": None}
+    judge = lambda sets: judge_group(run, ruler, path, sets, (m_held, n_held), near)
+
+    if args.load_model:
+        state = torch.load(args.load_model, weights_only=False)
+        gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
+                                                                  if k in ("sample_steps", "guidance",
+                                                                           "auto_guidance", "calibrate",
+                                                                           "exposure_steps", "exposure_share",
+                                                                           "exposure_t")}))
+        gen.load_state_dict(state)
+        fit_s = float("nan")
+        if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
+            t0 = time.perf_counter()
+            gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
+            fit_s = time.perf_counter() - t0
+        if gen.settings["calibrate"] and "probes" not in gen.stats:
+            gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
+        if gen.settings["auto_guidance"]:
+            gen.settings["guidance"] = gen.pick_guidance(x_train)
+    else:
+        gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
+        t0 = time.perf_counter()
+        gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
+        fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw = gen.sample(n, torch.Generator().manual_seed(args.seed + 1))
+    sample_s = time.perf_counter() - t0
+    sets = pdiff.align_to(raw, ref_vec, run.layout)
+    if args.save:
+        torch.save(sets, args.save)
+    rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
+    if gen.settings["calibrate"]:  # ablation: the same networks without the output-bias calibration
+        plain = gen.sample(n, torch.Generator().manual_seed(args.seed + 1), calibrate=False)
+        rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout))
+    if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
+        done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
+        rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout))
+    if args.save_model:
+        torch.save(gen.state_dict(), args.save_model)
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    m = min(16, len(train))
+    if not args.no_baselines:
+        picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(n)]
+        avg = torch.stack([x_train[p].mean(0) for p in picks])
+        rows[f"average of {m}"] = judge(avg)
+        rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
+        xr = repair_inputs(run, seed=args.seed)
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(
+            torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)]))
+        sd = x_train.std(0)
+        rows["gaussian (per coordinate)"] = judge(x_train.mean(0) + sd * torch.randn(n, x_train.shape[1], generator=g))
+
+    print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
+          f"generator {gen.settings}\n")
+    if hasattr(gen, "guidance_scores"):
+        print("pick_guidance (mean |log RMS ratio| to the training networks, per weight): " + ", ".join(
+            f"{w:g}: {v:.4f}" for w, v in gen.guidance_scores.items()) + "\n")
+    print("| group | n | median % | best % | label | to_mean (held-out) | nearest ratio | max IoU | copies | "
+          "exact copies | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    h = rows["held-out originals"]
+    num = lambda v, f: "-" if v is None or v != v else format(v, f)
+    for name, r in rows.items():
+        cp = "-" if r["near_copies"] is None else f"{100 * r['near_copies']:.0f} %"
+        failed = f", {r['failed']} failed" if r.get("failed") else ""
+        print(f"| {name} | {r['n']} | {num(r['median'], '.2f')} | {num(r['best'], '.2f')} | {r.get('label', '-')} | "
+              f"{num(r['to_mean'], '.1f')} ({h['to_mean']:.1f}) | {num(r['nearest_ratio'], '.3f')} | "
+              f"{num(r['max_iou'], '.3f')} | {cp} | {r.get('copies', '-') if name != 'held-out originals' else '-'} | "
+              f"{r.get('seconds', '')}{failed} |")
+    gen_row = rows["generated (neurons)"]
+    t = gen_row.get("tests", {})
+    print("\ngenerated, per test (median vs held-out, Holm p): " + "; ".join(
+        f"{k} {v['median']} vs {v['held_out']} p={v['p']:.2g}" for k, v in t.items()))
+    base = {k: r for k, r in rows.items() if k not in ("held-out originals", "generated (neurons)",
+                                                        "generated, not calibrated") and not k.startswith("diagnostic")}
+    v = pdiff.verdict(gen_row, base, n_held, "generated (neurons)", pdiff.reference(run))
+    gen_row["verdict"] = v
+    print(f"verdict (pdiff.verdict against the rows above; no noise curve here): {v['label']}: {v['text']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

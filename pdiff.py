@@ -3186,8 +3186,8 @@ def sample_cmd(cfg: SampleConfig,
                              "--save") = None,
                plot_file: FileOpt("Write the novelty plots (accuracy vs similarity, histograms, latents, "
                                   "reverse trajectories) to this PNG.", "--plot") = None,
-               export: FileOpt("Write the network with the best generated set loaded (picked on the test set) "
-                               "to this .safetensors file: a state dict for load_state_dict(strict=True).",
+               export: FileOpt("Write the network with the best generated set loaded (picked on the validation "
+                               "split) to this .safetensors file: a state dict for load_state_dict(strict=True).",
                                "--export") = None,
                judge_file: FileOpt("Judge the parameter sets in this .safetensors file instead of generating: a "
                                    "--save file, a snapshots file of the same network, one (n, D) tensor, or "

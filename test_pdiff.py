@@ -1354,6 +1354,31 @@ def test_generator_and_table1_scripts(tmp_path, script, rows):
         assert 0 < float(cells[1].split(" / ")[2]) <= 100  # generated median
 
 
+def test_results_are_rebuilt_from_the_scripts_output(tmp_path):
+    """experiments/results.py quickstart (QUICK=1): the quick start's script runs, its output is kept with where it
+    came from, and RESULTS.md and the README's marked block are rebuilt from it; other parts keep theirs."""
+    docs, readme = tmp_path / "docs", tmp_path / "README.md"
+    (docs / "results").mkdir(parents=True)
+    (docs / "results" / "whole_model.md").write_text("| kept | 1 |\n")
+    readme.write_text("# x\n<!-- results: quickstart -->\nold\n<!-- /results -->\nend\n")
+    env = {**os.environ, "QUICK": "1", "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'}"}
+    p = subprocess.run([sys.executable, str(HERE / "experiments" / "results.py"), "quickstart", "--docs", str(docs),
+                        "--readme", str(readme)], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr
+    part = (docs / "results" / "quickstart.md").read_text()
+    assert part.startswith("Made by `bash experiments/quickstart.sh` (QUICK=1) at commit ")
+    table = [ln for ln in part.splitlines() if ln.startswith(" generated ")]
+    assert len(table) == 1 and 0 < float(table[0].split()[3]) <= 100  # the generated median, as sample printed it
+    assert "verdict: " in part and "collect " in part.splitlines()[-1]  # and the wall times
+    text = readme.read_text()
+    assert "old" not in text and part in text and text.endswith("<!-- /results -->\nend\n")
+    results = (docs / "RESULTS.md").read_text()
+    assert "## The quick start" in results and "| kept | 1 |" in results and part.strip() in results
+    bad = subprocess.run([sys.executable, str(HERE / "experiments" / "results.py"), "nope"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown parts ['nope']" in bad.stderr
+
+
 def test_experiment_script_stops_on_a_failed_pdiff(tmp_path):
     """A pdiff command that fails stops the script with its error line, not a table row of zeros."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PDIFF": f"{sys.executable} {HERE / 'pdiff.py'} --bogus"}

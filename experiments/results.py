@@ -86,7 +86,8 @@ def assemble(docs: Path, readme: Path) -> None:
     parts = ["# pdiff: measured results\n",
              "Every table here is the output of the script named above it, kept in `docs/results/`; "
              "`python experiments/results.py PART` re-measures one part and rebuilds this file and the README's "
-             "quoted blocks. Test accuracies in %, on the data set's test split.\n"]
+             "quoted blocks. Test accuracies in %, on the data set's test split. The neuron generator's study "
+             "(whole networks that are new) is in `experiments/neurons.md`, made by `experiments/neurons.py`.\n"]
     for part, (title, _, what) in PARTS.items():
         f = docs / "results" / f"{part}.md"
         if f.is_file():

@@ -22,5 +22,4 @@ echo '```'
 echo "\$ pdiff collect && pdiff fit && pdiff sample -n 50"
 grep -hv "━" "$OUT/sample.txt"
 echo '```'
-echo "Wall times on $(nproc) CPU cores ($(python3 -c 'import torch; print("torch", torch.__version__)')), Python's" \
-  "start included: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g')."
+echo "Wall times, Python's start included: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g')."

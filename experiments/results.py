@@ -95,7 +95,8 @@ def assemble(docs: Path, readme: Path) -> None:
     (docs / "RESULTS.md").write_text("\n".join(parts))
     text = readme.read_text()
     block = re.compile(r"(<!-- results: (\S+) -->\n).*?(<!-- /results -->)", re.S)
-    text = block.sub(lambda m: m[1] + (docs / "results" / f"{m[2]}.md").read_text() + m[3], text)
+    kept = lambda m: docs / "results" / f"{m[2]}.md"  # a part never measured keeps the README's text
+    text = block.sub(lambda m: m[1] + kept(m).read_text() + m[3] if kept(m).is_file() else m[0], text)
     readme.write_text(text)
 
 

@@ -58,7 +58,7 @@ def calibrate(path: Path, n: int, halvings: int, seed: int) -> dict:
     sets = groups(run, ruler, n, g)
     sets["generated"] = run.model.decode(run.model.generate(n, pdiff.rng(seed, "sample"), sampler="ddim", steps=50))
     correct = pdiff.evaluate(run.net, run.prep, run.layout, torch.cat(list(sets.values())), run.data.x_test,
-                             run.data.y_test)
+                             run.data.y_test, calibrate=run.calibration)
     labels = collections.defaultdict(list)
     for (name, s), c in zip(sets.items(), correct.split([len(s) for s in sets.values()])):
         labels[name].append(pdiff.judge(ruler.measure(s, c), m_held, len(held) // per)["label"])

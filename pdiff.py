@@ -988,6 +988,8 @@ def function_units(g: UnitGraph, name: str, ins: list, shape, refuse) -> tuple:
         return 0, 1  # made from constants: fixed
     if name in ("cat", "concat", "stack"):
         refuse("concatenates tensors")
+    if name in ("permute", "transpose", "movedim", "swapaxes"):
+        refuse("moves the units' axis")
     if name in JOINS:
         if any(len(s) != len(shape) or s[1] != shape[1] for s, _ in ins) or len({r for _, (_, r) in ins}) > 1:
             refuse("combines tensors whose units do not line up")
@@ -1926,7 +1928,8 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     trainings). Buffers (BatchNorm's running statistics) are stacked beside them, each network's moving as they
     would alone (vmap cannot write a batched update into one shared buffer); they stay out of the rows, and
     evaluation recomputes them. Each network draws its own batches from its own seed. Results are bit-identical
-    for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
+    for a seed whatever the group around it (with BatchNorm, equal to ~1e-5: vmap batches its arithmetic
+    differently). Writes rows (N, max(k, 1), D); returns the buffers {name: (N, ...)}."""
     stacked = torch.func.stack_module_state(nets)
     params, buffers = State(stacked[0]), State(stacked[1])  # {name: (N, ...)}
     base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
@@ -1950,7 +1953,7 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
              keep={"nets": params, "buffers": buffers, "opt_net": opt, "sched_net": sched})
     if not cfg.snapshot_count:
         rows[:, 0] = flat()
-        return
+        return buffers
     opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov)
 
     def store(i):
@@ -1959,6 +1962,7 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, losses("snapshot"),
              opt, after=every(cfg.snapshot_every, store, cfg.first_snapshot),
              keep={"nets": params, "buffers": buffers, "opt_snap": opt, "rows": State(rows=rows)})
+    return buffers
 
 
 def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, spec: list[Units]) -> tuple:

@@ -618,8 +618,8 @@ def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
     o = pdiff.open_run(run, model="default")
     net = o.snapshots[o.held_out[0]]
     p = o.layout.unflatten(net)
-    pairs = pdiff.layer_pairs(o.layout)
-    shuffled = o.layout.pack(pdiff.permute(p, pairs, [torch.randperm(32), torch.randperm(32)]))
+    spec = pdiff.symmetry(o.net, o.prep.shape)
+    shuffled = o.layout.pack(pdiff.permuted(p, spec, [torch.randperm(u.n) for u in spec]))
     assert (shuffled - net).abs().max() > 0.1
     both = json.loads(cli("sample", "--run", run, "--judge", judge_file(tmp_path / "p.safetensors",
                                                                          torch.stack([net, shuffled])), "--json").stdout)
@@ -1247,35 +1247,89 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
-                                                          "aligned": True}
+                                                          "aligned": True, "reference": "first"}
 
 
-@pytest.mark.parametrize("arch", ["mlp3", "convnet3"])
-def test_alignment_permutes_units_without_changing_the_function(arch):
+EXAMPLES = {"lenet5": (f"{HERE / 'examples' / 'lenet5.py'}:make", 1, 28), "resnet_bn": (f"{HERE / 'examples' / 'resnet_bn.py'}:make", 1, 8)}
+
+
+def random_statistics(net: torch.nn.Module, g: torch.Generator):
+    """BatchNorm weights, biases and running statistics away from their initial values, so that a permutation
+    that forgets one of them changes the outputs."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1, generator=g), m.running_var.uniform_(0.5, 2, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g), m.bias.data.normal_(0, 0.1, generator=g)
+
+
+def check_symmetry(net: torch.nn.Module, shape: tuple, x: torch.Tensor, other: torch.nn.Module = None):
+    """For the symmetry spec of net: a random permutation of every group (parameters and running statistics) leaves
+    its outputs as they were, and the permuted copy aligns back to it bit for bit. With `other`: aligned to net, it
+    computes what it computed before and has moved towards net (weight matching's objective)."""
+    spec, layout = pdiff.symmetry(net, shape), pdiff.select_params(net, "all")
+    ref = dict(net.eval().state_dict())
+    out = lambda p, module=net: torch.func.functional_call(module, p, (x,))
+    g = torch.Generator().manual_seed(1)
+    shuffled = pdiff.permuted(ref, spec, [torch.randperm(u.n, generator=g) for u in spec])
+    v, v_shuffled = layout.pack(ref), layout.pack(shuffled)
+    assert (v_shuffled - v).abs().max() > 0.01  # it moved
+    with torch.no_grad():
+        torch.testing.assert_close(out(shuffled), out(ref), rtol=1e-4, atol=1e-5)
+        assert torch.equal(pdiff.align_to(v_shuffled[None], v, layout, spec)[0], v)  # aligned back exactly
+    if other is not None:
+        theirs = dict(other.eval().state_dict())
+        v_other = layout.pack(theirs)
+        aligned = pdiff.align_to(v_other[None], v, layout, spec)[0]
+        perms = pdiff.match_units(layout.unflatten(v), layout.unflatten(v_other), spec, pdiff.rng(0, "align"))
+        p = pdiff.permuted(theirs, spec, perms)  # the running statistics move with their units too
+        assert torch.equal(layout.pack(p), aligned)
+        with torch.no_grad():
+            torch.testing.assert_close(out(p, other), out(theirs, other), rtol=1e-4, atol=1e-5)
+        assert (aligned - v).norm() < (v_other - v).norm() and aligned @ v > v_other @ v
+    return spec
+
+
+@pytest.mark.parametrize("arch", ["mlp3", "convnet3", "lenet5", "resnet_bn"])
+def test_alignment_of_small_networks(arch):
+    arch, channels, size = EXAMPLES.get(arch, (arch, 1, 8))
     torch.manual_seed(0)
-    nets = [pdiff.build_net(arch, 1, 8, 10, width=8)[0] for _ in range(3)]
-    layout = pdiff.select_params(nets[0], "all")
+    nets = [pdiff.build_net(arch, channels, size, 10, width=8)[0] for _ in range(3)]
+    for net in nets:
+        random_statistics(net, torch.Generator().manual_seed(len(str(net))))
+    check_symmetry(nets[0], (channels, size, size), torch.randn(16, channels, size, size), nets[1])
+    layout, spec = pdiff.select_params(nets[0], "all"), pdiff.symmetry(nets[0], (channels, size, size))
     vecs = torch.stack([layout.flatten(n) for n in nets])
-    pairs = pdiff.layer_pairs(layout)
-    shuffled = pdiff.permute(layout.unflatten(vecs[0]), pairs, [torch.randperm(len(layout.unflatten(vecs[0])[b]))
-                                                                 for _, b in pairs[:-1]])
-    vecs = torch.cat([vecs, torch.cat([shuffled[n].reshape(-1) for n in layout.names])[None]])  # net 0, permuted
-    aligned = pdiff.align(vecs, layout, per=1)
-    assert torch.equal(aligned[0], vecs[0]) and torch.equal(aligned[3], vecs[0])  # a permuted copy comes back
-    x = torch.randn(16, 1, 8, 8)
-    for before, after in zip(vecs, aligned):
-        out = [torch.func.functional_call(nets[0], layout.unflatten(v), (x,)) for v in (before, after)]
-        torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
-    for i in (1, 2):  # genuinely different networks: moved towards the reference, and a fixed point of matching
-        assert (aligned[i] - vecs[0]).norm() < (vecs[i] - vecs[0]).norm()
-        assert (aligned[i] @ vecs[0]) > (vecs[i] @ vecs[0])  # the objective weight matching maximises
-        assert torch.equal(pdiff.align(torch.stack([vecs[0], aligned[i]]), layout, per=1)[1], aligned[i])
+    aligned = pdiff.align(vecs, layout, spec, 1, vecs[0])  # the collection's alignment: each as align_to would
+    assert torch.equal(aligned[0], vecs[0]) and torch.equal(aligned[1:], pdiff.align_to(vecs[1:], vecs[0], layout, spec))
+    assert torch.equal(pdiff.align(torch.stack([vecs[0], aligned[2]]), layout, spec, 1, vecs[0])[1], aligned[2])
 
 
-@pytest.mark.parametrize("args,words", [(["--arch", "resnet18", "--seeds", 2], "keeps running statistics"),
+def narrow_head(net: torch.nn.Module, width: int = 256):
+    """alexnet's and vgg's 4096-wide classifiers made `width` wide, their convolutions as they are: weight matching
+    of two 4096 x 25088 layers takes about 20 s on 2 cores (experiments/align_exact.py runs them whole)."""
+    i, j, k = [i for i, m in enumerate(net.classifier) if isinstance(m, torch.nn.Linear)]
+    net.classifier[i] = torch.nn.Linear(net.classifier[i].in_features, width)
+    net.classifier[j], net.classifier[k] = torch.nn.Linear(width, width), torch.nn.Linear(width, 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+                                  "mnasnet0_5", "vgg11_bn", "alexnet"])  # wide_resnet50_2: resnet50's graph, wider
+def test_alignment_of_torchvision_networks(arch):
+    """Every torchvision network the symmetry spec accepts, at random initialisation and 32 px. (Weight matching of
+    two different random networks takes minutes on the larger ones: the small networks' test does that.)"""
+    torch.manual_seed(0)
+    net, ch, size = pdiff.build_net(arch, 3, 32, 10)
+    if arch in ("vgg11_bn", "alexnet"):
+        narrow_head(net)
+    random_statistics(net, torch.Generator().manual_seed(0))
+    assert len(check_symmetry(net, (ch, size, size), torch.randn(2, ch, size, size))) > 1
+
+
+@pytest.mark.parametrize("args,words", [(["--arch", "squeezenet1_1", "--seeds", 2], "node 'cat' (cat) concatenates"),
                                         (["--seeds", 2, "--params", "norm"], "needs --params all"),
                                         (["--align"], "needs --seeds"),
-                                        (["--arch", "vit_b_16", "--seeds", 2, "--align"], "symmetry pdiff knows")])
+                                        (["--arch", "regnet_x_400mf", "--seeds", 2, "--align"],
+                                         "is a grouped (groups=2) convolution; --no-align trains without alignment")])
 def test_seeds_and_align_refuse_what_cannot_work(tmp_path, args, words):
     r = cli("collect", "--run", tmp_path / "r", *args, "--epochs", 0)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -1250,7 +1250,8 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
                                                           "aligned": True, "reference": "first"}
 
 
-EXAMPLES = {"lenet5": (f"{HERE / 'examples' / 'lenet5.py'}:make", 1, 28), "resnet_bn": (f"{HERE / 'examples' / 'resnet_bn.py'}:make", 1, 8)}
+EXAMPLES = {"lenet5": (f"{HERE / 'examples' / 'lenet5.py'}:make", 1, 28),
+            "resnet_bn": (f"{HERE / 'examples' / 'resnet_bn.py'}:tiny", 1, 8)}  # 8 / 16 channels: seconds
 
 
 def random_statistics(net: torch.nn.Module, g: torch.Generator):
@@ -1334,6 +1335,142 @@ def test_seeds_and_align_refuse_what_cannot_work(tmp_path, args, words):
     r = cli("collect", "--run", tmp_path / "r", *args, "--epochs", 0)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
     assert words in r.stderr, r.stderr
+
+
+def test_recalibrated_evaluation_batched_equals_loop_and_torch():
+    """BatchNorm statistics recomputed per parameter set: the batched path, the loop, and torch's own BatchNorm
+    (reset, momentum None: a cumulative average, train mode over the batches) agree example for example."""
+    d = pdiff.load_data("digits")
+    torch.manual_seed(0)
+    net = pdiff.build_net(EXAMPLES["resnet_bn"][0], 1, 8, 10)[0]
+    prep, layout = pdiff.Prep(d.mean, d.std, 1, 8), pdiff.select_params(net, "all")
+    sets = layout.flatten(net) + 0.05 * torch.randn(5, layout.D, generator=torch.Generator().manual_seed(0))
+    sets[3, 0] = float("nan")
+    xs = pdiff.calibration_batches(d, 3, 64, 0)
+    assert xs.shape == (3, 64, 1, 8, 8) and torch.equal(xs, pdiff.calibration_batches(d, 3, 64, 0))
+    assert pdiff.calibration_batches(d, 30, 64, 0).shape == (30, 64, 1, 8, 8)  # more than the training set: cycles
+    x, y = d.x_test[:200], d.y_test[:200]
+    assert pdiff.eval_path(net, prep, layout, x, xs) == "batched"
+    fast = pdiff.evaluate(net, prep, layout, sets, x, y, batch=64, memory=1 << 20, calibrate=xs)  # several chunks
+    slow = pdiff.evaluate(net, prep, layout, sets, x, y, batch=64, path="loop", calibrate=xs)
+    assert torch.equal(fast, slow) and not fast[3].any()
+    for vec, row in zip(sets[[0, 1, 2, 4]], fast[[0, 1, 2, 4]]):
+        m = copy.deepcopy(net)
+        layout.load(m, vec)
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.reset_running_stats()
+                bn.momentum = None
+        with torch.no_grad():
+            m.train()
+            for xb in xs:
+                m(prep(xb))
+            assert torch.equal(m.eval()(prep(x)).argmax(-1) == y, row)
+    assert not torch.equal(fast, pdiff.evaluate(net, prep, layout, sets, x, y))  # the statistics matter
+    assert [m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)] == [0.1] * 6  # restored
+
+
+def test_batchnorm_networks_trained_together_as_alone():
+    """--seeds with BatchNorm: running statistics stacked beside the parameters, so each network's parameters and
+    statistics are those it gets alone (to vmap's arithmetic: a grouped convolution of 3 rounds unlike one of 1)."""
+    cfg = pdiff.CollectConfig(arch=EXAMPLES["resnet_bn"][0], seeds=3, epochs=1).resolved()
+    d = pdiff.load_data("digits")
+
+    def train(seeds):
+        nets = [pdiff.collect_network(pdiff.dataclasses.replace(cfg, seed=s), d, torch.device("cpu"), weights=True)[0]
+                for s in seeds]
+        _, prep, layout, _ = pdiff.collect_network(cfg, d, torch.device("cpu"), weights=True)
+        rows = torch.zeros(len(seeds), 1, layout.D)
+        return rows, pdiff.train_stacked(cfg, d, seeds, nets, prep, layout, pdiff.Loop(), rows)
+    (three, b3), (one, b1) = train([0, 1, 2]), train([2])
+    torch.testing.assert_close(three[2], one[0], rtol=0, atol=1e-3)  # measured: 2.4e-4 after 22 steps
+    assert (three[0] - three[2]).abs().max() > 0.1  # and the seeds differ
+    for k in b1:
+        if "running" in k:
+            torch.testing.assert_close(b3[k][2], b1[k][0], rtol=0, atol=1e-3)
+            assert not torch.equal(b1[k][0], torch.zeros_like(b1[k][0]) if "mean" in k else torch.ones_like(b1[k][0]))
+
+
+LABELS = ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "resnet_bn"])
+def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch):
+    """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --seeds aligned by
+    the spec read from their graphs, fit, sample with the verdict's labels; a held-out network brought shuffled is
+    the same network to the verdict."""
+    path, _, size = EXAMPLES[arch]
+    run = tmp_path / arch
+    r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--seeds", 10, "--epochs", 6, "--lr", 0.02,
+            "--recalibrate", 5, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["snapshots"]["count"] == 10 and rep["snapshots"]["median"] > 90
+    assert ("recalibrated" in rep) == (arch == "resnet_bn")
+    assert cli("fit", "--run", run, "--ae-steps", 30, "--ddpm-steps", 30).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--steps", 10, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["held_out"]["networks"] == 5 and rep["generated"]["label"] in LABELS
+    assert all(g["label"] in LABELS for g in rep["baselines"].values())
+    assert rep.get("recalibrated", {}).get("batches") == (5 if arch == "resnet_bn" else None)
+    assert rep["baselines"]["average"]["median"] > 30  # blends of aligned networks work (chance: 10)
+    o = pdiff.open_run(run)
+    net = o.snapshots[o.held_out[0]]
+    spec = pdiff.symmetry(o.net, o.prep.shape)
+    shuffled = o.layout.pack(pdiff.permuted(o.layout.unflatten(net), spec, [torch.randperm(u.n) for u in spec]))
+    got = json.loads(cli("sample", "--run", run, "--judge", judge_file(tmp_path / "p.safetensors",
+                                                                        torch.stack([net, shuffled])), "--json").stdout)
+    assert got["judged"]["accuracies"][0] == got["judged"]["accuracies"][1]  # recalibrated alike, too
+    d = got["judged"]["nearest_distance"]
+    assert d["min"] == pytest.approx(d["median"], rel=1e-4)  # the same network, wherever its units sit
+
+
+NETS = '''import torch.nn as nn
+
+
+def mlp(channels, size, classes):  # no normalisation layer
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+class Net(nn.Module):  # a class whose constructor takes other arguments, as most do
+    def __init__(self, num_classes=10, hidden=16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, hidden), nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x.flatten(1)).relu())
+
+
+class Plain(Net):  # a tutorial's Net(): nothing to pass
+    def __init__(self):
+        super().__init__(10, 8)
+'''
+
+
+def test_a_users_plain_mlp_and_classes_with_their_own_arguments(tmp_path):
+    (tmp_path / "nets.py").write_text(NETS)
+    r = cli("collect", "--run", tmp_path / "a", "--arch", f"{tmp_path}/nets.py:mlp", "--epochs", 2, "-k", 5, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["params"] == 64 * 16 + 16 + 16 * 10 + 10  # the default: all, as it has no norm layer
+    assert "has no normalisation layer to pick (--params norm): generating all 1,210 parameters" in " ".join(
+        r.stderr.split())
+    with safe_open(str(tmp_path / "a" / "snapshots.safetensors"), "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    assert cfg["params"] == "all" and cfg["snapshot_lr"] == 0.01  # the whole network's stage-2 lr too
+    r = cli("collect", "--run", tmp_path / "b", "--arch", f"{tmp_path}/nets.py:mlp", "--params", "norm", "--epochs", 0)
+    assert r.exit_code == 2 and "found no normalisation layer" in r.stderr  # asked for: refused
+    module = pdiff.USER_MODULES[next(k for k in pdiff.USER_MODULES if k[0] == f"{tmp_path}/nets.py")]
+    assert pdiff.user_call(module.Net, 1, 8, 10) == ((), {"num_classes": 10})
+    assert pdiff.user_call(module.Plain, 1, 8, 10) == ((), {})
+    assert pdiff.user_call(module.mlp, 1, 8, 10) == ((), {"channels": 1, "size": 8, "classes": 10})
+    for name, hidden in (("Net", 16), ("Plain", 8)):
+        r = cli("collect", "--run", tmp_path / name, "--arch", f"{tmp_path}/nets.py:{name}", "--seeds", 3, "--epochs", 2,
+                "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["params"] == 64 * hidden + hidden + hidden * 10 + 10
+        with safe_open(str(tmp_path / name / "snapshots.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["collection"])["aligned"]
 
 
 MYNET = '''import torch.nn as nn

@@ -19,12 +19,13 @@ Map of this file. The method, in the order the data flows:
     config        CollectConfig, FitConfig, SampleConfig: every option, its default and help, in one place
     data          data sets as uint8 tensors on the device (digits offline; torchvision's loaders)
     networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
-    parameter vectors   Layout (which parameters, flattened to D floats), standardisation, alignment
+    parameter vectors   Layout (which parameters, flattened to D floats), standardisation
+    symmetry      the groups of interchangeable hidden units, read from the network's torch.fx graph; alignment
     autoencoder   AE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
     diffusion     Denoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
-    evaluation    evaluate() -> which test examples each parameter set gets right
+    evaluation    evaluate() -> which test examples each parameter set gets right (BatchNorm statistics recomputed)
     novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
-    collect       stage 1 (train the network), stage 2 (snapshots), or many seeds
+    collect       stage 1 (train the network), stage 2 (snapshots), or many seeds (aligned)
     fit           Model (what fit writes), fit()
     sample        generate, baselines, one evaluation pass, a label for every group, plots
 The machinery: devices and processes (torchrun), the run folder (artifacts, open_run), the training loop (Loop:
@@ -146,6 +147,9 @@ class CollectConfig:
                                       "(weight matching on the symmetry read from the network's graph; default on: "
                                       "a network whose symmetry pdiff cannot read is refused, naming the node, "
                                       "unless --no-align).")
+    match: typing.Literal["weights", "activations"] = opt(
+        "weights", "With --align, how units are matched: weights (weight matching, no data) or activations (the "
+                   "correlations of their outputs on 5 batches of training images).")
     reference: typing.Literal["first", "mean"] = opt(
         "first", "With --align, the network the others are permuted to match: first, the first network; mean, "
                  "MergeMany's consensus of the training networks (Ainsworth et al. 2022; several times slower).")
@@ -1078,30 +1082,76 @@ def match_units(ref: dict, other: dict, spec: list[Units], g: torch.Generator, p
     return perms
 
 
-def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0) -> torch.Tensor:
-    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,)."""
-    r = layout.unflatten(ref)
-    out = [layout.pack(permuted(p, spec, match_units(r, p, spec, rng(seed, "align")))) for p in map(layout.unflatten,
-                                                                                                    sets)]
+def by_weights(spec: list[Units], seed: int = 0) -> Callable[[dict, dict], list]:
+    """The default matcher: (reference's tensors, a network's) -> its permutations, by match_units."""
+    return lambda ref, other: match_units(ref, other, spec, rng(seed, "align"))
+
+
+class ByActivations:
+    """Activation matching (Ainsworth et al. 2022, section 3.1), a matcher like by_weights: per group, the
+    permutation of a network's units whose outputs on the training images xs (B, b, C, H, W) uint8 correlate best
+    with the reference's. A group's outputs are those of every Linear / Conv writing it (a residual stream's
+    writers side by side), before their normalisation (a correlation ignores each unit's scale and shift);
+    BatchNorm normalises with each batch's own statistics. One forward pass per network, no passes over the
+    groups; the reference's outputs are computed once."""
+
+    def __init__(self, net: nn.Module, prep: nn.Module, spec: list[Units], xs: torch.Tensor):
+        self.net, self.prep, self.spec, self.xs, self.ref = net, prep, spec, xs, (None, None)
+
+    @torch.no_grad()
+    def outputs(self, p: dict) -> list[torch.Tensor]:  # per group (n, M): each unit's outputs, standardised
+        writers = sorted({name.rsplit(".", 1)[0] for u in self.spec for name, _, _ in u.into})
+        seen = {w: [] for w in writers}
+        hooks = [self.net.get_submodule(w).register_forward_hook(
+            lambda m, i, o, w=w: seen[w].append(o.detach().transpose(0, 1).flatten(1))) for w in writers]
+        try:
+            with batchnorm_training(self.net):
+                for xb in self.xs:
+                    functional_call(self.net, (p, running_statistics(self.net)), (self.prep(xb),))
+        finally:
+            for h in hooks:
+                h.remove()
+        out = []
+        for u in self.spec:
+            f = torch.cat([torch.cat(seen[w], 1) for w in sorted({n.rsplit(".", 1)[0] for n, _, _ in u.into})], 1)
+            out.append((f - f.mean(1, keepdim=True)) / f.std(1, keepdim=True).clamp_min(1e-8) / math.sqrt(f.shape[1]))
+        return out
+
+    def __call__(self, ref: dict, other: dict) -> list:
+        from scipy.optimize import linear_sum_assignment
+
+        if self.ref[0] is not ref:
+            self.ref = (ref, self.outputs(ref))
+        return [torch.as_tensor(linear_sum_assignment((a @ b.T).double().cpu().numpy(), maximize=True)[1])
+                for a, b in zip(self.ref[1], self.outputs(other))]  # (n, n) correlations
+
+
+def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, *,
+             match: Optional[Callable] = None) -> torch.Tensor:
+    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,), by
+    `match` (default: by_weights)."""
+    r, match = layout.unflatten(ref), match or by_weights(spec, seed)
+    out = [layout.pack(permuted(p, spec, match(r, p))) for p in map(layout.unflatten, sets)]
     return torch.stack(out) if out else sets
 
 
 def align(vectors: torch.Tensor, layout: Layout, spec: list[Units], per: int, ref: torch.Tensor,
-          seed: int = 0) -> torch.Tensor:
+          seed: int = 0, *, match: Optional[Callable] = None) -> torch.Tensor:
     """(K, D) -> (K, D): every network permuted to match the reference ref (D,), the reference network itself (if
     it is one of them) left as it is. Rows come in groups of `per` (one network's snapshots) that share the
     permutation found for the group's last row."""
-    out, r = vectors.clone(), layout.unflatten(ref)
-    for i in range(0, len(vectors), per):  # each with the same generator: align_to's result, whatever the order
+    out, r, match = vectors.clone(), layout.unflatten(ref), match or by_weights(spec, seed)
+    for i in range(0, len(vectors), per):  # each matched as align_to would, whatever the order
         if torch.equal(vectors[i + per - 1], ref):
             continue
-        perms = match_units(r, layout.unflatten(vectors[i + per - 1]), spec, rng(seed, "align"))
+        perms = match(r, layout.unflatten(vectors[i + per - 1]))
         for j in range(i, i + per):
             out[j] = layout.pack(permuted(layout.unflatten(vectors[j]), spec, perms))
     return out
 
 
-def merge_many(nets: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, passes: int = 20) -> torch.Tensor:
+def merge_many(nets: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, passes: int = 20, *,
+               match: Optional[Callable] = None) -> torch.Tensor:
     """MergeMany (Ainsworth et al. 2022, algorithm 3): (N, D) networks -> (D,) their consensus, the mean of the
     networks once each is permuted to match the mean of the others (in random order, passes until one changes
     nothing)."""
@@ -1109,13 +1159,12 @@ def merge_many(nets: torch.Tensor, layout: Layout, spec: list[Units], seed: int 
     for p in range(passes):
         changed, total = False, x.sum(0)
         for i in torch.randperm(len(x), generator=rng(seed, "merge", p)).tolist():
-            new = align_to(nets[i:i + 1], (total - x[i]) / max(1, len(x) - 1), layout, spec, seed)[0]
+            new = align_to(nets[i:i + 1], (total - x[i]) / max(1, len(x) - 1), layout, spec, seed, match=match)[0]
             changed |= not torch.equal(new, x[i])
             total, x[i] = total + new - x[i], new
         if not changed:
             break
     return x.mean(0)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1965,7 +2014,18 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     return buffers
 
 
-def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, spec: list[Units]) -> tuple:
+MATCH_BATCHES = 5  # batches of training images whose outputs --match activations correlates
+
+
+def matcher(cfg: CollectConfig, net: nn.Module, prep: nn.Module, spec: list[Units], data: Data) -> Callable:
+    """How a collection's networks (and a network judged against it) are matched to the reference: --match."""
+    if cfg.match == "weights":
+        return by_weights(spec, cfg.seed)
+    return ByActivations(net, prep, spec, calibration_batches(data, MATCH_BATCHES, cfg.batch_size, cfg.seed))
+
+
+def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, spec: list[Units],
+                     match: Callable) -> tuple:
     """--align: (K, D) -> (the collection aligned, the reference (D,) it matches): the first network, or
     MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the held-out ones
     are aligned to it exactly as a judged network is."""
@@ -1974,8 +2034,9 @@ def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, sp
         ref = snaps[per - 1]
     else:
         held = set(held_out_rows(collection(cfg), len(snaps), FitConfig().holdout))
-        ref = merge_many(snaps[[i for i in range(per - 1, len(snaps), per) if i not in held]], layout, spec, cfg.seed)
-    return align(snaps, layout, spec, per, ref, cfg.seed), ref
+        ref = merge_many(snaps[[i for i in range(per - 1, len(snaps), per) if i not in held]], layout, spec, cfg.seed,
+                         match=match)
+    return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref
 
 
 @torch.no_grad()
@@ -2440,7 +2501,8 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
         raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
                          f"({', '.join(L.names[:3])}, ...)", 2)
     if run.collection.get("aligned"):
-        sets = align_to(sets, run.reference, L, symmetry(run.net, run.prep.shape), run.config.seed)
+        spec = symmetry(run.net, run.prep.shape)
+        sets = align_to(sets, run.reference, L, spec, match=matcher(run.config, run.net, run.prep, spec, run.data))
     return sets
 
 
@@ -3133,7 +3195,7 @@ def collection(cfg: CollectConfig, batchnorm: bool = False) -> dict:
     statistics, recomputed on cfg.recalibrate batches wherever one is evaluated)."""
     if cfg.seeds:
         return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.snapshot_count or 1, "aligned": cfg.aligned,
-                **({"reference": cfg.reference} if cfg.aligned else {}),
+                **({"match": cfg.match, "reference": cfg.reference} if cfg.aligned else {}),
                 **({"recalibrated": cfg.recalibrate} if batchnorm else {})}
     return {"kind": "steps", "networks": 1, "per_network": cfg.snapshot_count, "aligned": False}
 
@@ -3181,7 +3243,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         ref = None
         if cfg.seeds:
             snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
-            snaps, ref = align_collection(cfg, snaps, layout, spec) if spec is not None else (snaps, None)
+            if spec is not None:
+                snaps, ref = align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
         else:
             stage1 = train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)

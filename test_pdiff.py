@@ -1247,7 +1247,7 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
-                                                          "aligned": True, "reference": "first"}
+                                                          "aligned": True, "match": "weights", "reference": "first"}
 
 
 EXAMPLES = {"lenet5": (f"{HERE / 'examples' / 'lenet5.py'}:make", 1, 28),
@@ -1303,6 +1303,10 @@ def test_alignment_of_small_networks(arch):
     aligned = pdiff.align(vecs, layout, spec, 1, vecs[0])  # the collection's alignment: each as align_to would
     assert torch.equal(aligned[0], vecs[0]) and torch.equal(aligned[1:], pdiff.align_to(vecs[1:], vecs[0], layout, spec))
     assert torch.equal(pdiff.align(torch.stack([vecs[0], aligned[2]]), layout, spec, 1, vecs[0])[1], aligned[2])
+    prep = pdiff.Prep([0.5] * channels, [0.25] * channels, channels, size)  # activation matching, on random images
+    by = pdiff.ByActivations(nets[0], prep, spec, torch.randint(0, 256, (2, 16, channels, size, size), dtype=torch.uint8))
+    shuffled = layout.pack(pdiff.permuted(layout.unflatten(vecs[0]), spec, [torch.randperm(u.n) for u in spec]))
+    assert torch.equal(pdiff.align_to(torch.stack([shuffled, vecs[1]]), vecs[0], layout, spec, match=by)[0], vecs[0])
 
 
 def narrow_head(net: torch.nn.Module, width: int = 256):
@@ -1398,11 +1402,11 @@ LABELS = ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
 def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch):
     """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --seeds aligned by
     the spec read from their graphs, fit, sample with the verdict's labels; a held-out network brought shuffled is
-    the same network to the verdict."""
+    the same network to the verdict (the ResNet's units matched by their activations)."""
     path, _, size = EXAMPLES[arch]
     run = tmp_path / arch
     r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--seeds", 10, "--epochs", 6, "--lr", 0.02,
-            "--recalibrate", 5, "--json")
+            "--recalibrate", 5, "--match", "activations" if arch == "resnet_bn" else "weights", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["snapshots"]["count"] == 10 and rep["snapshots"]["median"] > 90

@@ -147,9 +147,10 @@ class CollectConfig:
                                       "(weight matching on the symmetry read from the network's graph; default on: "
                                       "a network whose symmetry pdiff cannot read is refused, naming the node, "
                                       "unless --no-align).")
-    match: typing.Literal["weights", "activations"] = opt(
-        "weights", "With --align, how units are matched: weights (weight matching, no data) or activations (the "
-                   "correlations of their outputs on 5 batches of training images).")
+    match: Optional[typing.Literal["weights", "activations"]] = opt(
+        None, "With --align, how units are matched: weights (weight matching, no data) or activations (the "
+              "correlations of their outputs on 5 batches of training images). Default: activations for networks "
+              "with BatchNorm, weights for the others (measured: experiments/reference.py).")
     reference: typing.Literal["first", "mean"] = opt(
         "first", "With --align, the network the others are permuted to match: first, the first network; mean, "
                  "MergeMany's consensus of the training networks (Ainsworth et al. 2022; several times slower).")
@@ -2019,7 +2020,7 @@ MATCH_BATCHES = 5  # batches of training images whose outputs --match activation
 
 def matcher(cfg: CollectConfig, net: nn.Module, prep: nn.Module, spec: list[Units], data: Data) -> Callable:
     """How a collection's networks (and a network judged against it) are matched to the reference: --match."""
-    if cfg.match == "weights":
+    if cfg.match != "activations":  # (None: a collection from before --match, weight-matched)
         return by_weights(spec, cfg.seed)
     return ByActivations(net, prep, spec, calibration_batches(data, MATCH_BATCHES, cfg.batch_size, cfg.seed))
 
@@ -3224,6 +3225,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
+    if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
+        cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
     if cfg.selection == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
         cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)
         cfg = cfg.resolved()  # (the stage-2 lr of whole networks too)

@@ -1402,15 +1402,17 @@ LABELS = ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
 def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch):
     """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --seeds aligned by
     the spec read from their graphs, fit, sample with the verdict's labels; a held-out network brought shuffled is
-    the same network to the verdict (the ResNet's units matched by their activations)."""
+    the same network to the verdict (the ResNet's units matched by their activations, the default with BatchNorm)."""
     path, _, size = EXAMPLES[arch]
     run = tmp_path / arch
     r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--seeds", 10, "--epochs", 6, "--lr", 0.02,
-            "--recalibrate", 5, "--match", "activations" if arch == "resnet_bn" else "weights", "--json")
+            "--recalibrate", 5, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["snapshots"]["count"] == 10 and rep["snapshots"]["median"] > 90
     assert ("recalibrated" in rep) == (arch == "resnet_bn")
+    with safe_open(str(run / "snapshots.safetensors"), "pt") as f:  # the default matching: activations with BatchNorm
+        assert json.loads(f.metadata()["collection"])["match"] == ("activations" if arch == "resnet_bn" else "weights")
     assert cli("fit", "--run", run, "--ae-steps", 30, "--ddpm-steps", 30).exit_code == 0
     r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--steps", 10, "--json")
     assert r.exit_code == 0, r.output

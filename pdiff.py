@@ -144,9 +144,8 @@ class CollectConfig:
     seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
                                      "whole-model protocol) instead of taking the snapshots of one.", min=1)
     align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the reference "
-                                      "(weight matching on the symmetry read from the network's graph; default on: "
-                                      "a network whose symmetry pdiff cannot read is refused, naming the node, "
-                                      "unless --no-align).")
+                                      "(by the symmetry read from the network's graph; default on: a network whose "
+                                      "symmetry pdiff cannot read is refused, naming the node, unless --no-align).")
     match: Optional[typing.Literal["weights", "activations"]] = opt(
         None, "With --align, how units are matched: weights (weight matching, no data) or activations (the "
               "correlations of their outputs on 5 batches of training images). Default: activations for networks "
@@ -756,8 +755,8 @@ def select_params(net: nn.Module, patterns: str, *, fallback: bool = False) -> L
             names += [n for n in hits if n not in names]
         names = [n for n in named if n in names]  # network order
     if not names and patterns == "norm":
-        raise PdiffError("--params norm (the default outside mlp3 and convnet3) found no normalisation layer with "
-                         "weights in this network; pass --params all, or globs naming the parameters", 2)
+        raise PdiffError("--params norm found no normalisation layer with weights in this network; pass --params "
+                         "all (the default for it), or globs naming the parameters", 2)
     if not names:
         raise PdiffError("--params selects no parameters", 2)
     return Layout(names, [tuple(named[n].shape) for n in names])
@@ -2027,17 +2026,16 @@ def matcher(cfg: CollectConfig, net: nn.Module, prep: nn.Module, spec: list[Unit
 
 def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, spec: list[Units],
                      match: Callable) -> tuple:
-    """--align: (K, D) -> (the collection aligned, the reference (D,) it matches): the first network, or
-    MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the held-out ones
-    are aligned to it exactly as a judged network is."""
+    """--align: (K, D) -> (the collection aligned, the reference (D,) it matches, the rows that made it): the first
+    network, or MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the
+    held-out ones are aligned to it exactly as a judged network is."""
     per = cfg.snapshot_count or 1
-    if cfg.reference == "first":
-        ref = snaps[per - 1]
-    else:
+    rows = [per - 1]
+    if cfg.reference == "mean":
         held = set(held_out_rows(collection(cfg), len(snaps), FitConfig().holdout))
-        ref = merge_many(snaps[[i for i in range(per - 1, len(snaps), per) if i not in held]], layout, spec, cfg.seed,
-                         match=match)
-    return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref
+        rows = [i for i in range(per - 1, len(snaps), per) if i not in held]
+    ref = snaps[rows[0]] if cfg.reference == "first" else merge_many(snaps[rows], layout, spec, cfg.seed, match=match)
+    return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref, rows
 
 
 @torch.no_grad()
@@ -3243,11 +3241,11 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
             p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog
-        ref = None
+        ref, made = None, []
         if cfg.seeds:
             snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
             if spec is not None:
-                snaps, ref = align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
+                snaps, ref, made = align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
         else:
             stage1 = train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
@@ -3255,14 +3253,15 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     loop.stop_point()
     if calibrate is not None:  # the network file: the first network with the statistics every evaluation gives it
         recalibrate(net, prep, calibrate)
-    acc = summary(accuracy(correct))
+    acc, made_of = summary(accuracy(correct)), collection(cfg, calibrate is not None) | (
+        {"reference_rows": made} if made else {})  # the rows the alignment reference was made from
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
-              "seed": cfg.seed, "snapshots": acc, **recalibration(collection(cfg, calibrate is not None), cfg),
+              "seed": cfg.seed, "snapshots": acc, **recalibration(made_of, cfg),
               "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
     save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct} | (
-        {"reference": ref} if ref is not None else {}), {**meta, "collection": collection(cfg, calibrate is not None),
-                                                          "parents": {"network": net_id}, "report": report})
+        {"reference": ref} if ref is not None else {}), {**meta, "collection": made_of, "parents": {"network": net_id},
+                                                          "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
                     f"({len(layout.names)} tensors)", {"snapshots": acc}))
@@ -3293,6 +3292,10 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     if cfg.latent_size > r.layout.D and not cfg.paper_ae:
         raise PdiffError(f"--latent {cfg.latent_size} is more than the {r.layout.D} parameters it would encode", 2)
     r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    if set(r.held_out) & set(r.collection.get("reference_rows", [])):
+        raise PdiffError(f"--holdout {cfg.holdout:g} would hold out networks that made this collection's alignment "
+                         "reference (collect --reference mean: the networks the default --holdout keeps); keep the "
+                         "default, or collect with --reference first", 2)
     with progress() as prog:
         loop.prog = prog
         model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,

@@ -1247,7 +1247,30 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
-                                                          "aligned": True, "match": "weights", "reference": "first"}
+                                                          "aligned": True, "match": "weights", "reference": "first",
+                                                          "reference_rows": [3]}
+
+
+def test_merge_many_and_the_mean_reference(tmp_path):
+    """MergeMany of shuffled copies of one network is that network (permuted as a whole); collect --reference mean
+    makes its consensus of the networks fit's default --holdout keeps, records them, and fit refuses a --holdout that
+    would hold one out (the memorisation test would then judge networks that shaped the alignment)."""
+    torch.manual_seed(0)
+    net = pdiff.build_net("convnet3", 1, 8, 10, width=8)[0]
+    layout, spec = pdiff.select_params(net, "all"), pdiff.symmetry(net, (1, 8, 8))
+    v = layout.flatten(net)
+    copies = torch.stack([layout.pack(pdiff.permuted(layout.unflatten(v), spec, [torch.randperm(u.n) for u in spec]))
+                          for _ in range(4)])
+    merged = pdiff.merge_many(copies, layout, spec)
+    torch.testing.assert_close(pdiff.align_to(merged[None], v, layout, spec)[0], v, rtol=0, atol=1e-6)
+    r = cli("collect", "--run", tmp_path / "r", "--seeds", 6, "--epochs", 1, "--reference", "mean", "--json")
+    assert r.exit_code == 0, r.stderr
+    with safe_open(str(tmp_path / "r" / "snapshots.safetensors"), "pt") as f:
+        made = json.loads(f.metadata()["collection"])["reference_rows"]
+    held = pdiff.held_out_rows({"kind": "seeds", "networks": 6, "per_network": 1}, 6, pdiff.FitConfig().holdout)
+    assert made == [0, 2, 4] and held == [1, 3, 5]
+    r = cli("fit", "--run", tmp_path / "r", "--holdout", 2)  # networks 2 and 4
+    assert r.exit_code == 2 and "would hold out networks that made this collection's alignment reference" in r.stderr
 
 
 EXAMPLES = {"lenet5": (f"{HERE / 'examples' / 'lenet5.py'}:make", 1, 28),

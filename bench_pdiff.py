@@ -356,10 +356,10 @@ def bench_paper(dev, quick: bool) -> dict:
     t_eval, _, correct = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, d.x_test, d.y_test), dev)
     fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
     collection = {"kind": "steps", "networks": 1, "per_network": k}
-    held = pdiff.held_out_rows(collection, k, fit_cfg.holdout)
-    train = [i for i in range(k) if i not in held]
-    t_fit, _, (model, _) = timed(lambda: pdiff.fit(fit_cfg, snaps, train, layout, device=dev), dev)
-    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, d, {}, collection, held, model.to(dev), fit_cfg)
+    split = pdiff.holdout(collection, k, fit_cfg.holdout)
+    t_fit, _, (model, _) = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
+    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, correct[:, :0], d, {}, collection, split,
+                    model=model.to(dev), fit_config=fit_cfg)  # (no validation split: nothing is selected)
     t_sample, _, s = timed(lambda: pdiff.sample(pdiff.SampleConfig(n=n, sampler="ddim"), run), dev)
     steps = epochs * (n_train // 128)
     flops = fc.get_total_flops() * steps / t_train

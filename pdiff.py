@@ -67,8 +67,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
-VERSION = "2"  # of the file formats; a format that changed since has its own below
-VERSIONS = {"model": "3"}  # 3: the autoencoder in the training originals' span (v2 files: fit again)
+VERSION = "3"  # of the file formats (3: a validation split kept out of training, and its masks)
+VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
             "pets", "food101")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -76,6 +76,7 @@ SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("sgd", "adamw")
 AUTOENCODERS, DENOISERS = ("pca", "pdiff"), ("mlp", "pdiff")  # pdiff's own first; "pdiff": p-diff's (v3 code)
 EVAL_MEMORY = 1 << 30  # bytes of activations one batched evaluation chunk may hold
+MAX_VALIDATION = 5000  # training images a share of collect --validation keeps apart at most
 err = Console(stderr=True)
 
 
@@ -116,6 +117,10 @@ class CollectConfig:
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
     data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
+    validation: float = opt(0.2, f"Training images kept apart before anything trains, for every selection (sample "
+                                 f"--min-accuracy, --export, fit --condition): a share below 1 (at most "
+                                 f"{MAX_VALIDATION:,}), else a count; 0 keeps none (nothing can then be selected).",
+                            min=0)
     image_size: Optional[int] = opt(None, "Resize images to this size (default: keep it where all images share one "
                                           "square size; else 64).", min=1)
     download: bool = opt(True, "Fetch a torchvision data set missing from --data-dir (torchvision's downloader and "
@@ -250,11 +255,12 @@ class FitConfig:
     beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
     clip: Optional[float] = opt(None, "Sampling clamps each predicted clean latent to the training latents' range, "
                                       "widened by this share of it on each side [mlp: 0.1; pdiff: no clamp].", min=0)
-    condition: bool = opt(False, "Condition the mlp denoiser on each original's test accuracy (dropped for 10 % of "
-                                 "each batch, so one network is also unconditioned), for sample --target-accuracy. "
-                                 "The test set then shapes the generator (pdiff keeps no validation split).")
+    condition: bool = opt(False, "Condition the mlp denoiser on each original's validation accuracy (dropped for 10 "
+                                 "% of each batch, so one network is also unconditioned), for sample "
+                                 "--target-accuracy. The test set stays out of it.")
     holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
-                              "test: a share below 1, else a count; whole networks with --seeds; at least 5 when "
+                              "test: a share below 1, else a count; whole networks with --seeds, blocks of "
+                              "consecutive snapshots with a gap otherwise; at least 5 when "
                               "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
@@ -288,21 +294,25 @@ class SampleConfig:
                                                     "(fast; deterministic with --eta 0).")
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     eta: float = opt(0.0, "DDIM eta: 0 deterministic, 1 as noisy as DDPM.", min=0)
-    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines.")
-    noise_std: str = opt("0.001,0.05,0.15", "Noise baselines: a training original plus noise of each of these stds "
-                                            "(the reference code's levels), in --noise-units.")
+    baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
+                                "verdict says at most `fresh`).")
+    noise_std: str = opt("0.001,0.01,0.05,0.15,0.5,1", "Noise baselines: a training original plus noise of each of "
+                                                       "these stds, in --noise-units (the reference code's 0.001, 0.05, "
+                                                       "0.15 among them): the curve of accuracy against novelty that "
+                                                       "noise alone buys.")
     noise_units: typing.Literal["values", "spread", "raw"] = opt(
         "values", "The unit of --noise-std: values, the std of each tensor's values in that original (the reference "
                   "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
                   "units (arXiv 2506.07998).")
     average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
-    target_accuracy: Optional[float] = opt(None, "Generate at this test accuracy in % (a model fitted with "
+    target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
                                                  "--condition; classifier-free guidance).", min=0, max=100)
     guidance: float = opt(2.0, "Guidance weight w of --target-accuracy: eps = (1 + w) eps(target) - w eps(none); 0 "
                                "is the conditioned model alone.", min=0)
     min_accuracy: Optional[float] = opt(None, "Keep drawing, n sets at a time (at most 20 n), until n generated sets "
-                                              "reach this test accuracy in % (the paper's Fig. 5b; the test set then "
-                                              "picks them); the report says how many were drawn.", min=0, max=100)
+                                              "reach this validation accuracy in % (the paper's Fig. 5b); every "
+                                              "baseline is picked alike from as many draws; the test set only "
+                                              "grades.", min=0, max=100)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
 
@@ -342,13 +352,27 @@ class Data:
     mean: list  # per channel, of x/255 over the training set
     std: list
     augment: bool  # random crop + flip (natural images only)
+    x_val: torch.Tensor = None  # (N_val, C, H, W) uint8: training images held out before anything trains
+    y_val: torch.Tensor = None
 
     def to(self, device):
-        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")}
         return dataclasses.replace(self, **moved)
 
 
-def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None) -> Data:
+def validation_rows(N: int, validation: float, seed: int) -> torch.Tensor:
+    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, drawn
+    with (seed, "validation"): the same rows for the same collect --seed, and never trained on."""
+    n = min(round(validation * N), MAX_VALIDATION) if validation < 1 else int(validation)
+    if n >= N:
+        raise PdiffError(f"--validation {validation:g} would hold out {n} of the {N} training images", 2)
+    return torch.randperm(N, generator=rng(seed, "validation"))[:n]
+
+
+def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None, *,
+              validation: float = 0.0, seed: int = 0) -> Data:
+    """A data set as uint8 tensors; `validation` (a share or a count, seeded) of the training images kept apart
+    as the validation split, before the normalisation statistics are taken from the rest."""
     if name not in DATASETS:
         raise PdiffError(f"unknown --data '{name}' (choose from {', '.join(DATASETS)})", 2)
     if name == "digits":
@@ -367,10 +391,13 @@ def load_data(name: str, root: str = "data", download: bool = False, image_size:
         xtr, xte = resized(xtr, image_size), resized(xte, image_size)
     if xtr.shape[1] != xte.shape[1]:  # a grayscale split beside a colour one
         xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
+    val = validation_rows(len(ytr), validation, seed) if validation else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(len(ytr), dtype=torch.bool).index_fill_(0, val, False)
+    xva, yva, xtr, ytr = xtr[val], ytr[val], xtr[keep], ytr[keep]
     xf = xtr.float().div(255)
     mean, std = xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).clamp_min(1e-3).tolist()
     natural = ("cifar10", "cifar100", "stl10", "flowers102", "pets", "food101")
-    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in natural)
+    return Data(xtr, ytr, xte, yte, classes, mean, std, augment=name in natural, x_val=xva, y_val=yva)
 
 
 def torchvision_split(name: str, root: str, download: bool, train: bool, image_size: Optional[int]) -> tuple:
@@ -1635,28 +1662,63 @@ def wrong_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # measured against the *training* originals, and judged against the *held-out* originals: fresh draws of the
 # process the generator learns, never fitted to (the data-copying test of Meehan, Chaudhuri & Dasgupta 2020)
 
-MIN_HELD_OUT = 5  # held-out networks the test needs; with fewer the verdict is "unknown"
-ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over its metrics)
-# metric: (the label a significant shift in this direction gives, the direction: -1 lower, +1 higher)
+MIN_HELD_OUT = 5  # independent held-out draws (networks, or blocks of one run) the tests need; fewer: "unknown"
+ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over all of them)
+ZONE = 0.05  # a model is in a zone beyond (about) the held-out originals' 5th or 95th percentile
+DUPLICATE = 1e-6  # a set this close to an original, relative to the original's length, is that original
+# metric: (the label a significant shift in this direction gives, the direction: -1 lower, +1 higher). TESTS: where
+# the group lies as a whole (a location test); ZONES: how many of its models lie beyond the held-out originals.
 TESTS = {"nearest_ratio": ("copying", -1), "max_iou": ("copying", 1), "to_mean": ("averaging", -1),
          "accuracy": ("inferior", -1)}
+ZONES = {"nearest_ratio": ("copying", -1), "max_iou": ("copying", 1), "to_mean": ("averaging", -1)}
+DISTANCES = ("nearest_ratio", "to_mean")  # positive, on a ratio scale
 METRIC_WORDS = {"nearest_ratio": "relative nearest-original distance", "max_iou": "max IoU",
                 "to_mean": "distance to their mean", "accuracy": "accuracy"}
 
 
-def held_out_rows(collection: dict, K: int, holdout: float) -> list[int]:
-    """Rows of the (K, D) originals kept away from the generator: whole networks (with --seeds N -k k, all k
-    snapshots of a held-out seed), spread evenly through the collection (for consecutive snapshots each held-out
-    one lies between two training ones), never the first network (the alignment reference). holdout: a share
-    below 1, else a count; a share above 0 holds out at least MIN_HELD_OUT networks (at most half of them)."""
+@dataclass
+class Holdout:
+    """The originals split before anything is fitted: the training rows (the generator and the baselines are made
+    from these alone) and the held-out units, each one independent draw of the process the generator learns: a
+    network (all k snapshots of a held-out seed, with --seeds) or, for consecutive snapshots of one run, a block of
+    them with unused snapshots on either side (so no held-out snapshot is one step from a training one)."""
+    training: list
+    units: list  # [[rows of one held-out unit]]
+    held_out = property(lambda h: [i for u in h.units for i in u])
+
+
+def holdout(collection: dict, K: int, share: float) -> Holdout:
+    """Hold out `share` of the collection (below 1: a share of its networks or snapshots, at least MIN_HELD_OUT of
+    them and at most half; else a count): whole networks spread through a many-seed collection, never the first (the
+    alignment reference); for one run's snapshots, snapshot_blocks."""
     seeds = collection.get("kind") == "seeds"
-    units, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
-    n = round(holdout * units) if holdout < 1 else int(holdout)
-    n = max(n, min(MIN_HELD_OUT, units // 2)) if 0 < holdout < 1 else n
-    if n >= units and n:
-        raise PdiffError(f"--holdout {holdout:g} would hold out {n} of {units} {'networks' if seeds else 'snapshots'}"
+    count, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
+    n = round(share * count) if share < 1 else int(share)
+    n = max(n, min(MIN_HELD_OUT, count // 2)) if 0 < share < 1 else n
+    if n >= count and n:
+        raise PdiffError(f"--holdout {share:g} would hold out {n} of {count} {'networks' if seeds else 'snapshots'}"
                          "; at least one must remain to fit", 2)
-    return [(1 + int((j + 0.5) * (units - 1) / n)) * per + i for j in range(n) for i in range(per)]
+    if seeds:
+        units, unused = [[(1 + int((j + 0.5) * (count - 1) / n)) * per + i for i in range(per)] for j in range(n)], []
+    else:
+        units, unused = snapshot_blocks(K, n)
+    out = {i for u in units for i in u} | set(unused)
+    return Holdout([i for i in range(K) if i not in out], units)
+
+
+def snapshot_blocks(K: int, n: int) -> tuple[list, list]:
+    """n of one run's K snapshots held out as blocks of two consecutive ones (at least MIN_HELD_OUT blocks), spread
+    evenly through the run, each with a gap of half a block (at least one snapshot) left unused on either side where the
+    run is long enough. -> (blocks, unused rows). A block is one draw: its snapshots are near-copies of each other."""
+    B = min(n, max(MIN_HELD_OUT, n // 2))
+    sizes = [n // B + (j < n % B) for j in range(B)]
+    gap = max(1, min(sizes, default=0) // 2) if n + 2 * B * max(1, min(sizes, default=0) // 2) < K else 0
+    blocks, unused = [], []
+    for j, L in enumerate(sizes):
+        start = min(max(gap, int((j + 0.5) * K / B - L / 2)), K - L - gap)
+        blocks.append(list(range(start, start + L)))
+        unused += [*range(start - gap, start), *range(start + L, start + L + gap)]
+    return blocks, unused
 
 
 @dataclass
@@ -1722,17 +1784,19 @@ def off_span_loo(gram: torch.Tensor) -> torch.Tensor:
     return height / (K / (K - 1) * gram.diagonal().clamp_min(0).sqrt()).clamp_min(1e-30)  # |x_i - mean of others|
 
 
-def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float]:
+def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int, log: bool = False) -> tuple[float, float]:
     """Is group a shifted against reference b? -> (effect, p): effect = P(a > b) - P(a < b) (Cliff's delta, -1..1),
     p two-sided. Mann-Whitney U, normal approximation with ties (the statistic of Meehan et al.'s data-copying
     test); b counts as n_b draws (k snapshots of one held-out network are one draw). A single model cannot be
-    ranked: it gets a t prediction interval from b's mean and spread instead."""
+    ranked: it gets a t prediction interval from b's mean and spread instead, on the log scale for a distance
+    (log=True: a distance's spread grows with its size, and a copy's or the mean's 0 is infinitely far below)."""
     from scipy import stats
 
     n_a = len(a)
     if n_a == 1:
-        sd = b.std().item() if len(b) > 1 else 0.0
-        diff = (a[0] - b.mean()).item()
+        la, lb = (v.clamp_min(1e-12).log() for v in (a, b)) if log else (a, b)
+        sd = lb.std().item() if len(b) > 1 else 0.0
+        diff = (la[0] - lb.mean()).item()
         if sd == 0:
             return float(math.copysign(1, diff)) if diff else 0.0, 1.0 if diff == 0 else 0.0
         t = diff / (sd * math.sqrt(1 + 1 / n_b))
@@ -1748,46 +1812,114 @@ def two_sample(a: torch.Tensor, b: torch.Tensor, n_b: int) -> tuple[float, float
     return 2 * auc - 1, math.erfc(abs(score) / math.sqrt(2))
 
 
-def judge(group: dict, ref: dict, n_ref: int) -> dict:
-    """A group's label from its per-model numbers (measure) against the held-out originals' (ref, n_ref networks):
-    each metric's two-sample test, Holm-corrected over the metrics, then the first that applies of averaging
-    (significantly closer to the training originals' mean: blends), copying (closer to particular training
-    originals, in parameters or in behaviour), inferior (less accurate), and fresh (as new as a held-out original,
-    as accurate). Averaging comes first because a blend of m originals is also a little closer to each of its m
-    parts (measured: means of 16 aligned networks, relative nearest distance 0.935 against 0.955)."""
-    tests = {}
+edge_rank = lambda m: max(1, round(ZONE * (m + 1)))  # the zone's edge: the j-th most extreme held-out unit
+
+
+def zone_test(a: torch.Tensor, n: int, ref: torch.Tensor, sign: int) -> dict:
+    """How many of a group's n models (a: the finite values; failed sets count in n, outside the zone) lie beyond the
+    j-th most extreme of the m held-out units' values ref, j = ZONE (m + 1) rounded, at least 1: the most extreme
+    one for m < 30 (the lower side for sign -1). If the
+    group's models were drawn like the held-out ones, the count k would follow a beta-binomial(n, j, m + 1 - j)
+    distribution (all n + m ranks equally likely; about a share j / (m + 1) of them beyond the edge, and with few
+    held-out units a wide spread around it): p = P(K >= k). Exact copies or blends among fresh-looking models show
+    here while a location test, seeing half above and half below, would not (Meehan et al. 2020 test per cell)."""
+    from scipy import stats
+
+    m = len(ref)
+    j = edge_rank(m)
+    if m < 2:
+        return {"share": None, "held_out": None, "count": 0, "p": 1.0}
+    edge = (ref.sort().values if sign < 0 else ref.sort(descending=True).values)[j - 1]
+    k = int((a < edge).sum() if sign < 0 else (a > edge).sum())
+    p = float(stats.betabinom.sf(k - 1, n, j, m + 1 - j)) if n else 1.0
+    return {"share": rnd(k / max(1, n)), "held_out": rnd(j / (m + 1)), "count": k, "p": p}
+
+
+def holm(ps: list) -> list:
+    """Holm's step-down adjustment of p-values (family-wise error ALPHA over all of a group's tests)."""
+    out, adjusted = [0.0] * len(ps), 0.0
+    for i, k in enumerate(sorted(range(len(ps)), key=lambda k: ps[k])):
+        adjusted = max(adjusted, min(1.0, (len(ps) - i) * ps[k]))
+        out[k] = adjusted
+    return out
+
+
+def judge(group: dict, ref: dict, n_ref: int, *, failed: int = 0, copies: int = 0) -> dict:
+    """A group's label from its per-model numbers (Ruler.measure of its finite sets; `failed` more sets had NaN/Inf
+    parameters and count as failures: accuracy 0, in no zone) against the held-out originals' (ref, n_ref units;
+    ref["unit"] says which unit each row is, default one row each). Two readings, Holm-corrected together:
+    - TESTS, where the group lies: each metric's two-sample test (Mann-Whitney; one model: a t prediction interval);
+    - ZONES, how many of its models lie beyond the held-out originals (zone_test): copies mixed with far-off sets
+      show here, whatever the group's median says.
+    The label: `copying` if `copies` of its sets are originals (or each other) exactly; else the strongest of the
+    significant copying and averaging findings (effect size, or the zone share's excess over the held-out
+    originals'; averaging on a tie: a blend of m originals is also a little closer to each of them); else `inferior`
+    (less accurate); else `fresh`, or `unknown` where the group is too small for any difference to show."""
+    n = len(group["accuracy"]) + failed
+    unit = ref.get("unit", torch.arange(len(ref["accuracy"])))
+    tests, zones = {}, {}
     for metric in TESTS:
         a, b = group[metric][group[metric].isfinite()], ref[metric][ref[metric].isfinite()]
-        effect, p = two_sample(a, b, n_ref) if len(a) and len(b) > 1 else (0.0, 1.0)
+        a = torch.cat([a, a.new_zeros(failed)]) if metric == "accuracy" else a  # a failed set gets nothing right
+        effect, p = two_sample(a, b, n_ref, metric in DISTANCES) if len(a) and len(b) > 1 else (0.0, 1.0)
         tests[metric] = {"median": rnd(a.quantile(0.5)) if len(a) else None,
-                          "held_out": rnd(b.quantile(0.5)) if len(b) else None,
-                         "effect": rnd(effect), "p": p}
-    order = sorted(tests, key=lambda m: tests[m]["p"])
-    adjusted = 0.0
-    for i, m in enumerate(order):  # Holm: the i-th smallest p times the tests left, never below the one before
-        adjusted = max(adjusted, min(1.0, (len(order) - i) * tests[m]["p"]))
-        tests[m]["p"] = float(f"{adjusted:.3g}")
-        tests[m]["shift"] = "same" if adjusted >= ALPHA else "higher" if tests[m]["effect"] > 0 else "lower"
-    shifted = lambda label: [m for m, (lab, sign) in TESTS.items()
-                             if lab == label and tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
-    label = next((lab for lab in ("averaging", "copying", "inferior") if shifted(lab)), "fresh")
-    n = len(group["accuracy"])
+                         "held_out": rnd(b.quantile(0.5)) if len(b) else None, "effect": rnd(effect), "p": p}
+    for metric, (_, sign) in ZONES.items():  # one value per held-out unit: a block's or network's median
+        v, ok = ref[metric], ref[metric].isfinite()
+        edges = torch.stack([v[ok & (unit == u)].median() for u in unit[ok].unique()]) if ok.any() else v[:0]
+        zones[metric] = zone_test(group[metric][group[metric].isfinite()], n, edges, sign)
+    family = [tests[m] for m in tests] + [zones[m] for m in zones]
+    for t, p in zip(family, holm([t["p"] for t in family])):
+        t["p"] = float(f"{p:.3g}")
+    for m, t in tests.items():
+        t["shift"] = "same" if t["p"] >= ALPHA else "higher" if t["effect"] > 0 else "lower"
+    found = [(lab, abs(tests[m]["effect"])) for m, (lab, sign) in TESTS.items()
+             if tests[m]["shift"] == ("higher" if sign > 0 else "lower")]
+    found += [(lab, (zones[m]["share"] - zones[m]["held_out"]) / (1 - zones[m]["held_out"]))
+              for m, (lab, _) in ZONES.items() if zones[m]["p"] < ALPHA]
+    strongest = max((f for f in found if f[0] != "inferior"), key=lambda f: (f[1], f[0] == "averaging"), default=None)
+    label = "copying" if copies else strongest[0] if strongest else "inferior" if found else "fresh"
     reach = two_sample(torch.arange(n), torch.arange(n, n + n_ref), n_ref)[1] if n > 1 else 0.0  # groups wholly apart
-    if label == "fresh" and len(TESTS) * reach >= ALPHA:
+    if label == "fresh" and len(family) * reach >= ALPHA:
         label = "unknown"  # no difference could have been shown: even groups wholly apart would pass as fresh
-    return {"label": label, "tests": tests}
+    return {"label": label, "tests": tests, "zones": zones, "power": power(n, n_ref, len(family))}
+
+
+def power(n: int, m: int, tests: int) -> dict:
+    """What the zone tests can see for a group of n models against m held-out units: the smallest share of models
+    beyond the held-out originals' edge that reads significant even when its p is multiplied by all `tests` (Holm's
+    worst case). `low` when a quarter of the models could be copies unseen."""
+    from scipy import stats
+
+    j = edge_rank(m)
+    k = next((k for k in range(1, n + 1) if m >= j and tests * stats.betabinom.sf(k - 1, n, j, m + 1 - j) < ALPHA),
+             None)
+    share = None if k is None else rnd(k / n)
+    return {"detectable_share": share, "low": share is None or share > 0.25}
 
 
 rnd = lambda v: round(float(v), 4)
 
 
+def median_ci(v: list) -> list:
+    """A 95 % confidence interval of the median of the values v, from their order statistics (distribution-free:
+    the binomial(n, 1/2) quantiles); the whole range for fewer than 6 values, a point for one."""
+    from scipy import stats
+
+    v = sorted(v)
+    if not v:
+        return [None, None]
+    lo = max(0, int(stats.binom.ppf(0.025, len(v), 0.5)) - 1) if len(v) >= 6 else 0
+    return [rnd(v[lo]), rnd(v[len(v) - 1 - lo])]
+
+
 def summary(acc: torch.Tensor) -> dict:
-    """best / mean / median / min of the finite accuracies (failed sets are NaN and left out)."""
+    """best / mean / median (and its 95 % interval) / min of the finite accuracies (failed sets are NaN, left out)."""
     a = acc[acc.isfinite()].tolist()
     if not a:
-        return {"count": 0, "best": None, "mean": None, "median": None, "min": None}
+        return {"count": 0, "best": None, "mean": None, "median": None, "min": None, "ci": [None, None]}
     return {"count": len(a), "best": rnd(max(a)), "mean": rnd(statistics.fmean(a)), "median": rnd(statistics.median(a)),
-            "min": rnd(min(a))}
+            "min": rnd(min(a)), "ci": median_ci(a)}
 
 
 def novelty(m: dict, correct: torch.Tensor) -> dict:
@@ -1801,30 +1933,70 @@ def novelty(m: dict, correct: torch.Tensor) -> dict:
             "to_mean": stat(m["to_mean"], median), "off_span": stat(m["off_span"], median)}
 
 
-def verdict(g: dict, base: dict, held_out: int, name: str = "generated") -> dict:
-    """The generator's word: the label of its group g (or of the judged sets), then set against the baselines,
-    which need no generator: `novel` only when it is `fresh` and more accurate (median) than every baseline."""
-    if held_out < MIN_HELD_OUT:
-        return {"label": "unknown", "text": f"{held_out} held-out networks: too few to judge anything (needs "
+def curve(base: dict) -> list:
+    """The noise baselines (an original plus noise, at several levels) as points of accuracy against novelty,
+    ordered from the least novel: what noise alone buys at each distance from the originals (arXiv 2506.07998)."""
+    points = [{"group": k, "nearest_ratio": b["tests"]["nearest_ratio"]["median"],
+               "max_iou": b["tests"]["max_iou"]["median"], "median": b["median"], "ci": b["ci"]}
+              for k, b in base.items() if k.startswith("noise-") and b.get("tests") and b["median"] is not None]
+    return sorted(points, key=lambda p: (-p["max_iou"], p["nearest_ratio"]))
+
+
+def on_curve(points: list, axis: str, novelty: float) -> float:
+    """The curve's accuracy (the upper end of each level's interval) at a novelty on one axis (max_iou: lower is
+    newer; nearest_ratio: higher is newer), linear between levels; outside them, the nearest level's (an
+    accuracy that falls with novelty is then overstated past the noisiest level: the conservative side)."""
+    xs = [(-p[axis] if axis == "max_iou" else p[axis], p["ci"][1]) for p in points]
+    xs, x = sorted(xs), -novelty if axis == "max_iou" else novelty
+    if x <= xs[0][0]:
+        return xs[0][1]
+    for (x0, y0), (x1, y1) in zip(xs, xs[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return xs[-1][1]
+
+
+def verdict(g: dict, base: dict, n_ref: int, name: str = "generated", reference: str = "") -> dict:
+    """The generator's word on its group g (or the judged sets): its label, then, if it is `fresh`, set against what
+    needs no generator: `novel` only when its median accuracy's interval lies above the noise baselines' curve at
+    its own novelty (on both axes) and above every baseline that is not copying. No baselines: at most `fresh`.
+    reference: how many independent draws the held-out originals are (said beside the label)."""
+    if n_ref < MIN_HELD_OUT:
+        return {"label": "unknown", "text": f"{n_ref} held-out networks: too few to judge anything (needs "
                 f"{MIN_HELD_OUT}; fit --holdout)"}
     if g.get("label") is None:
         return {"label": "unknown", "text": f"none of the {g['drawn']} sets drawn reached --min-accuracy" if g.get(
             "drawn") else f"no {name} set had finite parameters"}
-    why = "; ".join(f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} "
-                    f"({t['shift']}, p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same")
+    low = f"; low power: a quarter of the {g['count']} sets could be copies unseen" if g["power"]["low"] else ""
+    ref = f" (reference: {reference}{low})"
     if g["label"] == "unknown":
-        return {"label": "unknown", "text": f"{g['count']} {name} sets against {held_out} held-out networks: too few "
-                f"for any difference to show at p < {ALPHA} over {len(TESTS)} tests (sample -n more)"}
+        return {"label": "unknown", "text": f"{g['count']} {name} sets against {n_ref} held-out units: too few for "
+                f"any difference to show at p < {ALPHA} (sample -n more){ref}"}
     if g["label"] != "fresh":
-        return {"label": g["label"], "text": f"{name} sets: {why}"}
-    better = sorted((k for k, b in base.items() if b["median"] is not None and b["median"] >= g["median"]),
-                    key=lambda k: (base[k].get("label") != "fresh", -base[k]["median"]))
-    if better:
-        b = base[better[0]]
-        return {"label": "fresh", "text": f"fresh, but no better than `{better[0]}` ({b.get('label')}, median "
-                f"{b['median']:.2f} % against {g['median']:.2f} %)" + (f"; {why}" if why else "")}
-    return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %) than every baseline"
-            + (f"; {why}" if why else "")}
+        return {"label": g["label"], "text": f"{name} sets: {findings(g)}{ref}"}
+    if not base:
+        return {"label": "fresh", "text": f"fresh; nothing to compare its accuracy with (no baselines){ref}"}
+    lo, points = g["ci"][0], curve(base)
+    under = [f"the noise curve at its {METRIC_WORDS[a]} ({on_curve(points, a, g['tests'][a]['median']):.2f} %)"
+             for a in ("max_iou", "nearest_ratio") if points and on_curve(points, a, g["tests"][a]["median"]) >= lo]
+    under += [f"`{k}` ({b['label']}, median {b['median']:.2f} %, up to {b['ci'][1]:.2f})" for k, b in base.items()
+              if b["median"] is not None and b.get("label") != "copying" and b["ci"][1] >= lo]
+    if under:
+        return {"label": "fresh", "text": f"fresh, but its median {g['median']:.2f} % (from {lo:.2f}) is not above "
+                f"{under[0]}{' and ' + str(len(under) - 1) + ' more' if len(under) > 1 else ''}{ref}"}
+    return {"label": "novel", "text": f"fresh, and more accurate (median {g['median']:.2f} %, from {lo:.2f}) than "
+            f"every baseline and than noise at its novelty{ref}"}
+
+
+def findings(g: dict) -> str:
+    """What made a group's label, in words."""
+    said = [f"{g['copies']} of {g['count'] + g.get('failed', 0)} are exact copies of originals"] if g.get("copies") \
+        else []
+    said += [f"{METRIC_WORDS[m]} {t['median']:.4g} against the held-out originals' {t['held_out']:.4g} ({t['shift']}, "
+             f"p={t['p']:.2g})" for m, t in g["tests"].items() if t["shift"] != "same"]
+    said += [f"{z['share']:.0%} beyond the held-out originals' edge in {METRIC_WORDS[m]} (they: {z['held_out']:.0%}, "
+             f"p={z['p']:.2g})" for m, z in g["zones"].items() if z["p"] < ALPHA]
+    return "; ".join(said)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2032,7 +2204,7 @@ def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, sp
     per = cfg.snapshot_count or 1
     rows = [per - 1]
     if cfg.reference == "mean":
-        held = set(held_out_rows(collection(cfg), len(snaps), FitConfig().holdout))
+        held = set(holdout(collection(cfg), len(snaps), FitConfig().holdout).held_out)
         rows = [i for i in range(per - 1, len(snaps), per) if i not in held]
     ref = snaps[rows[0]] if cfg.reference == "first" else merge_many(snaps[rows], layout, spec, cfg.seed, match=match)
     return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref, rows
@@ -2281,39 +2453,46 @@ def noise_unit(x: torch.Tensor, units: str, spread: torch.Tensor, layout: Layout
     """(n, D) -> what one unit of noise is for each coordinate of each original: `values`, the std of the values
     of its tensor in that original (the reference code's noise-added models); `spread`, pdiff's standardised
     units (the training originals' per-tensor spread); `raw`, parameter units (arXiv 2506.07998)."""
-    if units == "values":
+    if units == "values" and len(x):
         return torch.cat([t.std(1, keepdim=True).nan_to_num(0).expand_as(t) for t in x.split(layout.sizes, dim=1)], 1)
-    return spread.expand_as(x) if units == "spread" else torch.ones_like(x)
+    return spread.expand_as(x) if units != "raw" else torch.ones_like(x)
 
 
 @dataclass
 class Group:
     """A group of n parameter sets that sample judges, made a chunk at a time (a large network's sets do not all
-    fit in memory): make(s) -> the sets at the indices of slice s, (len, D), raw."""
+    fit in memory): make(idx) -> the sets at indices idx (a slice or a list), (len, D), raw."""
     n: int
-    make: Callable[[slice], torch.Tensor]
-    drawn: Optional[int] = None  # sample --min-accuracy: how many sets were drawn to find these
+    make: Callable
+    drawn: Optional[int] = None  # when selected: how many sets were drawn to find these
 
 
-def drawn(key: tuple, s: slice, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
-    return torch.stack([torch.randn(D, generator=rng(*key, i)) for i in range(s.start, s.stop)])
+indices = lambda idx: list(range(idx.start, idx.stop)) if isinstance(idx, slice) else list(idx)
+
+
+stack = lambda rows, D: torch.stack(rows) if rows else torch.zeros(0, D)  # (len, D), also for none
+
+
+def drawn(key: tuple, idx, D: int) -> torch.Tensor:  # (len, D) N(0, 1): set i's draw is its own, named (key, i)
+    return stack([torch.randn(D, generator=rng(*key, i)) for i in indices(idx)], D)
 
 
 def baselines(ruler: Ruler, n: int, cfg: SampleConfig, layout: Layout) -> dict:
     """The baselines any generator must beat (arXiv 2506.07998), made like the generator from the training
-    originals only: an original plus noise (one group per level), the mean of m random originals, a
-    per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one model)."""
-    x, rows, D = ruler.originals, ruler.rows, ruler.originals.shape[1]
+    originals only: an original plus noise (one group per level: together the noise curve), the mean of m random
+    originals, a per-coordinate Gaussian fitted to them, and the paper's "ensemble" (their weight average: one
+    model)."""
+    x, rows, D = ruler.originals, torch.tensor(ruler.rows), ruler.originals.shape[1]
     K, out = len(rows), {}
     for s in noise_levels(cfg):
-        picks = [rows[i] for i in torch.randint(0, K, (n,), generator=rng(cfg.seed, "noise", s)).tolist()]
-        out[f"noise-{s:g}"] = Group(n, lambda c, s=s, picks=picks: x[picks[c]] + s * noise_unit(
-            x[picks[c]], cfg.noise_units, ruler.std, layout) * drawn((cfg.seed, "noise", s), c, D))
-    picks = torch.rand(n, K, generator=rng(cfg.seed, "average")).argsort(1)[:, :min(cfg.average_m, K)]
-    sd = coordinate_std(x, rows)
-    return out | {"average": Group(n, lambda c: torch.stack([x[[rows[j] for j in p]].mean(0) for p in picks[c]])),
-                  "gaussian": Group(n, lambda c: ruler.mean + sd * drawn((cfg.seed, "gaussian"), c, D)),
-                  "ensemble": Group(1, lambda c: ruler.mean[None])}
+        picks = rows[torch.randint(0, K, (n,), generator=rng(cfg.seed, "noise", s))]
+        out[f"noise-{s:g}"] = Group(n, lambda i, s=s, picks=picks: x[picks[i]] + s * noise_unit(
+            x[picks[i]], cfg.noise_units, ruler.std, layout) * drawn((cfg.seed, "noise", s), i, D))
+    picks = rows[torch.rand(n, K, generator=rng(cfg.seed, "average")).argsort(1)[:, :min(cfg.average_m, K)]]
+    sd = coordinate_std(x, ruler.rows)
+    return out | {"average": Group(n, lambda i: stack([x[p].mean(0) for p in picks[i]], D)),
+                  "gaussian": Group(n, lambda i: ruler.mean + sd * drawn((cfg.seed, "gaussian"), i, D)),
+                  "ensemble": Group(1, lambda i: ruler.mean[None].expand(len(indices(i)), -1))}
 
 
 def coordinate_std(x: torch.Tensor, rows: list, *, chunk: int = 1 << 22) -> torch.Tensor:  # (D,) over x[rows]
@@ -2323,24 +2502,64 @@ def coordinate_std(x: torch.Tensor, rows: list, *, chunk: int = 1 << 22) -> torc
     return torch.cat([x[:, i:i + step][rows].std(0) for i in range(0, x.shape[1], step)])
 
 
+def validation_accuracy(run: Run, group: Group, path: str) -> torch.Tensor:  # (n,) percent on the validation split
+    if not len(run.data.y_val):
+        raise PdiffError("selecting sets needs the validation split collect keeps (this run was collected with "
+                         "--validation 0): the test set only grades", 2)
+    return torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, group.make(c), run.data.x_val, run.data.y_val,
+                                        spread=True, path=path, calibrate=run.calibration))
+                      for c in in_chunks(run.layout.D, group.n)])
+
+
+def selected(run: Run, group: Group, at_least: float, n: int, path: str) -> Group:
+    """The first n sets of a group whose validation accuracy reaches at_least (%): how sample --min-accuracy picks
+    generated sets, and so how it picks every baseline's, from as many draws."""
+    acc = validation_accuracy(run, group, path)
+    keep = (acc >= at_least).nonzero().flatten()[:n].tolist()
+    return Group(len(keep), lambda i: group.make([keep[j] for j in indices(i)]), drawn=group.n)
+
+
+@dataclass
+class Measured:
+    """One group evaluated: test accuracies (n,) in %, NaN where a set failed (NaN/Inf parameters); the per-model
+    numbers of its finite sets (Ruler.measure) and their masks; which original each finite set is exactly (a row,
+    -1 for none: duplicates()); how many repeat an earlier set of the group; the sets themselves if kept."""
+    accuracy: torch.Tensor
+    m: dict
+    correct: torch.Tensor
+    copy_of: torch.Tensor
+    repeats: int
+    sets: Optional[torch.Tensor] = None
+
+
 @dataclass
 class Sampled:
     report: dict  # the JSON document's body (without run, device and totals the command adds)
     name: str  # the group under test: "generated", or "judged" (sample --judge)
     sets: dict  # {group: (n, D) parameter sets}: the group under test; with keep=True also the held-out originals
     # and the noise baselines (for the plot); failed sets (NaN) kept
-    accuracies: torch.Tensor  # (n,) of the group under test, percent, NaN where a set failed
+    accuracies: torch.Tensor  # (n,) of the group under test, percent (test set), NaN where a set failed
     per_model: dict  # {group: {"accuracy", "max_iou", "nearest_distance": lists}} for plots
     trajectory: list = field(default_factory=list)  # [(t, x_t (TRACED, latent))] along the reverse process
+    val_accuracies: Optional[torch.Tensor] = None  # (n,) on the validation split, when asked (export picks by it)
 
 
 TRACED = 8  # samples whose reverse-diffusion trajectory sample(trace=True) keeps
 
 
-def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -> tuple:
-    """Evaluate a group a chunk at a time -> (accuracies (n,) with NaN for failed sets, per-model numbers of the
-    finite ones (Ruler.measure), their masks, the sets if keep)."""
-    accs, ms, masks, kept = [], [], [], []
+def duplicates(sets: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """(n,) for each set the row of the original it is, within float noise (|x - o| <= DUPLICATE |o|, in parameter
+    units), or -1. A fresh draw of any process the generator could learn is never an original bit for bit."""
+    zero, one = torch.zeros(sets.shape[1]), torch.ones(sets.shape[1])
+    ab, aa, bb = products(sets, originals, zero, one)
+    hit = (aa[:, None] + bb[None] - 2 * ab).clamp_min(0) <= DUPLICATE ** 2 * bb[None]
+    return torch.where(hit.any(1), hit.double().argmax(1), -1)
+
+
+def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -> Measured:
+    """Evaluate a group on the test set a chunk at a time, measure its finite sets against the training originals,
+    and find the sets that are originals (or repeat each other) exactly."""
+    accs, ms, masks, copies, kept, repeats = [], [], [], [], [], 0
     for s in in_chunks(ruler.originals.shape[1], group.n):
         sets = group.make(s)
         ok = torch.isfinite(sets).all(1)
@@ -2349,79 +2568,112 @@ def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -
         accs.append(accuracy(correct).masked_fill(~ok, float("nan")))
         ms.append(ruler.measure(sets[ok], correct[ok]))
         masks.append(correct[ok])
+        copies.append(duplicates(sets[ok], ruler.originals))
+        new = sets[ok][copies[-1] < 0]  # repeats among the sets that are no original (within a chunk: all of them
+        repeats += len(new) - len(new.unique(dim=0))  # for a small network)
         kept += [sets] if keep else []
     m = {k: torch.cat([x[k] for x in ms]) for k in ms[0]}
-    return torch.cat(accs), m, torch.cat(masks), torch.cat(kept) if keep else None
+    return Measured(torch.cat(accs), m, torch.cat(masks), torch.cat(copies), repeats, torch.cat(kept) if keep else None)
 
 
-def describe(acc: torch.Tensor, m: dict, correct: torch.Tensor, ref: Optional[tuple]) -> dict:
-    """One group's report row: accuracy summary, failed sets, novelty numbers, and the label from the test against
-    ref = (the held-out originals' per-model numbers, their networks)."""
-    row = {**summary(acc), "failed": int(acc.isnan().sum()), **novelty(m, correct)}
-    return row | judge(m, *ref) if ref is not None and len(m["accuracy"]) else row
+def describe(g: Measured, run: Run, ref: Optional[tuple]) -> dict:
+    """One group's report row: accuracy summary, failed sets, exact copies (named: training, held-out or unused
+    originals, or repeats within the group), novelty numbers, and the label from judge() against ref = (the
+    held-out originals' per-model numbers, their units)."""
+    rows, held = g.copy_of[g.copy_of >= 0].tolist(), set(run.held_out)
+    kind = lambda i: "held_out" if i in held else "training" if i in run.training_set else "unused"
+    copies = {"training": [], "held_out": [], "unused": []}
+    for i in sorted(set(rows)):
+        copies[kind(i)].append(i)
+    row = {**summary(g.accuracy), "failed": int(g.accuracy.isnan().sum()), "copies": len(rows) + g.repeats,
+           "copied": {k: v for k, v in copies.items() if v} | ({"repeats": g.repeats} if g.repeats else {}),
+           **novelty(g.m, g.correct)}
+    if ref is None or not len(g.accuracy):
+        return row
+    return row | judge(g.m, *ref, failed=row["failed"], copies=row["copies"])
 
 
 per_model_values = lambda m: {"accuracy": m["accuracy"].tolist(), "max_iou": m["max_iou"].tolist(),
                               "nearest_distance": m["nearest"].tolist()}
 
 
-def held_out_group(run: Run, ruler: Ruler, per: int) -> tuple:
-    """The held-out originals: (their per-model numbers, their report row). Their own label is the test run on
-    them as on any group: one half of the held-out networks judged with the other half as the reference."""
-    held = run.held_out
+def held_out_group(run: Run, ruler: Ruler) -> tuple:
+    """The held-out originals: (their per-model numbers with each row's unit, their report row). Their own label
+    is the test run on them as on any group: one half of the held-out units judged with the other half as the
+    reference."""
+    held, units = run.held_out, run.units
     m = [ruler.measure(run.snapshots[held[s]], run.correct[held[s]]) for s in in_chunks(run.layout.D, len(held))]
     m = {k: torch.cat([x[k] for x in m]) for k in m[0]}
-    units = len(held) // per
-    a = [i for u in range(0, units, 2) for i in range(u * per, u * per + per)]
-    b = [i for i in range(len(held)) if i not in set(a)]
-    row = {**summary(m["accuracy"]), "networks": units, **novelty(m, run.correct[held])}
-    if units >= 2:
-        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(b) // per)
+    m["unit"] = torch.tensor([u for u, rows in enumerate(units) for _ in rows])
+    row = {**summary(m["accuracy"]), "units": len(units), "reference": reference(run), **novelty(m, run.correct[held])}
+    if len(units) >= 2:
+        half = lambda parity: (m["unit"] % 2 == parity).nonzero().flatten()
+        a, b = half(0), half(1)
+        row |= judge({k: v[a] for k, v in m.items()}, {k: v[b] for k, v in m.items()}, len(units) // 2)
     return m, row
 
 
+def reference(run: Run) -> str:
+    """What the held-out originals are, in words: how many independent draws."""
+    units = run.units
+    if run.collection.get("kind") == "seeds":
+        return f"{len(units)} held-out networks"
+    return f"one run: {len(units)} blocks of {len(units[0]) if units else 0} of its snapshots, kept apart by a gap"
+
+
 def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,
-           trace: bool = False, keep: bool = False) -> Sampled:
+           trace: bool = False, keep: bool = False, validation: bool = False) -> Sampled:
     """Generate cfg.n parameter sets with run.model (or take `judged`, sets the user brings), evaluate them, the
-    decoded originals and the baselines, and judge every group against the held-out originals. trace=True keeps
-    the reverse trajectories of a few samples; keep=True the sets the plot shows."""
+    decoded originals and the baselines, and judge every group against the held-out originals. With --min-accuracy
+    the generated sets and every baseline's are selected alike on the validation split. trace=True keeps the reverse
+    trajectories of a few samples; keep=True the sets the plot shows; validation=True also measures the group
+    under test on the validation split (export picks by it)."""
     t0, trajectory, name = time.perf_counter(), [], "judged" if judged is not None else "generated"
-    ruler, held = run.ruler(), run.held_out
-    groups = {name: Group(len(judged), lambda s: judged[s]) if judged is not None else
-              generated(cfg, run, prog, trajectory, trace)}
+    ruler, path = run.ruler(), eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)
+    groups = {name: Group(len(judged), lambda i: judged[i]) if judged is not None else
+              generated(cfg, run, prog, trajectory, trace, path)}
     if run.model is not None:  # the training originals through the autoencoder
         a = run.model.roundtrip(run.model.coordinates(ruler.originals[ruler.rows]))
-        groups["decoded"] = Group(len(a), lambda s: run.model.parameters_of(a[s]))
-    groups |= baselines(ruler, cfg.n, cfg, run.layout) if cfg.baselines else {}
-    t1, path = time.perf_counter(), eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)
-    per = run.collection.get("per_network", 1) if run.collection.get("kind") == "seeds" else 1
-    m_held, held_row = held_out_group(run, ruler, per) if held else (None, None)
-    ref, rows, per_model, kept = (m_held, len(held) // per) if held else None, {}, {}, {}
+        groups["decoded"] = Group(len(a), lambda i: run.model.parameters_of(a[i]))
+    drew = groups[name].drawn or cfg.n  # selected generated sets: each baseline picked alike from as many draws
+    for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
+        groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
+    t1 = time.perf_counter()
+    m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
+    ref = (m_held, len(run.units)) if run.units else None
+    rows, per_model, kept, measured = {}, {}, {}, {}
     for g, group in groups.items():
-        acc, m, correct, kept[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
-        rows[g], per_model[g] = describe(acc, m, correct, ref) | ({"accuracies": acc} if g == name else {}), \
-            per_model_values(m)
+        measured[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
+        rows[g], per_model[g], kept[g] = describe(measured[g], run, ref), per_model_values(measured[g].m), \
+            measured[g].sets
+        rows[g] |= {"drawn": group.drawn} if group.drawn is not None else {}
     m_train = ruler.measure_training()
-    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if held else {})
-    accs = rows[name].pop("accuracies")
-    report = {
-        "sampler": None if judged is not None else cfg.sampler, "steps": None if judged is not None else
-        sampler_steps(cfg, run.model.diffusion.T), "noise_units": cfg.noise_units, "evaluation": path,
-        "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
-        **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}),
-        name: {**rows.pop(name), "accuracies": [None if math.isnan(v) else rnd(v) for v in accs.tolist()],
-               **({"drawn": groups[name].drawn} if groups[name].drawn is not None else {})},
-        "baselines": rows, "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
-                                       "total": round(time.perf_counter() - t0, 3)}}
-    if cfg.target_accuracy is not None and judged is None and report[name]["median"] is not None:
-        report[name] |= {"target": cfg.target_accuracy, "guidance": cfg.guidance,
-                         "from_target": rnd(report[name]["median"] - cfg.target_accuracy)}
-    report["verdict"] = verdict(report[name], report["baselines"], len(held) // per, name)
+    per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if ref else {})
+    under_test = rows.pop(name) | {"accuracies": [None if math.isnan(v) else rnd(v) for v in
+                                                 measured[name].accuracy.tolist()]}
+    if groups[name].drawn is not None:
+        under_test |= {"selected_on": "validation"}
+    if cfg.target_accuracy is not None and judged is None and under_test["median"] is not None:
+        under_test |= {"target": cfg.target_accuracy, "guidance": cfg.guidance}
+    val = validation_accuracy(run, groups[name], path) if validation or "target" in under_test else None
+    if val is not None:
+        under_test["validation"] = summary(val.where(measured[name].accuracy.isfinite(), math.nan))
+    if "target" in under_test:  # the target is a validation accuracy: where the generated sets landed there
+        under_test["from_target"] = rnd(under_test["validation"]["median"] - cfg.target_accuracy)
+    report = {"sampler": None if judged is not None else cfg.sampler,
+              "steps": None if judged is not None else sampler_steps(cfg, run.model.diffusion.T),
+              "noise_units": cfg.noise_units, "evaluation": path,
+              "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
+              **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}), name: under_test, "baselines": rows,
+              "seconds": {"generate": round(t1 - t0, 3), "evaluate": round(time.perf_counter() - t1, 3),
+                          "total": round(time.perf_counter() - t0, 3)}}
+    report["verdict"] = verdict(under_test, rows, len(run.units), name, reference(run))
+    report["curve"] = curve(rows)
     if trajectory:
         report["trajectory"] = along(run, ruler, trajectory, path)
     per_model.pop("decoded", None)
-    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[held]} if keep else {})
-    return Sampled(report, name, kept, accs, per_model, trajectory)
+    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[run.held_out]} if keep else {})
+    return Sampled(report, name, kept, measured[name].accuracy, per_model, trajectory, val)
 
 
 def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20) -> list:
@@ -2440,9 +2692,10 @@ def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20)
     return out
 
 
-def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool) -> Group:
-    """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time. Under torchrun
-    every process uses rank 0's latents."""
+def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory: list, trace: bool,
+              path: str) -> Group:
+    """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time; with --min-accuracy,
+    rounds of n until n reach it on the validation split. Under torchrun every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
     total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
     if cfg.target_accuracy is not None and not hasattr(model.denoiser, "cond"):
@@ -2460,16 +2713,14 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
 
     if cfg.min_accuracy is None:
         zs = draw(0)
-        return Group(len(zs), lambda s: model.decode(zs[s]))
-    kept, rounds, path = [], 0, eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)  # one probe
+        return Group(len(zs), lambda i: model.decode(zs[i]))
+    kept, rounds = [], 0
     while sum(map(len, kept)) < cfg.n and rounds < MAX_ROUNDS:  # the paper's Fig. 5b: draw until n reach A
         zs, rounds = draw(rounds), rounds + 1
-        acc = torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, model.decode(zs[c]), run.data.x_test,
-                                           run.data.y_test, path=path, calibrate=run.calibration))
-                         for c in in_chunks(run.layout.D, len(zs))])
+        acc = validation_accuracy(run, Group(len(zs), lambda i: model.decode(zs[i])), path)
         kept.append(zs[acc >= cfg.min_accuracy])
     zs = torch.cat(kept)[:cfg.n]
-    return Group(len(zs), lambda s: model.decode(zs[s]), drawn=rounds * cfg.n)
+    return Group(len(zs), lambda i: model.decode(zs[i]), drawn=rounds * cfg.n)
 
 
 MAX_ROUNDS = 20  # sample --min-accuracy draws at most this many times n sets
@@ -2781,20 +3032,21 @@ class Run:
     layout: Layout
     snapshots: torch.Tensor  # (K, D) the originals
     correct: torch.Tensor  # (K, N_test) which test examples each original gets right
+    val_correct: torch.Tensor  # (K, N_val) the same on the validation split
     data: Data
     ids: dict  # artifact ids: network, snapshots (and model)
     collection: dict  # where the snapshots come from (collection())
-    held_out: list  # rows of the originals kept away from the generator (the model's; else fit's default)
+    split: Holdout  # training rows and held-out units (the model's; else fit's default)
     reference: Optional[torch.Tensor] = None  # (D,) what an aligned collection's networks were permuted to match
     calibration: Optional[torch.Tensor] = None  # (B, b, C, H, W) uint8: training batches that give each evaluated
     # network of a BatchNorm collection its running statistics (evaluate's calibrate)
     model: Optional[Model] = None
     fit_config: Optional[FitConfig] = None
 
-    @property
-    def training(self) -> list:  # rows of the originals the generator and the baselines are made from
-        held = set(self.held_out)
-        return [i for i in range(len(self.snapshots)) if i not in held]
+    training = property(lambda r: r.split.training)  # rows the generator and the baselines are made from
+    training_set = property(lambda r: set(r.split.training))
+    units = property(lambda r: r.split.units)  # held-out units: lists of rows, each one independent draw
+    held_out = property(lambda r: r.split.held_out)  # their rows
 
     def ruler(self) -> Ruler:
         """The training originals, standardised by tensor_stats whichever generator was fitted (every generator and
@@ -2814,18 +3066,21 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     check_parent(snap_path, meta, "network", net_id, "pdiff collect --force")
     if Layout.from_dict(meta.get("layout", {"names": [], "shapes": []})) != layout:
         raise PdiffError(f"{snap_path}: its parameter layout differs from {FILES['network']}")
-    if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or len(t.get("correct", [])) != len(t["snapshots"]):
+    K = len(t.get("snapshots", []))
+    if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or not all(len(t.get(k, [])) == K for k in (
+            "correct", "val_correct")):
         raise PdiffError(f"{snap_path}: its tensors do not match the layout of {layout.D} parameters")
-    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size).to(device)
-    if len(d.y_test) != t["correct"].shape[1]:
-        raise PdiffError(f"the {cfg.data} test set under '{data_dir or cfg.data_dir}' has {len(d.y_test)} "
-                         f"examples; the snapshots were evaluated on {t['correct'].shape[1]}")
-    collected = meta.get("collection", {"kind": "steps", "networks": 1, "per_network": len(t["snapshots"])})
-    run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), d,
-              {"network": net_id, "snapshots": meta["id"]}, collected,
-              held_out_rows(collected, len(t["snapshots"]), FitConfig().holdout))
-    if collected.get("aligned"):  # files from before the reference was stored: the first network's last row
-        run.reference = t.get("reference", t["snapshots"][collected["per_network"] - 1]).float()
+    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size, validation=cfg.validation,
+                  seed=cfg.seed).to(device)
+    if (len(d.y_test), len(d.y_val)) != (t["correct"].shape[1], t["val_correct"].shape[1]):
+        raise PdiffError(f"the {cfg.data} data under '{data_dir or cfg.data_dir}' has {len(d.y_test)} test and "
+                         f"{len(d.y_val)} validation examples; the snapshots were evaluated on "
+                         f"{t['correct'].shape[1]} and {t['val_correct'].shape[1]}")
+    collected = meta["collection"]
+    run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
+              {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
+    if collected.get("aligned"):
+        run.reference = t["reference"].float()
     if collected.get("recalibrated"):
         run.calibration = calibration_batches(d, collected["recalibrated"], cfg.batch_size, cfg.seed)
     if model is not None:
@@ -2834,11 +3089,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         t, meta = load_artifact(model_path, "model", f" (fit did not finish: `pdiff fit --resume --run {path}{named}`)"
                                 if ck.is_file() else f" (run `pdiff fit --run {path}{named}` first)")
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
-        if "held_out" not in meta:
-            raise PdiffError(f"{model_path} was fitted by an older pdiff that held no originals out for the "
-                             f"memorisation test: run `pdiff fit --force --run {path}{named}`")
         try:
-            run.fit_config, run.held_out = FitConfig(**meta["config"]), meta["held_out"]
+            run.fit_config, run.split = FitConfig(**meta["config"]), Holdout(**meta["split"])
             run.model = Model(run.fit_config, layout.D, len(run.training))
             run.model.load_state_dict(t)
             run.model.to(device).bind(run.snapshots, run.training)
@@ -3221,7 +3473,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size).to(dev)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation,
+                  seed=cfg.seed).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
     if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
         cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
@@ -3250,21 +3503,25 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
             stage1 = train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True, calibrate=calibrate)
+        val_correct = evaluate(net, prep, layout, snaps, d.x_val, d.y_val, spread=True, calibrate=calibrate)
     loop.stop_point()
     if calibrate is not None:  # the network file: the first network with the statistics every evaluation gives it
         recalibrate(net, prep, calibrate)
-    acc, made_of = summary(accuracy(correct)), collection(cfg, calibrate is not None) | (
-        {"reference_rows": made} if made else {})  # the rows the alignment reference was made from
+    acc, val = summary(accuracy(correct)), summary(accuracy(val_correct))
+    made_of = collection(cfg, calibrate is not None) | ({"reference_rows": made} if made else {})  # (the rows the
+    # alignment reference was made from)
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
-              "seed": cfg.seed, "snapshots": acc, **recalibration(made_of, cfg),
+              "seed": cfg.seed, "images": {"train": len(d.y_train), "validation": len(d.y_val), "test": len(d.y_test)},
+              "snapshots": acc, "validation": val, **recalibration(made_of, cfg),
               "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
-    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct} | (
+    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct, "val_correct": val_correct} | (
         {"reference": ref} if ref is not None else {}), {**meta, "collection": made_of, "parents": {"network": net_id},
                                                           "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
-                    f"({len(layout.names)} tensors)", {"snapshots": acc}))
+                    f"({len(layout.names)} tensors); {len(d.y_train):,} training, {len(d.y_val):,} validation and "
+                    f"{len(d.y_test):,} test images", {"snapshots (test)": acc, "snapshots (validation)": val}))
     err.print(f"wrote {run / FILES['network']} and {snap_path} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
@@ -3291,25 +3548,30 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
         return finished(out, "model", "fit", cfg, given, json_out)
     if cfg.latent_size > r.layout.D and not cfg.paper_ae:
         raise PdiffError(f"--latent {cfg.latent_size} is more than the {r.layout.D} parameters it would encode", 2)
-    r.held_out = held_out_rows(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    r.split = holdout(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
     if set(r.held_out) & set(r.collection.get("reference_rows", [])):
         raise PdiffError(f"--holdout {cfg.holdout:g} would hold out networks that made this collection's alignment "
                          "reference (collect --reference mean: the networks the default --holdout keeps); keep the "
                          "default, or collect with --reference first", 2)
+    if cfg.condition and not r.val_correct.shape[1]:
+        raise PdiffError("--condition learns each original's validation accuracy: this run was collected with "
+                         "--validation 0", 2)
     with progress() as prog:
         loop.prog = prog
         model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
-                       accuracies=accuracy(r.correct[r.training]))
+                       accuracies=accuracy(r.val_correct[r.training]))
     n = cfg.latent_size  # through the autoencoder; PCA (pca's coordinates only): the first `latent` coordinates
     rt, rt_pca = (round_trip(r, model, a, a_hat) if a_hat is not None else None for a_hat in (
         model.roundtrip(a), F.pad(a[:, :n], (0, a.shape[1] - n)) if model.spanned else None))
     loop.stop_point()
     orig = summary(accuracy(r.correct[r.training]))
     report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out), "original": orig, "decoded": rt,
+              "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out), "reference": reference(r),
+              "original": orig, "decoded": rt,
               "pca": rt_pca, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
-                                                     "parents": parents, "held_out": r.held_out, "report": report})
+                                                     "parents": parents, "split": dataclasses.asdict(r.split),
+                                                     "report": report})
     loop.finish()
     err.print(table(f"fit: round trip of {len(r.training)} training snapshots of {r.layout.D:,} parameters ("
                     f"{len(r.held_out)} held out)", {
@@ -3361,7 +3623,8 @@ def sample_cmd(cfg: SampleConfig,
     r = open_run(run, dev, model=model if fitted else None, data_dir=data_dir)
     judged = read_judged(judge_file, r) if judge_file is not None else None
     with progress() as prog:
-        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None, keep=plot_file is not None)
+        s = sample(cfg, r, judged=judged, prog=prog, trace=plot_file is not None, keep=plot_file is not None,
+                   validation=export is not None)
     if save:
         save_artifact(save, "samples", {"samples": s.sets[s.name], "accuracies": s.accuracies},
                       {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
@@ -3381,33 +3644,39 @@ def sample_cmd(cfg: SampleConfig,
 
 
 def export_best(s: Sampled, r: Run, path: Path, model: str):
-    """The whole network with the most accurate generated (or judged) set loaded, as a plain state dict."""
-    if not s.accuracies.isfinite().any():
+    """The whole network with the generated (or judged) set most accurate on the validation split loaded, as a plain
+    state dict; its test accuracy, which played no part in the choice, is an honest estimate."""
+    val = s.val_accuracies.where(s.accuracies.isfinite(), math.nan)
+    if not val.isfinite().any():
         raise PdiffError(f"no {s.name} set had finite parameters: nothing to export")
-    best = int(s.accuracies.nan_to_num(-1.0).argmax())
+    best = int(val.nan_to_num(-1.0).argmax())
     r.layout.load(r.net, s.sets[s.name][best])
     save_artifact(path, "export", r.net.state_dict(), {
-        "picked": f"the most accurate of {len(s.accuracies)} {s.name} sets, chosen on the test set (so its test "
-                  "accuracy is an optimistic estimate)", "index": best, "accuracy": round(float(s.accuracies[best]), 4),
-        "model": model, "arch": r.config.arch, "parents": r.ids,
-        "input": r.prep.to_dict(r.data.x_test.shape[-1])})
-    err.print(f"wrote {path}: {s.name} set {best} ({float(s.accuracies[best]):.2f}% on the test set it was picked on)")
+        "picked": f"the most accurate of {len(val)} {s.name} sets on the validation split; the test set played no "
+                  "part", "index": best, "accuracy": rnd(s.accuracies[best]), "validation_accuracy": rnd(val[best]),
+        "model": model, "arch": r.config.arch, "parents": r.ids, "input": r.prep.to_dict(r.data.x_test.shape[-1])})
+    err.print(f"wrote {path}: {s.name} set {best}, picked on the validation split ({float(val[best]):.2f} %); "
+              f"test accuracy {float(s.accuracies[best]):.2f} %")
 
 
 def print_sample(rep: dict):
     name = "judged" if "judged" in rep else "generated"
     g = rep[name]
     how = f"with {rep['sampler']} ({rep['steps']} steps)" if name == "generated" else f"from {rep.get('judge')}"
-    how += f", kept from {g['drawn']} drawn (the test set picked them)" if "drawn" in g else ""
+    how += f", kept from {g['drawn']} drawn on the validation split (baselines alike)" if "drawn" in g else ""
     rows = {"original": rep["original"], **({"held-out": rep["held_out"]} if rep["held_out"] else {}),
             **({"decoded": rep["decoded"]} if "decoded" in rep else {}), name: g, **rep["baselines"]}
-    err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in %", rows, {
+    zone = lambda s, *ms: max((s["zones"][m]["share"] or 0) * 100 for m in ms) if "zones" in s else None
+    err.print(table(f"sample: {g['count'] + g['failed']} {name} {how}; accuracy in % (test set)", rows, {
         "NN dist": lambda s: s["nearest_distance"]["median"], "to mean": lambda s: s["to_mean"],
-        "max IoU": lambda s: s["max_iou"]["mean"], "label": lambda s: s.get("label")}, mean=False))
+        "max IoU": lambda s: s["max_iou"]["mean"], "copy %": lambda s: zone(s, "nearest_ratio", "max_iou"),
+        "blend %": lambda s: zone(s, "to_mean"), "exact": lambda s: s.get("copies"),
+        "label": lambda s: s.get("label")}, mean=False))
     err.print("original: the training originals; NN dist: median distance to the nearest training original "
               "(standardised units); to mean: median distance to their mean; max IoU: mean over models of the max "
-              "IoU of wrong predictions with a training original; label: the test against the held-out originals",
-              style="dim")
+              "IoU of wrong predictions with a training original; copy %, blend %: models beyond the held-out "
+              "originals' edge (about 5 % of theirs); exact: sets that are originals; label: the test against the "
+              f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})", style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:
         err.print(f"failed (NaN/Inf parameters, left out): {failed}")

@@ -2,7 +2,8 @@
 # Generation at a target accuracy (fit --condition, sample --target-accuracy A --guidance W): one collection, one
 # conditioned model, the generated networks unguided and at the training originals' median and best accuracy for
 # several guidance weights, each judged against the held-out originals (the label says when a target is reached
-# by copying). The condition is each original's test accuracy: the test set shapes this generator.
+# by copying). The condition is each original's validation accuracy (the targets: the training originals' test
+# accuracies, as the report gives them); the test set only grades.
 #   bash experiments/target_accuracy.sh    (digits: the quick start's collection)
 source "$(dirname "$0")/common.sh"
 GUIDANCE=${GUIDANCE:-$([[ $SCALE == quick ]] && echo "2" || echo "0 1 2 4")}

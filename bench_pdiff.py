@@ -180,10 +180,10 @@ def pdiff_cli(args: list, run: Path, device: str, log: Path) -> tuple[float, dic
 
 
 def warm_generate(run: Path, dev, repeat: int) -> dict:
-    """Median seconds of model.generate(50) per sampler, in this process, after a warm-up call: the CLI's
+    """Median seconds of model.draw(50) and decoding per sampler, in this process, after a warm-up call: the CLI's
     single cold timing carries one-time costs (first kernel calls) that weigh on DDIM's ~0.2 s."""
     model = pdiff.open_run(run, dev, model="default").model
-    gen = lambda s: model.decode(model.generate(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None))
+    gen = lambda s: model.decode(model.draw(50, pdiff.rng(0, "sample"), sampler=s, steps=50 if s == "ddim" else None))
     gen("ddim")
     return {s: timed(lambda: gen(s), dev, repeat)[0] for s in ("ddim", "ddpm")}
 
@@ -357,9 +357,10 @@ def bench_paper(dev, quick: bool) -> dict:
     fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
     collection = {"kind": "steps", "networks": 1, "per_network": k}
     split = pdiff.holdout(collection, k, fit_cfg.holdout)
-    t_fit, _, (model, _) = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
-    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, correct[:, :0], d, {}, collection, split,
-                    model=model.to(dev), fit_config=fit_cfg)  # (no validation split: nothing is selected)
+    t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
+    val_correct = pdiff.evaluate(net, prep, layout, snaps, d.x_val, d.y_val)  # no validation split here: (k, 0)
+    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, val_correct, d, {}, collection, split,
+                    model=model.to(dev), fit_config=fit_cfg)
     t_sample, _, s = timed(lambda: pdiff.sample(pdiff.SampleConfig(n=n, sampler="ddim"), run), dev)
     steps = epochs * (n_train // 128)
     flops = fc.get_total_flops() * steps / t_train
@@ -504,7 +505,7 @@ def bench_whole_cnn(quick: bool, limit: float) -> dict:
 
 
 def bench_paper_cost(dev: torch.device, quick: bool) -> dict:
-    """[10] p-diff's own generator (fit --autoencoder pdiff / --denoiser pdiff): seconds per training step (batch
+    """[10] p-diff's own generator (fit --generator v3): seconds per training step (batch
     50, the v3 settings) at D = 2k / 26k, float32 beside bf16 autocast (what it trains in); at D = 11.2M the
     autoencoder's size (its Linear layers to and from the latent grow with D) and the memory AdamW needs for it."""
     out = {}

@@ -21,12 +21,12 @@ Map of this file. The method, in the order the data flows:
     networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
     parameter vectors   Layout (which parameters, flattened to D floats), standardisation
     symmetry      the groups of interchangeable hidden units, read from the network's torch.fx graph; alignment
-    autoencoder   AE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
-    diffusion     Denoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
+    autoencoder   SpanAE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
+    diffusion     MLPDenoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
     evaluation    evaluate() -> which test examples each parameter set gets right (BatchNorm statistics recomputed)
     novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
     collect       stage 1 (train the network), stage 2 (snapshots), or many seeds (aligned)
-    fit           Model (what fit writes), fit()
+    fit           LatentDiffusion (a generator: autoencoder + DDPM; span and v3 are two), fit()
     sample        generate, baselines, one evaluation pass, a label for every group, plots
 The machinery: devices and processes (torchrun), the run folder (artifacts, open_run), the training loop (Loop:
 checkpoints, resume, signals), the CLI (options from the config dataclasses, one-line errors).
@@ -67,6 +67,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
+__version__ = "0.2.0"
 VERSION = "3"  # of the file formats (3: a validation split kept out of training, and its masks)
 VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
@@ -219,72 +220,31 @@ class CollectConfig:
 
 @dataclass
 class FitConfig:
-    autoencoder: typing.Literal[AUTOENCODERS] = opt(
-        "pca", "pca: pdiff's (the snapshots' principal directions, whitened, then a residual MLP decoder, trained in "
-               "their span: cost per step independent of the network's size); pdiff: p-diff's own 1-D conv "
-               "autoencoder, as the v3 reference code builds and trains it (model/pdiff.py OneDimVAE; cost per step "
-               "grows with the size).")
-    denoiser: typing.Literal[DENOISERS] = opt(
-        "mlp", "mlp: pdiff's (residual MLP on standardised latents, EMA, sampling clamped to the latents' range); "
-               "pdiff: p-diff's own 1-D conv denoiser as the v3 code builds and trains it (model/denoiser.py "
-               "OneDimCNN, no EMA, no clamp).")
-    ae_norm: typing.Literal[("batch", "running")] = opt(
-        "batch", "BatchNorm of --autoencoder pdiff once trained: batch, as the v3 code runs (it never leaves train "
-                 "mode: latents encoded in batches of 50, samples decoded one at a time, each with its own "
-                 "statistics); running: the running statistics (eval mode).")
-    latent: Optional[int] = opt(None, "Latent size [pca: 16, the principal directions encoded; pdiff: 128].", min=1)
-    ae_width: int = opt(256, "Width of the pca decoder's residual MLP.", min=1)
-    ae_steps: Optional[int] = opt(None, "Autoencoder training steps [pca: 1500; pdiff: 500].", min=1)
-    ae_lr: Optional[float] = opt(None, "Autoencoder learning rate, AdamW with a cosine schedule [pca: 1e-3, weight "
-                                       "decay 0.01; pdiff: 2e-5, no weight decay].", min=0)
-    ae_batch: int = opt(50, "Autoencoder batch size.", min=1)
-    input_noise: float = opt(0.001, "Noise std added to the standardised parameters in training (p-diff's "
-                                    "augmentation).", min=0)
-    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training [pca: 1.0, in units of "
-                                              "their spread (the codes are whitened); pdiff: 0.1].", min=0)
-    ddpm_width: int = opt(512, "Width of the mlp denoiser.", min=1)
-    ddpm_depth: int = opt(3, "Residual blocks of the mlp denoiser.", min=1)
-    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps [mlp: 3000; pdiff: 1000].", min=1)
-    ddpm_lr: Optional[float] = opt(None, "Denoiser learning rate, AdamW with a cosine schedule [mlp: 1e-3; pdiff: "
-                                         "1e-4].", min=0)
-    ddpm_batch: int = opt(50, "Denoiser batch size.", min=1)
-    ema_decay: Optional[float] = opt(None, "EMA decay of the denoiser's weights, below 1 (bias-corrected, so it acts "
-                                           "from the first step) [mlp: 0.999; pdiff: 0, none].")
-    timesteps: int = opt(1000, "Diffusion steps T.", min=2)
-    beta_start: float = opt(1e-4, "First beta of the linear noise schedule (above 0).")
-    beta_end: float = opt(2e-2, "Last beta of the linear noise schedule (below 1).")
-    clip: Optional[float] = opt(None, "Sampling clamps each predicted clean latent to the training latents' range, "
-                                      "widened by this share of it on each side [mlp: 0.1; pdiff: no clamp].", min=0)
-    condition: bool = opt(False, "Condition the mlp denoiser on each original's validation accuracy (dropped for 10 "
+    generator: str = opt("span", "span: pdiff's (the training originals' principal directions, whitened, a residual "
+                                 "MLP decoder in their span: cost per step independent of the network's size; an MLP "
+                                 "denoiser with EMA); v3: p-diff's own 1-D conv autoencoder and denoiser as the v3 "
+                                 "code builds and runs them (BatchNorm decoding with batch statistics); v3-eval: the "
+                                 "same, BatchNorm in eval mode; or AUTOENCODER+DENOISER from span|conv|conv-eval and "
+                                 "mlp|conv, e.g. span+conv.")
+    latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
+    ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
+    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
+    input_noise: Optional[float] = opt(None, "Noise std added to the standardised parameters in training (p-diff's "
+                                             "augmentation; default 0.001).", min=0)
+    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training (default: span 1.0, in "
+                                              "units of their spread; v3 0.1).", min=0)
+    condition: bool = opt(False, "Condition pdiff's denoiser on each original's validation accuracy (dropped for 10 "
                                  "% of each batch, so one network is also unconditioned), for sample "
                                  "--target-accuracy. The test set stays out of it.")
-    holdout: float = opt(0.1, "Originals kept away from the autoencoder and the DDPM, for sample's memorisation "
-                              "test: a share below 1, else a count; whole networks with --seeds, blocks of "
-                              "consecutive snapshots with a gap otherwise; at least 5 when "
-                              "above 0; 0 keeps none (sample's verdict is then unknown).", min=0)
+    holdout: float = opt(0.1, "Originals kept away from the generator, for sample's memorisation test: a share "
+                              "below 1, else a count; whole networks with --seeds, blocks of consecutive snapshots "
+                              "with a gap otherwise; at least 5 when above 0; 0 keeps none (the verdict is then "
+                              "unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
 
-    # Defaults that depend on the generator chosen (as CollectConfig's: the fields keep what was asked).
-    paper_ae = property(lambda c: c.autoencoder == "pdiff")
-    paper_denoiser = property(lambda c: c.denoiser == "pdiff")
-    latent_size = property(lambda c: c.latent or (128 if c.paper_ae else 16))
-    ae_train_steps = property(lambda c: c.ae_steps or (500 if c.paper_ae else 1500))
-    ae_rate = property(lambda c: c.ae_lr if c.ae_lr is not None else 2e-5 if c.paper_ae else 1e-3)
-    latent_std = property(lambda c: c.latent_noise if c.latent_noise is not None else 0.1 if c.paper_ae else 1.0)
-    ddpm_train_steps = property(lambda c: c.ddpm_steps or (1000 if c.paper_denoiser else 3000))
-    ddpm_rate = property(lambda c: c.ddpm_lr if c.ddpm_lr is not None else 1e-4 if c.paper_denoiser else 1e-3)
-    decay = property(lambda c: c.ema_decay if c.ema_decay is not None else 0.0 if c.paper_denoiser else 0.999)
-    clip_share = property(lambda c: c.clip if c.clip is not None else None if c.paper_denoiser else 0.1)
-
-    def __post_init__(self):  # the bounds an option's min/max cannot say
-        if self.condition and self.paper_denoiser:
-            raise PdiffError("--condition needs pdiff's denoiser (--denoiser mlp): p-diff's has no conditioning", 2)
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise PdiffError(f"the noise schedule needs 0 < --beta-start < --beta-end < 1, not {self.beta_start}, "
-                             f"{self.beta_end}", 2)
-        if not 0 <= self.decay < 1:
-            raise PdiffError(f"--ema-decay must be at least 0 and below 1, not {self.ema_decay}", 2)
+    def __post_init__(self):
+        generator_parts(self.generator)  # a usage error now, not after the data has loaded
 
 
 @dataclass
@@ -360,18 +320,18 @@ class Data:
         return dataclasses.replace(self, **moved)
 
 
-def validation_rows(N: int, validation: float, seed: int) -> torch.Tensor:
-    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, drawn
-    with (seed, "validation"): the same rows for the same collect --seed, and never trained on."""
+def validation_rows(N: int, validation: float) -> torch.Tensor:
+    """The training images held out for validation: a share below 1 (at most MAX_VALIDATION), else a count, the
+    same rows for every --seed (collections to compare see the same split), and never trained on."""
     n = min(round(validation * N), MAX_VALIDATION) if validation < 1 else int(validation)
     if n >= N:
         raise PdiffError(f"--validation {validation:g} would hold out {n} of the {N} training images", 2)
-    return torch.randperm(N, generator=rng(seed, "validation"))[:n]
+    return torch.randperm(N, generator=rng(0, "validation"))[:n]
 
 
 def load_data(name: str, root: str = "data", download: bool = False, image_size: Optional[int] = None, *,
-              validation: float = 0.0, seed: int = 0) -> Data:
-    """A data set as uint8 tensors; `validation` (a share or a count, seeded) of the training images kept apart
+              validation: float = 0.0) -> Data:
+    """A data set as uint8 tensors; `validation` (a share or a count, fixed rows) of the training images kept apart
     as the validation split, before the normalisation statistics are taken from the rest."""
     if name not in DATASETS:
         raise PdiffError(f"unknown --data '{name}' (choose from {', '.join(DATASETS)})", 2)
@@ -391,7 +351,7 @@ def load_data(name: str, root: str = "data", download: bool = False, image_size:
         xtr, xte = resized(xtr, image_size), resized(xte, image_size)
     if xtr.shape[1] != xte.shape[1]:  # a grayscale split beside a colour one
         xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
-    val = validation_rows(len(ytr), validation, seed) if validation else torch.zeros(0, dtype=torch.int64)
+    val = validation_rows(len(ytr), validation) if validation else torch.zeros(0, dtype=torch.int64)
     keep = torch.ones(len(ytr), dtype=torch.bool).index_fill_(0, val, False)
     xva, yva, xtr, ytr = xtr[val], ytr[val], xtr[keep], ytr[keep]
     xf = xtr.float().div(255)
@@ -1198,7 +1158,7 @@ def merge_many(nets: torch.Tensor, layout: Layout, spec: list[Units], seed: int 
 # autoencoder: parameter vector (D,) <-> latent (latent,)
 
 
-class AE(nn.Module):
+class SpanAE(nn.Module):
     """pdiff's autoencoder, working in the coordinates of the training originals' span. The standardised training
     originals x_i (K, D) around their mean span r <= K - 1 directions; with G = X X^T = U diag(lam) U^T (their
     (K, K) Gram matrix) the rows of lam^-1/2 U^T X are an orthonormal basis of that span, and a vector's
@@ -1211,16 +1171,32 @@ class AE(nn.Module):
     affine combination of training originals); what that costs where held-out networks lie off it is measured
     in the README. Measured on 200 aligned seed-trained mlp3 networks (digits): the reference code's kind, a 1-D
     conv AE, decodes them at 81.8 % median, PCA-64 at 89.4, this one at 89.1."""
+    DEFAULTS = {"latent": 16, "ae_steps": 1500, "ae_lr": 1e-3, "ae_weight_decay": 0.01, "input_noise": 0.001,
+                "latent_noise": 1.0, "ae_width": 256}  # latent noise in units of the latents' spread (whitened)
+    bf16 = False  # float32 everywhere: exact and repeatable on the CPU
+    ordered = True  # coordinate 0 is the originals' first principal direction
 
-    def __init__(self, K: int, *, latent: int = 16, width: int = 256):
+    def __init__(self, D: int, K: int, s: dict):
         super().__init__()
+        latent, width, self.noise = s["latent"], s["ae_width"], (s["input_noise"], s["latent_noise"])
         act, r = nn.LeakyReLU(0.2), max(K, latent)  # coordinates: K (zero past the rank), at least the latent's
+        self.register_buffer("mean", torch.zeros(D))  # tensor_stats of the training originals
+        self.register_buffer("std", torch.ones(D))
         self.register_buffer("coords", torch.zeros(K, r))  # inner products with the originals -> coordinates
         self.register_buffer("scale", torch.ones(latent))  # the originals' spread along each principal direction
         self.residual = nn.Sequential(nn.Linear(latent, width), act, nn.Linear(width, width), act, nn.Linear(width, r))
         nn.init.zeros_(self.residual[-1].weight)
         nn.init.zeros_(self.residual[-1].bias)
         self.offset = nn.Parameter(torch.zeros(r))
+
+    def bind(self, originals: torch.Tensor, rows: list):  # it reads and writes parameters through the originals
+        self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
+
+    def prepare(self, layout: Layout, originals: torch.Tensor, rows: list) -> torch.Tensor:
+        """Standardise (tensor_stats) and find the span of the training originals -> their coordinates (K, K)."""
+        mean, std = tensor_stats(layout, originals, rows)
+        self.mean.copy_(mean), self.std.copy_(std), self.bind(originals, rows)
+        return self.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(self.mean.device)
 
     @torch.no_grad()
     def set_span(self, gram: torch.Tensor) -> torch.Tensor:
@@ -1236,14 +1212,29 @@ class AE(nn.Module):
         self.scale.copy_(a[:, :k].std(0).nan_to_num(0).clamp_min(1e-8) if len(a) > 1 else torch.ones(k))
         return a
 
+    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, r) span coordinates
+        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
+        return (g @ self.coords.cpu().double()).float().to(self.mean.device)
+
+    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # (n, r) span coordinates -> (n, D) parameters
+        return combine((a @ self.coords.T).cpu(), self.originals, self.rows, self.mean.cpu())
+
     def encode(self, a):  # (B, r) span coordinates -> (B, latent)
         return (a - self.offset)[:, :len(self.scale)] / self.scale
 
     def decode(self, z):  # (B, latent) -> (B, r) span coordinates
         return self.offset + F.pad(z * self.scale, (0, len(self.offset) - z.shape[1])) + self.residual(z)
 
-    def weights(self, a):  # (B, r) span coordinates -> (B, K) weights of the originals' deviations: combine()
-        return a @ self.coords.T
+    def loss(self, a0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """p-diff's noise augmentation (on the input: its part along the encoder's directions) and the parameters'
+        mean squared error over D (the squared error in these orthonormal coordinates)."""
+        z = self.encode(a0 + self.noise[0] * randn(a0.shape, g, a0.device))
+        z = z + self.noise[1] * randn(z.shape, g, z.device)
+        return (self.decode(z).float() - a0).pow(2).sum(1).mean() / len(self.mean)
+
+    def linear(self, a: torch.Tensor) -> torch.Tensor:  # PCA of the same size: the first `latent` coordinates
+        n = len(self.scale)
+        return F.pad(a[:, :n], (0, a.shape[1] - n))
 
 
 def paper_stats(layout: Layout, x: torch.Tensor, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1277,10 +1268,18 @@ class ConvAE(nn.Module):
     its own statistics) or "running" (eval mode)."""
 
     CHANNELS = (64, 128, 256, 256, 32)
+    DEFAULTS = {"latent": 128, "ae_steps": 500, "ae_lr": 2e-5, "ae_weight_decay": 0.0, "input_noise": 0.001,
+                "latent_noise": 0.1}  # v3's (workspace/main/cifar100_resnet18.py)
+    bf16 = True  # as the v3 code trains and samples (accelerate's bf16), on the CPU too: about twice as fast there
+    ordered = False
 
-    def __init__(self, D: int, *, latent: int = 128, norm: str = "batch"):
+    def __init__(self, D: int, K: int = 0, s: Optional[dict] = None, *, norm: str = "batch"):
         super().__init__()
-        ch, self.D, self.norm = self.CHANNELS, D, norm
+        s = s or self.DEFAULTS
+        ch, self.D, self.norm, latent, self.noise = self.CHANNELS, D, norm, s["latent"], (s["input_noise"],
+                                                                                         s["latent_noise"])
+        self.register_buffer("mean", torch.zeros(D))  # paper_stats of the training originals
+        self.register_buffer("std", torch.ones(D))
         self.L = -(-D // 64) * 64  # v3 pads to a multiple of 64, which five halvings divide (64 / 2^5 = 2)
         self.last = (ch[-1], self.L // 2 ** len(ch))  # (channels, length) at the bottleneck
         self.encoder = nn.Sequential(*[conv_level(i, o, nn.LeakyReLU()) for i, o in zip((1,) + ch[:-1], ch)])
@@ -1320,6 +1319,29 @@ class ConvAE(nn.Module):
     def decode(self, z):  # (B, latent) -> (B, D) standardised
         return self.chunked(lambda c: self.decode_padded(c)[:, :self.D], z, 1)
 
+    def prepare(self, layout: Layout, originals: torch.Tensor, rows: list) -> torch.Tensor:
+        """Standardise as v3 does (paper_stats) -> the training originals standardised (K, D): its coordinates."""
+        mean, std = paper_stats(layout, originals, rows)
+        self.mean.copy_(mean), self.std.copy_(std)
+        return self.coordinates(originals[rows])
+
+    def bind(self, originals: torch.Tensor, rows: list):  # it reads parameters themselves: nothing to keep
+        pass
+
+    def coordinates(self, sets):  # (n, D) parameters -> (n, D) standardised
+        return (sets.to(self.mean.device) - self.mean) / self.std
+
+    def parameters_of(self, a):  # (n, D) standardised -> (n, D) parameters
+        return (a * self.std + self.mean).cpu()
+
+    def loss(self, a0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """v3's: the padded input plus noise, the latent plus noise; the mean squared error against the noisy input."""
+        noisy = self.pad(a0) + self.noise[0] * randn((len(a0), self.L), g, a0.device)
+        z = self.encode_padded(noisy)
+        return F.mse_loss(self.decode_padded(z + self.noise[1] * randn(z.shape, g, z.device)).float(), noisy)
+
+    linear = None  # no linear counterpart to report
+
 
 # ----------------------------------------------------------------------------------------------------
 # diffusion: DDPM (Ho et al. 2020) on standardised latents; DDIM (Song et al. 2021) for fast sampling
@@ -1332,14 +1354,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) -> (B
     return torch.cat([a.sin(), a.cos()], dim=1)
 
 
-class Denoiser(nn.Module):
-    """eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding added
-    to its input. (A 1-D conv U-Net over the latent coordinates, measured on the quick start's latents,
-    sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
+class MLPDenoiser(nn.Module):
+    """pdiff's eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding
+    added to its input; trained on standardised latents with an EMA of its weights, sampling clamped to the
+    training latents' range widened by `clip` of it on each side. (A 1-D conv U-Net over the latent coordinates,
+    measured on the quick start's latents, sampled points spread 0.4x as far as the originals; this MLP, 1.0x.)"""
+    DEFAULTS = {"ddpm_steps": 3000, "ddpm_lr": 1e-3, "ddpm_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
+                "ddpm_width": 512, "ddpm_depth": 3}
+    bf16, standardised = False, True
 
-    def __init__(self, latent: int, *, width: int = 512, depth: int = 3, temb: int = 64, condition: bool = False):
+    def __init__(self, latent: int, s: Optional[dict] = None, *, temb: int = 64, condition: bool = False):
         super().__init__()
-        self.temb_dim = temb
+        s = s or self.DEFAULTS
+        width, depth, self.temb_dim = s["ddpm_width"], s["ddpm_depth"], temb
         self.temb = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(latent, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
@@ -1365,9 +1392,13 @@ class ConvDenoiser(nn.Module):
     size) added to the input of every conv."""
 
     CHANNELS = (1, 64, 128, 256, 512, 256, 128, 64, 1)
+    DEFAULTS = {"ddpm_steps": 1000, "ddpm_lr": 1e-4, "ddpm_weight_decay": 0.0, "ema": 0.0, "clip": None}  # v3's
+    bf16, standardised = True, False  # the latents as the autoencoder gives them, no EMA, no clamp
 
-    def __init__(self, latent: int = 128, *, freq: int = 256):
+    def __init__(self, latent: int = 128, s: Optional[dict] = None, *, freq: int = 256, condition: bool = False):
         super().__init__()
+        if condition:
+            raise PdiffError("--condition needs pdiff's denoiser (span's): p-diff's has no conditioning", 2)
         self.freq, pairs = freq, list(zip(self.CHANNELS, self.CHANNELS[1:]))
         self.temb = nn.Sequential(nn.Linear(freq, latent), nn.SiLU(), nn.Linear(latent, latent))
         layer = lambda i, o: nn.Sequential(nn.Conv1d(i, o, 7, 1, 3), *((nn.BatchNorm1d(o), nn.ELU()) if o > 1 else ()))
@@ -2249,6 +2280,156 @@ def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool, fa
 # fit: autoencoder on the standardised snapshots, then a DDPM on its (standardised) latents
 
 
+SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a large network's sets come in chunks
+
+
+class LatentDiffusion(nn.Module):
+    """A generator as p-diff builds one: an autoencoder of parameter vectors (its own standardisation and
+    coordinates), then a DDPM on its latents. pdiff's (`span`: SpanAE + MLPDenoiser) and p-diff's v3 (`v3`: ConvAE +
+    ConvDenoiser) are two of its combinations. Buffers: the latents' standardisation (z_mean, z_std), the box
+    sampling clamps them to (z_lo, z_hi), and with `condition` the accuracies' standardisation. Its state_dict and
+    its settings (every default resolved) are the model file.
+
+    The interface every generator has (fit, sample and the plots use nothing else): fit(), draw() -> codes,
+    decode(codes) -> (n, D) parameters, encode(sets) -> codes (None where there are no codes to plot),
+    reconstructions() -> the training originals through the autoencoder, for the reports."""
+    BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
+
+    def __init__(self, autoencoder: str, denoiser: str, D: int, K: int, s: dict, *, condition: bool = False):
+        super().__init__()
+        torch.manual_seed(s["seed"])
+        cls, kw = AUTOENCODERS[autoencoder]
+        self.ae = cls(D, K, s, **kw)
+        self.denoiser = DENOISERS[denoiser](s["latent"], s, condition=condition)
+        self.diffusion, self.s = Diffusion(self.T, *self.BETAS), s
+        n = s["latent"]
+        stats = {"z_mean": torch.zeros(n), "z_std": torch.ones(()), "z_lo": torch.full((n,), -math.inf),
+                 "z_hi": torch.full((n,), math.inf), "acc_mean": torch.zeros(()), "acc_std": torch.ones(())}
+        for name, v in stats.items():
+            self.register_buffer(name, v)
+
+    def bind(self, originals: torch.Tensor, rows: list):  # the collection it was fitted to (SpanAE reads through it)
+        self.ae.bind(originals, rows)
+
+    def fit(self, layout: Layout, originals: torch.Tensor, rows: list, *, loop: "Loop",
+            accuracies: Optional[torch.Tensor] = None):
+        """The autoencoder on the training originals (rows of originals (K_all, D)) in its coordinates, then the DDPM
+        on its latents (standardised for pdiff's denoiser, as they come for p-diff's). With `condition`,
+        accuracies (K,) are the training originals' validation accuracies (%), which the denoiser learns to follow."""
+        dev = self.z_mean.device
+        a = self.ae.prepare(layout, originals, rows)  # (K, K) or (K, D)
+        fit_autoencoder(self.ae, a, self.s, loop)
+        with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
+            order = torch.randperm(len(a), generator=rng(self.s["seed"], "encode")).to(dev)
+            z = torch.empty(len(a), self.s["latent"], device=dev)
+            with autocast(dev, self.ae.bf16):
+                z[order] = self.ae.encode(a[order]).float()  # (K, latent)
+        if self.denoiser.standardised:
+            self.z_mean, self.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all
+        zs = (z - self.z_mean) / self.z_std
+        if self.s["clip"] is not None:
+            lo, hi = zs.min(0).values, zs.max(0).values
+            self.z_lo, self.z_hi = lo - self.s["clip"] * (hi - lo), hi + self.s["clip"] * (hi - lo)
+        cond = None
+        if hasattr(self.denoiser, "cond"):
+            self.acc_mean, self.acc_std = accuracies.mean().to(dev), accuracies.std().clamp_min(1e-6).to(dev)
+            cond = ((accuracies.to(dev) - self.acc_mean) / self.acc_std).float()
+        self.denoiser = fit_diffusion(self.denoiser, self.diffusion, zs, self.s, loop, cond)
+
+    @torch.no_grad()
+    def draw(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
+             target: Optional[float] = None, guidance: float = 0.0) -> torch.Tensor:
+        """-> (n, latent) standardised latents (decode() makes parameters); at a target accuracy (%) with
+        classifier-free guidance when the denoiser was fitted with --condition."""
+        self.eval()
+        eps = self.denoiser
+        if target is not None:
+            if not hasattr(self.denoiser, "cond"):
+                raise PdiffError("--target-accuracy needs a model fitted with --condition", 2)
+            c = (target - self.acc_mean) / self.acc_std
+            eps = lambda x, t: (1 + guidance) * self.denoiser(x, t, c.expand(len(x))) - guidance * self.denoiser(x, t)
+        with autocast(self.z_mean.device, self.denoiser.bf16):
+            return self.diffusion.sample(eps, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
+                                         clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
+
+    @torch.no_grad()
+    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
+        with autocast(self.z_mean.device, self.ae.bf16):
+            z = self.ae.encode(self.ae.coordinates(sets)).float()
+        return ((z - self.z_mean) / self.z_std).cpu()
+
+    @torch.no_grad()
+    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
+        with autocast(self.z_mean.device, self.ae.bf16):
+            a = self.ae.decode(zs.to(self.z_mean.device) * self.z_std + self.z_mean).float()
+        return self.ae.parameters_of(a)
+
+    @torch.no_grad()
+    def reconstructions(self, originals: torch.Tensor) -> dict:
+        """The training originals (n, D) through the autoencoder ("decoded"), and for SpanAE through PCA of the
+        latent's size: {name: (Group of parameter sets, median relative error in its coordinates)}."""
+        a = self.ae.coordinates(originals)
+        with autocast(self.z_mean.device, self.ae.bf16):
+            out = {"decoded": self.ae.decode(self.ae.encode(a)).float()}
+        out |= {f"PCA-{self.s['latent']}": self.ae.linear(a)} if self.ae.linear else {}
+        c = 0 if self.ae.ordered else a.mean(0)  # span coordinates are centred already
+        return {k: (Group(len(v), lambda i, v=v: self.ae.parameters_of(v[i])), rel_error((a - c).cpu(), (v - c).cpu()))
+                for k, v in out.items()}
+
+    def projection(self, originals: torch.Tensor) -> tuple:
+        """For the trajectory plot: (the originals' places on their first principal direction, in the autoencoder's
+        coordinates; codes -> the places of their decoded parameters)."""
+        h = self.ae.coordinates(originals)
+        axis = None if self.ae.ordered else principal_axes(h - h.mean(0), 1)[0]
+        pc1 = lambda a: (a[:, 0] if axis is None else a @ axis).detach().cpu()
+        return pc1(h), lambda zs: pc1(self.ae.decode(zs.to(self.z_mean.device) * self.z_std + self.z_mean).float())
+
+
+AUTOENCODERS = {"span": (SpanAE, {}), "conv": (ConvAE, {"norm": "batch"}), "conv-eval": (ConvAE, {"norm": "running"})}
+DENOISERS = {"mlp": MLPDenoiser, "conv": ConvDenoiser}
+GENERATORS = {"span": "span+mlp", "v3": "conv+conv", "v3-eval": "conv-eval+conv"}  # named combinations
+
+
+def generator_parts(name: str) -> tuple[str, str]:
+    """A --generator value -> (autoencoder, denoiser): a name of GENERATORS or AUTOENCODER+DENOISER."""
+    ae, _, dn = GENERATORS.get(name, name).partition("+")
+    if ae not in AUTOENCODERS or dn not in DENOISERS:
+        raise PdiffError(f"unknown --generator '{name}' (choose from {', '.join(GENERATORS)}, or AUTOENCODER+DENOISER "
+                         f"from {'|'.join(AUTOENCODERS)} and {'|'.join(DENOISERS)})", 2)
+    return ae, dn
+
+
+def generator_settings(cfg: "FitConfig") -> dict:
+    """Every setting of the generator cfg names: its parts' defaults, then what the command line gave. Recorded in
+    the model file as resolved, and read back from there (a later default never changes a fitted model)."""
+    ae, dn = generator_parts(cfg.generator)
+    given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "ddpm_steps", "input_noise", "latent_noise")}
+    return {**AUTOENCODERS[ae][0].DEFAULTS, **DENOISERS[dn].DEFAULTS, "seed": cfg.seed,
+            **{k: v for k, v in given.items() if v is not None}}
+
+
+def make_generator(name: str, D: int, K: int, s: dict, *, condition: bool = False) -> nn.Module:
+    """The one place a generator is chosen: its name and resolved settings -> the generator."""
+    return LatentDiffusion(*generator_parts(name), D, K, s, condition=condition)
+
+
+def fit_autoencoder(ae: nn.Module, a: torch.Tensor, s: dict, loop: "Loop"):
+    """The autoencoder on the training originals in its coordinates a (K, K) or (K, D), batches drawn from them:
+    its own loss (noise augmentation included); AdamW with a cosine schedule."""
+    opt = torch.optim.AdamW(ae.parameters(), lr=s["ae_lr"], weight_decay=s["ae_weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["ae_steps"]))
+
+    def loss(step):
+        g = rng(s["seed"], "ae", step)
+        a0 = a[torch.randint(0, len(a), (LatentDiffusion.BATCH,), generator=g).to(a.device)]
+        with autocast(a.device, ae.bf16):
+            return ae.loss(a0, g)
+
+    ae.train()
+    loop.run("autoencoder", s["ae_steps"], loss, opt, sched=sched, keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
+    ae.eval()
+
+
 def ema(decay: float):
     """A bias-corrected exponential moving average for swa_utils.AveragedModel (Adam's correction of its
     moments): after n updates each weight counts (1 - decay) decay^(n - i) / (1 - decay^n), so the stated
@@ -2259,167 +2440,43 @@ def ema(decay: float):
     return update
 
 
-SET_MEMORY = 1 << 30  # bytes of parameter sets fit and sample hold at once: a large network's sets come in chunks
-
-
-class Model(nn.Module):
-    """What fit makes and sample uses: the autoencoder, the denoiser and its schedule, and as buffers the
-    standardisation of parameters (mean, std: (D,), of the training originals) and of latents (z_mean, z_std), and
-    the box sampling clamps standardised latents to (z_lo, z_hi). Its state_dict is the model file. The
-    autoencoder reads and writes its own coordinates of a parameter vector: with pca those of the training
-    originals' span, so the model reads and writes parameters through the originals (bind() hands it the
-    collection and the training rows: fit and open_run do); with pdiff the standardised vector itself."""
-
-    def __init__(self, cfg: FitConfig, D: int, K: int):
-        super().__init__()
-        torch.manual_seed(cfg.seed)
-        n = cfg.latent_size
-        self.ae = ConvAE(D, latent=n, norm=cfg.ae_norm) if cfg.paper_ae else AE(K, latent=n, width=cfg.ae_width)
-        self.denoiser = ConvDenoiser(n) if cfg.paper_denoiser else \
-            Denoiser(n, width=cfg.ddpm_width, depth=cfg.ddpm_depth, condition=cfg.condition)
-        self.diffusion = Diffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        stats = {"mean": torch.zeros(D), "std": torch.ones(D), "z_mean": torch.zeros(n), "z_std": torch.ones(()),
-                 "z_lo": torch.full((n,), -math.inf), "z_hi": torch.full((n,), math.inf),
-                 "acc_mean": torch.zeros(()), "acc_std": torch.ones(())}  # --condition: accuracy's standardisation
-        for name, v in stats.items():
-            self.register_buffer(name, v)
-
-    def bind(self, originals: torch.Tensor, rows: list):
-        self.originals, self.rows = originals, rows  # (K_all, D) raw, on the CPU; the training rows
-
-    spanned = property(lambda self: isinstance(self.ae, AE))  # pca: coordinates are the span's
-
-    def coordinates(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> the autoencoder's coordinates
-        if not self.spanned:  # (n, D) standardised
-            return ((sets.to(self.mean.device) - self.mean) / self.std)
-        g = products(sets, self.originals, self.mean.cpu(), self.std.cpu(), self.rows)[0]
-        return (g @ self.ae.coords.cpu().double()).float().to(self.mean.device)  # (n, K)
-
-    def parameters_of(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates -> (n, D) parameters
-        if not self.spanned:
-            return (a.to(self.mean.device) * self.std + self.mean).cpu()
-        return combine(self.ae.weights(a).cpu(), self.originals, self.rows, self.mean.cpu())
-
-    @torch.no_grad()
-    def generate(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
-                 target: Optional[float] = None, guidance: float = 0.0) -> torch.Tensor:
-        """-> (n, latent) standardised latents (decode() makes parameters); at a target accuracy (%) with
-        classifier-free guidance when the denoiser was fitted with --condition."""
-        self.eval()
-        eps = self.denoiser
-        if target is not None:
-            c = (target - self.acc_mean) / self.acc_std
-            eps = lambda x, t: (1 + guidance) * self.denoiser(x, t, c.expand(len(x))) - guidance * self.denoiser(x, t)
-        with autocast(self.mean.device, isinstance(self.denoiser, ConvDenoiser)):
-            return self.diffusion.sample(eps, n, len(self.z_mean), g, sampler=sampler, steps=steps, eta=eta,
-                                         clip=(self.z_lo, self.z_hi), tick=tick, trace=trace).float()
-
-    @torch.no_grad()
-    def encode(self, sets: torch.Tensor) -> torch.Tensor:  # (n, D) parameters -> (n, latent) standardised latents
-        with autocast(self.mean.device, not self.spanned):
-            z = self.ae.encode(self.coordinates(sets)).float()
-        return ((z - self.z_mean) / self.z_std).cpu()
-
-    @torch.no_grad()
-    def decode(self, zs: torch.Tensor) -> torch.Tensor:  # (n, latent) standardised latents -> (n, D) parameters
-        with autocast(self.mean.device, not self.spanned):
-            h = self.ae.decode(zs.to(self.mean.device) * self.z_std + self.z_mean).float()
-        return self.parameters_of(h)
-
-    @torch.no_grad()
-    def roundtrip(self, a: torch.Tensor) -> torch.Tensor:  # the autoencoder's coordinates through it and back
-        with autocast(self.mean.device, not self.spanned):
-            return self.ae.decode(self.ae.encode(a.to(self.mean.device))).float()
-
-
-def fit_autoencoder(cfg: FitConfig, ae: nn.Module, a: torch.Tensor, D: int, loop: "Loop"):
-    """The autoencoder on the training originals in its coordinates a (K, K) or (K, D): p-diff's noise
-    augmentation on the input (in span coordinates the part along the encoder's directions, with the same std)
-    and on the latent; the parameters' mean squared error (in span coordinates: the squared error over D; p-diff's
-    against the noisy padded input, as v3 does); AdamW with a cosine schedule."""
-    paper = isinstance(ae, ConvAE)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_rate, weight_decay=0.0 if paper else 0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_train_steps))
-    dev = a.device
-
-    def loss(step):
-        g = rng(cfg.seed, "ae", step)
-        a0 = a[torch.randint(0, len(a), (cfg.ae_batch,), generator=g).to(dev)]  # (B, K) or (B, D)
-        a0 = ae.pad(a0) if paper else a0
-        noisy = a0 + cfg.input_noise * randn(a0.shape, g, dev)
-        with autocast(dev, paper):
-            z = ae.encode_padded(noisy) if paper else ae.encode(noisy)
-            z = z + cfg.latent_std * randn(z.shape, g, dev)
-            if paper:
-                return F.mse_loss(ae.decode_padded(z).float(), noisy)
-            return (ae.decode(z).float() - a0).pow(2).sum(1).mean() / D
-
-    ae.train()
-    loop.run("autoencoder", cfg.ae_train_steps, loss, opt, sched=sched,
-             keep={"ae": ae, "opt_ae": opt, "sched_ae": sched})
-    ae.eval()
-
-
-def fit_diffusion(cfg: FitConfig, denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, loop: "Loop",
+def fit_diffusion(denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, s: dict, loop: "Loop",
                   cond: Optional[torch.Tensor] = None):
     """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
     denoiser's weights (decay 0: the weights themselves) with its buffers as they ended. cond (K,): each latent's
     standardised accuracy, dropped (NaN) for a tenth of every batch (classifier-free guidance's dropout)."""
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.ddpm_rate)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ddpm_train_steps))
-    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(cfg.decay))
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=s["ddpm_lr"], weight_decay=s["ddpm_weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["ddpm_steps"]))
+    avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(s["ema"]))
 
     def loss(step):
-        g = rng(cfg.seed, "ddpm", step)
-        i = torch.randint(0, len(zs), (cfg.ddpm_batch,), generator=g).to(zs.device)
+        g = rng(s["seed"], "ddpm", step)
+        i = torch.randint(0, len(zs), (LatentDiffusion.BATCH,), generator=g).to(zs.device)
         eps = denoiser
         if cond is not None:
             c = cond[i].masked_fill((torch.rand(len(i), generator=g) < 0.1).to(zs.device), math.nan)
             eps = lambda x, t: denoiser(x, t, c)
-        with autocast(zs.device, isinstance(denoiser, ConvDenoiser)):
+        with autocast(zs.device, denoiser.bf16):
             return diffusion.loss(eps, zs[i], g)
 
     denoiser.train()
-    loop.run("diffusion", cfg.ddpm_train_steps, loss, opt, sched=sched,
-             after=lambda step: avg.update_parameters(denoiser),
+    loop.run("diffusion", s["ddpm_steps"], loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
              keep={"denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
     for mine, now in zip(avg.module.buffers(), denoiser.buffers()):  # BatchNorm's statistics: the latest
         mine.copy_(now)
     return avg.module.eval()
 
 
-def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device,
-        loop: Optional["Loop"] = None, accuracies: Optional[torch.Tensor] = None) -> tuple:
-    """Standardise the training originals (rows of originals (K_all, D)), take the autoencoder's coordinates of
-    them (pca: their span's, the one pass over D being their Gram matrix), fit the autoencoder in them, then the
-    DDPM on its latents (standardised for the mlp denoiser, as they come for p-diff's).
-    With --condition, accuracies (K,) are the training originals' (%), which the denoiser learns to follow.
-    -> (model, the originals' coordinates: (K, K) or (K, D))."""
-    loop = loop or Loop()
-    m = Model(cfg, layout.D, len(rows)).to(device)
-    mean, std = paper_stats(layout, originals, rows) if cfg.paper_ae else tensor_stats(layout, originals, rows)
-    m.mean, m.std = mean.to(device), std.to(device)
-    m.bind(originals, rows)
-    a = m.coordinates(originals[rows]) if cfg.paper_ae else \
-        m.ae.set_span(products(originals, originals, mean, std, rows, rows_a=rows)[0]).to(device)
-    fit_autoencoder(cfg, m.ae, a, layout.D, loop)
-    with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
-        order = torch.randperm(len(a), generator=rng(cfg.seed, "encode")).to(device)
-        z = torch.empty(len(a), cfg.latent_size, device=device)
-        with autocast(device, cfg.paper_ae):
-            z[order] = m.ae.encode(a[order]).float()  # (K, latent)
-    if not cfg.paper_denoiser:
-        m.z_mean, m.z_std = z.mean(0), (z - z.mean(0)).std().clamp_min(1e-8)  # one scale for all coordinates
-    zs = (z - m.z_mean) / m.z_std
-    if cfg.clip_share is not None:
-        lo, hi = zs.min(0).values, zs.max(0).values
-        m.z_lo, m.z_hi = lo - cfg.clip_share * (hi - lo), hi + cfg.clip_share * (hi - lo)
-    cond = None
-    if cfg.condition:
-        m.acc_mean, m.acc_std = accuracies.mean().to(device), accuracies.std().clamp_min(1e-6).to(device)
-        cond = ((accuracies.to(device) - m.acc_mean) / m.acc_std).float()
-    m.denoiser = fit_diffusion(cfg, m.denoiser, m.diffusion, zs, loop, cond)
-    return m, a
+def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device, loop: Optional["Loop"] = None,
+        accuracies: Optional[torch.Tensor] = None) -> nn.Module:
+    """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
+    settings = generator_settings(cfg)
+    if settings["latent"] > layout.D and cfg.generator == "span":
+        raise PdiffError(f"--latent {settings['latent']} is more than the {layout.D} parameters it would encode", 2)
+    model = make_generator(cfg.generator, layout.D, len(rows), settings, condition=cfg.condition).to(device)
+    model.bind(originals, rows)
+    model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)
+    return model
 
 
 def rel_error(a: torch.Tensor, a_hat: torch.Tensor) -> Optional[float]:
@@ -2632,9 +2689,9 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     ruler, path = run.ruler(), eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)
     groups = {name: Group(len(judged), lambda i: judged[i]) if judged is not None else
               generated(cfg, run, prog, trajectory, trace, path)}
-    if run.model is not None:  # the training originals through the autoencoder
-        a = run.model.roundtrip(run.model.coordinates(ruler.originals[ruler.rows]))
-        groups["decoded"] = Group(len(a), lambda i: run.model.parameters_of(a[i]))
+    if run.model is not None:  # the training originals through the autoencoder, where there is one
+        groups |= {k: group for k, (group, _) in run.model.reconstructions(ruler.originals[ruler.rows]).items()
+                   if k == "decoded"}
     drew = groups[name].drawn or cfg.n  # selected generated sets: each baseline picked alike from as many draws
     for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
         groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
@@ -2661,7 +2718,7 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     if "target" in under_test:  # the target is a validation accuracy: where the generated sets landed there
         under_test["from_target"] = rnd(under_test["validation"]["median"] - cfg.target_accuracy)
     report = {"sampler": None if judged is not None else cfg.sampler,
-              "steps": None if judged is not None else sampler_steps(cfg, run.model.diffusion.T),
+              "steps": None if judged is not None else sampler_steps(cfg, run.model.T),
               "noise_units": cfg.noise_units, "evaluation": path,
               "original": {**summary(m_train["accuracy"]), **novelty(m_train, ruler.correct)}, "held_out": held_row,
               **({"decoded": rows.pop("decoded")} if "decoded" in rows else {}), name: under_test, "baselines": rows,
@@ -2696,14 +2753,11 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
               path: str) -> Group:
     """cfg.n parameter sets from run.model: the latents drawn now, decoded a chunk at a time; with --min-accuracy,
     rounds of n until n reach it on the validation split. Under torchrun every process uses rank 0's latents."""
-    model, steps = run.model, sampler_steps(cfg, run.model.diffusion.T)
-    total = steps if cfg.sampler == "ddpm" else len(model.diffusion.ddim_times(steps))
-    if cfg.target_accuracy is not None and not hasattr(model.denoiser, "cond"):
-        raise PdiffError("--target-accuracy needs a model fitted with --condition (pdiff fit --condition "
-                         f"--name NAME --run {run.path}, then sample --model NAME)", 2)
+    model, steps = run.model, sampler_steps(cfg, run.model.T)
+    total = steps if cfg.sampler == "ddpm" else len(Diffusion(model.T).ddim_times(steps))
 
     def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
-        zs = model.generate(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
+        zs = model.draw(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
                             eta=cfg.eta, tick=ticker(prog, f"{cfg.sampler} sampling", total),
                             target=cfg.target_accuracy, guidance=cfg.guidance,
                             trace=(lambda t, x: trajectory.append((t, x[:TRACED].cpu()))) if trace and not i else None)
@@ -2765,7 +2819,7 @@ def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
 
 
-def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout, path: Path):
+def plot(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout, path: Path):
     """figure(), written to a PNG."""
     import matplotlib.pyplot as plt
 
@@ -2776,7 +2830,7 @@ def plot(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: La
         plt.close(fig)
 
 
-def figure(s: Sampled, model: Optional[Model], originals: torch.Tensor, layout: Layout):
+def figure(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout):
     """Six panels: accuracy against max IoU to the originals and the accuracy histograms (the paper's Fig. 4a/b,
     with every baseline and the held-out originals), the latents of originals, generated and noise-added models on
     the first two principal directions of the originals' latents (Fig. 4c), the reverse trajectories of a few
@@ -2828,12 +2882,21 @@ def plot_accuracy(a, b, s: Sampled):  # accuracy against max IoU (a), accuracy h
         a.scatter(pm["max_iou"], pm["accuracy"], label=name, **marks)
         style = {"alpha": 0.4} if name == "original" else {"histtype": "step"}
         b.hist(pm["accuracy"], bins=bins, label=name, **style)
+    points = s.report.get("curve", [])
+    if points:  # what noise alone buys: each level's median, its accuracy interval, joined from least to most noise
+        xs, ys = [p["max_iou"] for p in points], [p["median"] for p in points]
+        err_ = [[y - p["ci"][0] for y, p in zip(ys, points)], [p["ci"][1] - y for y, p in zip(ys, points)]]
+        a.errorbar(xs, ys, yerr=err_, color="grey", marker="s", ms=4, lw=1, capsize=2, label="noise curve (medians)")
+    g = s.report.get(s.name, {})
+    if g.get("ci") and g["ci"][0] is not None and g.get("tests"):
+        a.errorbar([g["tests"]["max_iou"]["median"]], [g["median"]], yerr=[[g["median"] - g["ci"][0]],
+                   [g["ci"][1] - g["median"]]], color="red", marker="D", ms=6, capsize=3, label=f"{s.name} (median)")
     a.set(xlabel="max IoU of wrong predictions with a training original", ylabel="test accuracy (%)",
           title="similarity vs accuracy")
     b.set(xlabel="test accuracy (%)", ylabel="models", title="accuracy")
 
 
-def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on the originals' latent PC1/PC2
+def plot_latents(c, s: Sampled, model: nn.Module, originals: torch.Tensor):  # on the originals' latent PC1/PC2
     z_o = model.encode(originals)  # (K, latent)
     mu, axes = z_o.mean(0), principal_axes(z_o, 2)
     for name, sets in [("original", originals), *((k, v) for k, v in s.sets.items() if k in (s.name, "held-out") or
@@ -2845,17 +2908,13 @@ def plot_latents(c, s: Sampled, model: Model, originals: torch.Tensor):  # on th
     c.set(xlabel="latent PC1 of the originals", ylabel="latent PC2", title="latent representations")
 
 
-def plot_trajectories(d, s: Sampled, model: Model, originals: torch.Tensor):  # decoded, on the originals' PC1
-    h = model.coordinates(originals)  # pca: the first span coordinate is the originals' first principal direction
-    axis = None if model.spanned else principal_axes(h - h.mean(0), 1)[0]
-    pc1 = lambda h: (h[:, 0] if axis is None else h @ axis).detach().cpu()
-    a_o = pc1(h)
+def plot_trajectories(d, s: Sampled, model: nn.Module, originals: torch.Tensor):  # decoded, on the originals' PC1
+    a_o, decode = model.projection(originals)
     d.axhspan(a_o.min().item(), a_o.max().item(), color="grey", alpha=0.15, label="originals: range")
     d.axhspan((a_o.mean() - a_o.std()).item(), (a_o.mean() + a_o.std()).item(), color="grey", alpha=0.3,
               label="originals: mean ± std")
     if s.trajectory:  # about 100 points of each path; x-axis: reverse steps still to go
         idx = sorted(set(range(0, len(s.trajectory), max(1, len(s.trajectory) // 100))) | {len(s.trajectory) - 1})
-        decode = lambda zs: pc1(model.ae.decode(zs.to(model.mean.device) * model.z_std + model.z_mean))
         pts = torch.stack([decode(s.trajectory[i][1]) for i in idx])
         lines = d.plot([len(s.trajectory) - 1 - i for i in idx], pts.numpy(), lw=1, color="black", alpha=0.5)
         lines[0].set_label(f"{len(lines)} generated samples, a line each")
@@ -3040,7 +3099,7 @@ class Run:
     reference: Optional[torch.Tensor] = None  # (D,) what an aligned collection's networks were permuted to match
     calibration: Optional[torch.Tensor] = None  # (B, b, C, H, W) uint8: training batches that give each evaluated
     # network of a BatchNorm collection its running statistics (evaluate's calibrate)
-    model: Optional[Model] = None
+    model: Optional[nn.Module] = None  # the generator fitted (LatentDiffusion, ...)
     fit_config: Optional[FitConfig] = None
 
     training = property(lambda r: r.split.training)  # rows the generator and the baselines are made from
@@ -3070,8 +3129,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or not all(len(t.get(k, [])) == K for k in (
             "correct", "val_correct")):
         raise PdiffError(f"{snap_path}: its tensors do not match the layout of {layout.D} parameters")
-    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size, validation=cfg.validation,
-                  seed=cfg.seed).to(device)
+    d = load_data(cfg.data, data_dir or cfg.data_dir, False, cfg.image_size,
+                  validation=cfg.validation).to(device)
     if (len(d.y_test), len(d.y_val)) != (t["correct"].shape[1], t["val_correct"].shape[1]):
         raise PdiffError(f"the {cfg.data} data under '{data_dir or cfg.data_dir}' has {len(d.y_test)} test and "
                          f"{len(d.y_val)} validation examples; the snapshots were evaluated on "
@@ -3079,8 +3138,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     collected = meta["collection"]
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
-    if collected.get("aligned"):
-        run.reference = t["reference"].float()
+    if collected.get("aligned"):  # files from before the reference was stored: the first network's last row
+        run.reference = t.get("reference", t["snapshots"][collected["per_network"] - 1]).float()
     if collected.get("recalibrated"):
         run.calibration = calibration_batches(d, collected["recalibrated"], cfg.batch_size, cfg.seed)
     if model is not None:
@@ -3091,7 +3150,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
         try:
             run.fit_config, run.split = FitConfig(**meta["config"]), Holdout(**meta["split"])
-            run.model = Model(run.fit_config, layout.D, len(run.training))
+            run.model = make_generator(run.fit_config.generator, layout.D, len(run.training), meta["settings"],
+                                       condition=run.fit_config.condition)
             run.model.load_state_dict(t)
             run.model.to(device).bind(run.snapshots, run.training)
         except (KeyError, TypeError, RuntimeError) as e:
@@ -3296,6 +3356,19 @@ class OneLineGroup(typer.core.TyperGroup):
 app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Generate neural-network parameters with latent diffusion (p-diff), and measure whether "
                        "they are new.")
+
+
+def show_version(show: bool):
+    if show:
+        print(f"pdiff {__version__} (file formats: {VERSION}, models: {VERSIONS['model']}; torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                  help="Print pdiff's version and exit.")] = False):
+    pass
+
 DEFAULT_RUN = Path("pdiff-run")
 RunOpt = Annotated[Path, typer.Option("--run", help="Run folder: collect writes it, fit and sample read it.")]
 DeviceOpt = Annotated[str, typer.Option(help=f"{' | '.join(DEVICES)} (auto: cuda, then mps, then cpu).")]
@@ -3405,7 +3478,8 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
         existing = [p.name for p in [*outputs, ck] if p.exists()]
         if existing and not force:
             more = " or --resume to continue" if ck.exists() else ""
-            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; pass --force to replace it{more}")
+            raise PdiffError(f"'{run}' already holds {', '.join(existing)}; give a new folder (--run NEW) to keep it, "
+                             f"or pass --force to replace it{more}")
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
     with checkpoint_errors(TypeError):
@@ -3473,8 +3547,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation,
-                  seed=cfg.seed).to(dev)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
     if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
         cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
@@ -3546,8 +3619,6 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     cfg, loop = open_stage(run, "fit", ck, cfg, given, resume=resume, force=force, outputs=[out], parents=parents)
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
-    if cfg.latent_size > r.layout.D and not cfg.paper_ae:
-        raise PdiffError(f"--latent {cfg.latent_size} is more than the {r.layout.D} parameters it would encode", 2)
     r.split = holdout(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
     if set(r.held_out) & set(r.collection.get("reference_rows", [])):
         raise PdiffError(f"--holdout {cfg.holdout:g} would hold out networks that made this collection's alignment "
@@ -3558,38 +3629,36 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
                          "--validation 0", 2)
     with progress() as prog:
         loop.prog = prog
-        model, a = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
-                       accuracies=accuracy(r.val_correct[r.training]))
-    n = cfg.latent_size  # through the autoencoder; PCA (pca's coordinates only): the first `latent` coordinates
-    rt, rt_pca = (round_trip(r, model, a, a_hat) if a_hat is not None else None for a_hat in (
-        model.roundtrip(a), F.pad(a[:, :n], (0, a.shape[1] - n)) if model.spanned else None))
+        model = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
+                    accuracies=accuracy(r.val_correct[r.training]))
+    rows = {k: round_trip(r, group, error) for k, (group, error) in model.reconstructions(
+        r.snapshots[r.training]).items()}
     loop.stop_point()
     orig = summary(accuracy(r.correct[r.training]))
-    report = {"run": str(run), "model": name, "arch": r.config.arch, "data": r.config.data, "params": r.layout.D,
-              "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out), "reference": reference(r),
-              "original": orig, "decoded": rt,
-              "pca": rt_pca, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
-    save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "D": r.layout.D,
-                                                     "parents": parents, "split": dataclasses.asdict(r.split),
-                                                     "report": report})
+    report = {"run": str(run), "model": name, "generator": cfg.generator, "arch": r.config.arch, "data": r.config.data,
+              "params": r.layout.D, "device": str(dev), "seed": cfg.seed, "held_out": len(r.held_out),
+              "reference": reference(r), "original": orig, "decoded": rows.get("decoded"),
+              "pca": next((v for k, v in rows.items() if k.startswith("PCA")), None),
+              "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+    save_artifact(out, "model", model.state_dict(), {"config": dataclasses.asdict(cfg), "settings": model.s,
+                                                     "D": r.layout.D, "parents": parents, "report": report,
+                                                     "split": dataclasses.asdict(r.split)})
     loop.finish()
-    err.print(table(f"fit: round trip of {len(r.training)} training snapshots of {r.layout.D:,} parameters ("
-                    f"{len(r.held_out)} held out)", {
-        "original": orig, "decoded": rt, **({f"PCA-{n}": rt_pca} if rt_pca else {})},
-        {"rel. error": lambda s: s.get("rel_error")}))
-    pca = f"PCA-{n}: projected on the snapshots' first {n} principal directions (a linear latent of the same size); "
-    err.print(f"decoded: through the autoencoder; {pca if rt_pca else ''}rel. error: 0 exact, 1 no better than the "
-              "mean", style="dim")
+    err.print(table(f"fit: {cfg.generator}, round trip of {len(r.training)} training originals of {r.layout.D:,} "
+                    f"parameters ({len(r.held_out)} held out)", {"original": orig, **rows},
+                    {"rel. error": lambda s: s.get("rel_error")}))
+    pca = "PCA-n: projected on the originals' first n principal directions (a linear latent of the same size); "
+    err.print(f"decoded: through the autoencoder; {pca if len(rows) > 1 else ''}rel. error: 0 exact, 1 no better than "
+              "the mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 
 
-def round_trip(r: Run, model: Model, a: torch.Tensor, a_hat: torch.Tensor) -> dict:
-    """fit's report of the training originals' coordinates a decoded from a_hat: accuracy and rel_error."""
-    correct = torch.cat([evaluate(r.net, r.prep, r.layout, model.parameters_of(a_hat[c]), r.data.x_test,
-                                  r.data.y_test, calibrate=r.calibration) for c in in_chunks(r.layout.D, len(a))])
-    c = 0 if model.spanned else a.mean(0)  # span coordinates are centred already
-    return {**summary(accuracy(correct)), "rel_error": rel_error((a - c).cpu(), (a_hat - c).cpu())}
+def round_trip(r: Run, group: Group, error: Optional[float]) -> dict:
+    """fit's report of the training originals through the autoencoder (a group of sets): accuracy and rel_error."""
+    correct = torch.cat([evaluate(r.net, r.prep, r.layout, group.make(c), r.data.x_test, r.data.y_test,
+                                  calibrate=r.calibration) for c in in_chunks(r.layout.D, group.n)])
+    return {**summary(accuracy(correct)), "rel_error": error}
 
 
 FileOpt = lambda help, flag: Annotated[Optional[Path], typer.Option(flag, help=help)]
@@ -3641,6 +3710,48 @@ def sample_cmd(cfg: SampleConfig,
               **recalibration(r.collection, r.config), **s.report}
     print_sample(report)
     emit(report, json_out)
+
+
+@command(short="Show what a run folder holds.")
+def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFAULT_RUN, json_out: JsonOpt = False):
+    """Show what a run folder holds: the network, the collection, each fitted model (its generator, its settings,
+    what it held out), and any checkpoint an interrupted stage left. Reads the files' own records; nothing loads."""
+    check_run(run)
+    if not run.is_dir():
+        raise PdiffError(f"run folder '{run}' does not exist")
+    report = {"run": str(run)}
+    for kind in ("network", "snapshots"):
+        if (run / FILES[kind]).is_file():
+            _, meta = load_artifact(run / FILES[kind], kind)
+            report[kind] = {"id": meta["id"], "config": meta["config"]} if kind == "network" else \
+                {"id": meta["id"], "collection": meta["collection"], "report": meta["report"]}
+    report["models"] = {}
+    for path in sorted(run.glob("model*.safetensors")):
+        _, meta = load_artifact(path, "model")
+        split = meta["split"]
+        report["models"][path.stem.removeprefix("model").removeprefix("-") or DEFAULT_MODEL] = {
+            "generator": meta["config"]["generator"], "settings": meta["settings"], "training": len(split["training"]),
+            "held_out": [len(u) for u in split["units"]], "reference": meta["report"].get("reference"),
+            "decoded": (meta["report"].get("decoded") or {}).get("median")}
+    report["checkpoints"] = sorted(p.name for p in run.glob("*checkpoint*.safetensors"))
+    if json_out:
+        return emit(report, True)
+    net, snaps = report.get("network"), report.get("snapshots")
+    if net:
+        c = net["config"]
+        err.print(f"network: {c['arch']} on {c['data']} (collect seed {c['seed']}, validation {c['validation']:g})")
+    if snaps:
+        col, rep = snaps["collection"], snaps["report"]
+        err.print(f"collection: {col['kind']}, {col['networks']} network(s) x {col['per_network']} snapshot(s)"
+                  f"{', aligned' if col.get('aligned') else ''}; {rep['params']:,} parameters; test median "
+                  f"{rep['snapshots']['median']:.2f} %; images {rep.get('images')}")
+    for name, m in report["models"].items():
+        err.print(f"model {name}: {m['generator']}, fitted to {m['training']} originals, {len(m['held_out'])} held-out "
+                  f"units ({m['reference']}); decoded median {m['decoded']}")
+    for ck in report["checkpoints"]:
+        err.print(f"interrupted: {ck} (continue with --resume)")
+    if not (net or report["models"]):
+        err.print("nothing collected here yet: pdiff collect --run " + str(run))
 
 
 def export_best(s: Sampled, r: Run, path: Path, model: str):

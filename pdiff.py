@@ -16,12 +16,13 @@ Map of this file. The method, in the order the data flows:
     config        CollectConfig, FitConfig, SampleConfig: every option, its default and help, in one place
     data          data sets as uint8 tensors on the device (digits offline; torchvision's loaders)
     networks      mlp3, convnet3, torchvision classifiers, your own FILE.py:FUNCTION
-    parameter vectors   Layout (which parameters, flattened to D floats), standardisation, alignment
+    parameter vectors   Layout (which parameters, flattened to D floats), standardisation
+    symmetry      the groups of interchangeable hidden units, read from the network's torch.fx graph; alignment
     autoencoder   SpanAE (pdiff's, in the span of the training originals), ConvAE (p-diff's): parameters <-> latent
     diffusion     MLPDenoiser (pdiff's), ConvDenoiser (p-diff's), Diffusion (DDPM / DDIM)
-    evaluation    evaluate() -> which test examples each parameter set gets right
+    evaluation    evaluate() -> which test examples each parameter set gets right (BatchNorm statistics recomputed)
     novelty       Ruler (distances to the training originals), judge() against held-out originals, verdict()
-    collect       stage 1 (train the network), stage 2 (snapshots), or many seeds
+    collect       stage 1 (train the network), stage 2 (snapshots), or many seeds (aligned)
     fit           LatentDiffusion (a generator: autoencoder + DDPM; span and v3 are two), fit()
     sample        generate, baselines, one evaluation pass, a label for every group, plots
 The machinery: devices and processes (torchrun), the run folder (artifacts, open_run), the training loop (Loop:
@@ -107,8 +108,9 @@ def opt(default, help: str, *flags: str, **option):
 @dataclass
 class CollectConfig:
     arch: str = opt("mlp3", "Network: mlp3, convnet3, any torchvision classifier (resnet18, vit_b_16, "
-                            "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (called with channels, size, "
-                            "classes).")
+                            "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (a function or a class; given "
+                            "the arguments it names of channels / in_channels, size / image_size, classes / "
+                            "num_classes, else (channels, size, classes)).")
     data: str = opt("digits", f"Data set: {', '.join(DATASETS)} (digits is bundled; the others are torchvision's).")
     data_dir: str = opt("data", "Where torchvision data sets live, or the image folder (PATH/train/<class>/*, "
                                 "PATH/test/<class>/* or val/); recorded as an absolute path.")
@@ -121,8 +123,8 @@ class CollectConfig:
     download: bool = opt(True, "Fetch a torchvision data set missing from --data-dir (torchvision's downloader and "
                                "its progress bar); --no-download forbids it.")
     params: Optional[str] = opt(None, "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
-                          "comma-separated globs over parameter names. Default: all for mlp3, convnet3 and --seeds; "
-                          "else norm.")
+                          "comma-separated globs over parameter names. Default: all for mlp3, convnet3, --seeds and "
+                          "a network without normalisation layers; else norm.")
     pretrained: bool = opt(False, "Start from torchvision's ImageNet weights (inputs resized to their size, a new "
                                   "head).")
     init: Optional[str] = opt(None, "Start from a state dict in a .safetensors file.")
@@ -143,8 +145,19 @@ class CollectConfig:
                                  "none, each network's final parameters).", "-k", "--k", min=1)
     seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
                                      "whole-model protocol) instead of taking the snapshots of one.", min=1)
-    align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the first "
-                                      "(weight matching; default on for mlp3 and convnet3, the archs pdiff knows).")
+    align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the reference "
+                                      "(by the symmetry read from the network's graph; default on: a network whose "
+                                      "symmetry pdiff cannot read is refused, naming the node, unless --no-align).")
+    match: Optional[typing.Literal["weights", "activations"]] = opt(
+        None, "With --align, how units are matched: weights (weight matching, no data) or activations (the "
+              "correlations of their outputs on 5 batches of training images). Default: activations for networks "
+              "with BatchNorm, weights for the others (measured: experiments/reference.py).")
+    reference: typing.Literal["first", "mean"] = opt(
+        "first", "With --align, the network the others are permuted to match: first, the first network; mean, "
+                 "MergeMany's consensus of the training networks (Ainsworth et al. 2022; several times slower).")
+    recalibrate: int = opt(20, "With --seeds and BatchNorm: every network evaluated from a parameter vector (the "
+                               "originals, blends, baselines, generated) gets running statistics from this many "
+                               "training batches of --batch-size (the vectors do not carry them).", min=1)
     snapshot_optimizer: typing.Literal[OPTIMIZERS + ("continue",)] = opt(
         "adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 code) at a constant lr; or continue: stage 1's "
                  "optimizer and schedule go on (the v1 code; needs --schedule multistep).")
@@ -162,12 +175,12 @@ class CollectConfig:
 
     # Defaults that depend on other settings. The fields keep what was asked (None: the default), these say what
     # it means, so dataclasses.replace(cfg, seeds=200) can never keep a value resolved for another setting.
-    selection = property(lambda c: c.params or ("all" if c.arch in SYMMETRIC or c.seeds else "norm"))
+    selection = property(lambda c: c.params or ("all" if c.arch in ("mlp3", "convnet3") or c.seeds else "norm"))
     train_epochs = property(lambda c: c.epochs if c.epochs is not None else 0 if c.init else 2 if c.pretrained else 30)
     snapshot_count = property(lambda c: c.k if c.k is not None else 0 if c.seeds else 200)  # per network with seeds
     stage2_lr = property(lambda c: c.snapshot_lr if c.snapshot_lr is not None else 0.001 if c.seeds else
                          0.01 if c.selection == "all" else 0.03)
-    aligned = property(lambda c: c.align if c.align is not None else bool(c.seeds) and c.arch in SYMMETRIC)
+    aligned = property(lambda c: c.align if c.align is not None else bool(c.seeds))
     first_snapshot = property(lambda c: 1 if c.snapshot_norm == "v3" else 0)  # stage-2 steps before the first one
 
     @property
@@ -193,9 +206,8 @@ class CollectConfig:
         if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.seeds):
             raise PdiffError("--snapshot-optimizer continue carries stage 1's optimizer and lr on: it needs "
                              "--schedule multistep (a cosine schedule ends at lr 0) and one network (no --seeds)", 2)
-        if self.aligned and (not self.seeds or self.arch not in SYMMETRIC):
-            raise PdiffError(f"--align permutes many networks' hidden units: it needs --seeds and an arch whose "
-                             f"symmetry pdiff knows ({', '.join(SYMMETRIC)})", 2)
+        if self.aligned and not self.seeds:
+            raise PdiffError("--align permutes many networks' hidden units: it needs --seeds", 2)
 
     def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record
         return dataclasses.replace(self, params=self.selection, epochs=self.train_epochs, k=self.snapshot_count,
@@ -472,6 +484,8 @@ class Prep(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
+    shape = property(lambda self: (self.channels, self.size, self.size))  # of one example the network takes
+
     def forward(self, x):  # (B, C, H, W) uint8 -> (B, channels, size, size) float
         x = x.float().div(255)
         if x.shape[1] != self.channels:
@@ -495,7 +509,7 @@ class Prep(nn.Module):
 def build_net(arch: str, channels: int, size: int, classes: int, *, width: int = 32, pretrained: bool = False,
               weights: bool = True) -> tuple[nn.Module, int, int]:
     """-> (net, input channels, input size). The paper's MLP-3 / ConvNet-3, a network from the user's file
-    (FILE.py:FUNCTION, called with (channels, size, classes)), or any torchvision classifier adapted to the data:
+    (FILE.py:FUNCTION, called as user_call says), or any torchvision classifier adapted to the data:
     `classes` outputs, 3 input channels (grayscale is repeated), and the smallest input size it accepts from
     the data's up (ResNets on images of 64 px or less get the usual CIFAR stem instead). `pretrained`: torchvision's
     ImageNet weights, their input size and a new head; `weights` loads them (False when a saved network follows)."""
@@ -578,8 +592,35 @@ user_arch = lambda arch: re.fullmatch(r".+\.py:\w+", arch) is not None  # FILE.p
 USER_MODULES = {}  # (path, mtime) -> the imported module of a user's --arch FILE.py
 
 
+USER_ARGS = {"channels": ("channels", "in_channels", "in_chans", "input_channels", "num_channels"),
+             "size": ("size", "image_size", "img_size", "input_size"),
+             "classes": ("classes", "num_classes", "n_classes", "num_outputs")}  # the names a user's FUNCTION is
+# given its arguments by
+
+
+def user_call(f: Callable, channels: int, size: int, classes: int) -> tuple[tuple, dict]:
+    """(args, kwargs) for the user's FUNCTION or class: the arguments its signature names (channels /
+    in_channels, size / image_size, classes / num_classes, ...) by keyword; a signature naming none of them that
+    takes three positional arguments gets (channels, size, classes), pdiff's convention; any other none (a class
+    whose constructor has defaults, as a tutorial's Net())."""
+    values = {"channels": channels, "size": size, "classes": classes}
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # a builtin with no signature: the convention
+        return (channels, size, classes), {}
+    named = {p.name: values[k] for p in params for k, names in USER_ARGS.items()
+             if p.name in names and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if named:
+        return (), named
+    try:
+        inspect.signature(f).bind(channels, size, classes)
+        return (channels, size, classes), {}
+    except TypeError:
+        return (), {}
+
+
 def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
-    """--arch FILE.py:FUNCTION: import the file and call FUNCTION(channels, size, classes)."""
+    """--arch FILE.py:FUNCTION: import the file and call FUNCTION (a function or a class) as user_call says."""
     import importlib.util
 
     path, _, fn = arch.rpartition(":")
@@ -596,15 +637,15 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
         USER_MODULES[key] = module
     module = USER_MODULES[key]
     if not callable(getattr(module, fn, None)):
-        raise PdiffError(f"--arch {arch}: {path} has no function {fn}", 2)
+        raise PdiffError(f"--arch {arch}: {path} has no function or class {fn}", 2)
+    args, kwargs = user_call(getattr(module, fn), channels, size, classes)
+    call = f"{fn}({', '.join([*map(str, args), *(f'{k}={v}' for k, v in kwargs.items())])})"
     try:
-        net = getattr(module, fn)(channels, size, classes)
+        net = getattr(module, fn)(*args, **kwargs)
     except Exception as e:
-        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) failed "
-                         f"({type(e).__name__}: {one_line(e)})") from None
+        raise PdiffError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(net, nn.Module):
-        raise PdiffError(f"--arch {arch}: {fn}({channels}, {size}, {classes}) returned {type(net).__name__}, not a "
-                         "torch.nn.Module", 2)
+        raise PdiffError(f"--arch {arch}: {call} returned {type(net).__name__}, not a torch.nn.Module", 2)
     why = misfit(net, channels, size, classes)
     if why:
         raise PdiffError(f"--arch {arch}: {why}", 2)
@@ -674,13 +715,18 @@ class Layout:
         return Layout(list(d["names"]), [tuple(x) for x in d["shapes"]])
 
 
-def select_params(net: nn.Module, patterns: str) -> Layout:
-    """'all', 'norm' (the last two normalisation layers, the paper's default) or comma-separated globs."""
+def norm_layers(net: nn.Module) -> list[str]:  # the names of its normalisation layers with weights, in order
+    return [n for n, m in net.named_modules() if isinstance(m, NORMS) and m.weight is not None]
+
+
+def select_params(net: nn.Module, patterns: str, *, fallback: bool = False) -> Layout:
+    """'all', 'norm' (the last two normalisation layers, the paper's default) or comma-separated globs.
+    fallback: 'norm' on a network without normalisation layers means 'all' (the default was not asked for)."""
     named = dict(net.named_parameters())
-    if patterns == "all":
+    if patterns == "all" or patterns == "norm" and fallback and not norm_layers(net):
         names = list(named)
     elif patterns == "norm":
-        norms = [n for n, m in net.named_modules() if isinstance(m, NORMS) and m.weight is not None][-2:]
+        norms = norm_layers(net)[-2:]
         names = [n2 for n in norms for n2 in (f"{n}.weight", f"{n}.bias") if n2 in named]
     else:
         names = []
@@ -692,8 +738,8 @@ def select_params(net: nn.Module, patterns: str) -> Layout:
             names += [n for n in hits if n not in names]
         names = [n for n in named if n in names]  # network order
     if not names and patterns == "norm":
-        raise PdiffError("--params norm (the default outside mlp3 and convnet3) found no normalisation layer with "
-                         "weights in this network; pass --params all, or globs naming the parameters", 2)
+        raise PdiffError("--params norm found no normalisation layer with weights in this network; pass --params "
+                         "all (the default for it), or globs naming the parameters", 2)
     if not names:
         raise PdiffError("--params selects no parameters", 2)
     return Layout(names, [tuple(named[n].shape) for n in names])
@@ -759,41 +805,259 @@ def principal_axes(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([V, V.new_zeros(k - len(V), V.shape[1])])
 
 
-SYMMETRIC = ("mlp3", "convnet3")  # archs whose hidden units align() knows how to permute
+# ----------------------------------------------------------------------------------------------------
+# symmetry: reordering a layer's hidden units, and the next layer's inputs alike, leaves a network's function as it
+# was. One spec, read once from the network's torch.fx graph, says which axes of which tensors (parameters and
+# buffers) each group of interchangeable units indexes; alignment, the verdict's distances for judged and held-out
+# networks, and a neuron generator's tokens all use it.
 
 
-def layer_pairs(layout: Layout) -> list[tuple[str, str]]:
-    """(weight, bias) names of the weight layers of a Sequential mlp3 / convnet3 layout, in order."""
-    return [(w, b) for w, b in zip(layout.names[::2], layout.names[1::2])]
+@dataclass
+class Units:
+    """A group of n interchangeable hidden units: one layer's outputs, or all the layers that write one residual
+    stream (added together, they move as one). An entry (name, axis, r) is an axis of n * r entries of a tensor, r
+    consecutive ones per unit (r > 1 where a Linear reads flattened channels)."""
+    n: int
+    into: list  # the weights that compute a unit: the out axis of its Linear / Conv
+    own: list  # a unit's own numbers: bias, normalisation weight and bias, running statistics, depthwise filter
+    out: list  # the weights that read it: the in axis of every layer it feeds
+    nodes: list  # the graph nodes that make it
+
+    @property
+    def axes(self) -> list:
+        return self.into + self.own + self.out
 
 
-def permute(p: dict, pairs: list, perms: list) -> dict:
-    """Hidden units of a parameter dict reordered (unit i of layer l becomes old unit perms[l][i]): the same
-    function, since only per-unit operations (ReLU, pooling) lie between the layers."""
+PER_UNIT = {"relu", "relu_", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu",
+            "elu", "selu", "softplus", "mish", "softmax", "log_softmax", "dropout", "dropout2d", "stochastic_depth",
+            "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+            "adaptive_max_pool2d", "interpolate", "mean", "amax", "sum", "contiguous", "clone", "float"}
+JOINS = {"add", "iadd", "add_", "sub", "mul", "imul", "mul_", "truediv", "div"}  # elementwise: one permutation
+RESHAPES = {"flatten", "view", "reshape"}
+NO_UNITS = {"size", "dim", "getattr"}  # shapes and sizes: nothing a permutation touches
+PER_UNIT_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.dropout", "torch.nn.modules.pooling",
+                    "torch.nn.modules.upsampling", "torch.nn.modules.linear")  # linear: nn.Identity (nn.Linear has
+# parameters, so it never counts as per-unit)
+NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")  # a normalisation layer's per-unit tensors
+
+
+def symmetry(net: nn.Module, shape: tuple) -> list[Units]:
+    """The groups of interchangeable hidden units of net (its input: examples of `shape`), read from its torch.fx
+    graph and each node's output shape. A Linear or a Conv makes a group (its outputs); per-unit operations
+    (activations, pooling, normalisation, a depthwise conv) carry it on; flatten turns a channel into a block of r
+    features; tensors added or multiplied share one permutation (union-find merges their groups); the input and
+    the output stay fixed. What it does not know (grouped convolutions, concatenation, transposes, a parameter used
+    outside a module, ...) is refused with one line naming the node."""
+    from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+    training, dev = net.training, next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
+    try:  # traced in eval mode: training-only branches (stochastic depth) leave no nodes
+        gm = torch.fx.symbolic_trace(net.eval())
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(2, *shape, device=dev))
+    except Exception as e:
+        raise PdiffError(f"pdiff cannot read the network's graph to align it (torch.fx: {type(e).__name__}: "
+                         f"{one_line(e)[:160]}); --no-align trains without alignment", 2) from None
+    finally:
+        net.train(training)
+    g, state = UnitGraph(), {}  # state: node -> (group, r) of the tensor it makes
+    for node in gm.graph.nodes:
+        ins = [(a.meta["tensor_meta"].shape, state[a]) for a in node.all_input_nodes if a in state]
+        meta, what = node.meta.get("tensor_meta"), op_name(gm, node)
+
+        def refuse(why: str):
+            raise PdiffError(f"pdiff cannot align this network: node '{node.name}' ({what}) {why}; --no-align trains "
+                             "without alignment", 2)
+        if node.op == "placeholder":
+            state[node] = (0, 1)
+        elif node.op == "output":
+            for _, (u, _) in ins:
+                g.union(0, u)
+        elif node.op == "get_attr":
+            refuse("uses a parameter outside a module")
+        elif not isinstance(meta, TensorMetadata):
+            if ins and what not in NO_UNITS:
+                refuse("returns several tensors")
+        elif node.op == "call_module":
+            state[node] = module_units(g, gm.get_submodule(node.target), f"{node.target}.", node.name, ins,
+                                       meta.shape, refuse)
+        else:
+            state[node] = function_units(g, what, ins, meta.shape, refuse)
+    return g.units(dict(itertools.chain(net.named_parameters(), net.named_buffers())))
+
+
+def op_name(gm, node) -> str:  # what a node does: a module's class, a function's or a method's name
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__ + f" {node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+class UnitGraph:
+    """symmetry()'s bookkeeping: groups of units as a union-find forest (group 0: fixed), each group's width and
+    the nodes that make it, and the tensor axes found so far."""
+
+    def __init__(self):
+        self.parent, self.width, self.nodes, self.entries = [0], [0], [[]], []  # entries: (group, kind, entry)
+
+    def new(self, n: int, node: str) -> int:
+        self.parent.append(len(self.parent)), self.width.append(n), self.nodes.append([node])
+        return len(self.parent) - 1
+
+    def find(self, u: int) -> int:
+        while self.parent[u] != u:
+            u = self.parent[u]
+        return u
+
+    def union(self, a: int, b: int):  # the older group stays the root, so fixed (0) stays fixed
+        a, b = sorted((self.find(a), self.find(b)))
+        self.parent[b] = a
+
+    def add(self, u: int, kind: str, name: str, axis: int, r: int):
+        self.entries.append((u, kind, (name, axis, r)))
+
+    def units(self, tensors: dict) -> list[Units]:
+        """The groups that are not fixed, in the order the graph makes them; a tensor axis that two groups index
+        (a layer used twice) joins them."""
+        first = {}
+        for u, _, (name, axis, _) in self.entries:
+            self.union(first.setdefault((name, axis), u), u)
+        groups = {}
+        for u, kind, entry in self.entries:
+            root = self.find(u)
+            if root:
+                units = groups.setdefault(root, Units(self.width[root], [], [], [], []))
+                if entry not in units.axes:
+                    getattr(units, kind).append(entry)
+        for u in range(1, len(self.parent)):
+            if self.find(u) in groups:
+                groups[self.find(u)].nodes += self.nodes[u]
+        for units in groups.values():  # what the graph said about shapes, checked against the tensors
+            for name, axis, r in units.axes:
+                assert tensors[name].shape[axis] == units.n * r, (name, axis, r, units.n)
+        return [groups[u] for u in sorted(groups)]
+
+
+def module_units(g: UnitGraph, m: nn.Module, prefix: str, node: str, ins: list, shape, refuse) -> tuple:
+    """A module's node -> (group, r) of its output, recording which of its tensors' axes index units."""
+    if len(ins) != 1:
+        refuse("takes several tensors")
+    (shape_in, (u, r)), = ins
+    conv = isinstance(m, nn.modules.conv._ConvNd)
+    own = lambda group, names, r: [g.add(group, "own", prefix + k, 0, r) for k in names if getattr(m, k, None) is not None]
+    if isinstance(m, nn.Linear) or conv and m.groups == 1 and not m.transposed:
+        if len(shape_in) != 2 and not conv or conv and r != 1:
+            refuse("reads an axis other than the units'")
+        g.add(u, "out", prefix + "weight", 1, r)
+        new = g.new(shape[1], node)
+        g.add(new, "into", prefix + "weight", 0, 1)
+        own(new, ["bias"], 1)
+        return new, 1
+    if conv and m.groups == m.in_channels == m.out_channels and not m.transposed:  # depthwise: per unit
+        own(u, ["weight", "bias"], r)
+        return u, r
+    if conv:
+        refuse(f"is a {'transposed' if m.transposed else f'grouped (groups={m.groups})'} convolution")
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) or \
+            isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == tuple(shape_in[1:]) or \
+            isinstance(m, nn.GroupNorm) and m.num_groups in (1, m.num_channels):
+        own(u, NORM_BUFFERS, r)  # statistics over all of a unit's numbers, or over all units: permutation-blind
+        return u, r
+    if isinstance(m, nn.Flatten):
+        return reshaped(shape_in, shape, u, r, refuse)
+    if type(m).__module__ in PER_UNIT_MODULES and not any(m.parameters()) and tuple(shape[:2]) == tuple(shape_in[:2]):
+        return u, r
+    refuse("is a module whose symmetry pdiff does not know")
+
+
+def function_units(g: UnitGraph, name: str, ins: list, shape, refuse) -> tuple:
+    """A function's or a method's node -> (group, r) of its output."""
+    if not ins:
+        return 0, 1  # made from constants: fixed
+    if name in ("cat", "concat", "stack"):
+        refuse("concatenates tensors")
+    if name in ("permute", "transpose", "movedim", "swapaxes"):
+        refuse("moves the units' axis")
+    if name in JOINS:
+        if any(len(s) != len(shape) or s[1] != shape[1] for s, _ in ins) or len({r for _, (_, r) in ins}) > 1:
+            refuse("combines tensors whose units do not line up")
+        for _, (u, _) in ins[1:]:
+            g.union(ins[0][1][0], u)
+        return g.find(ins[0][1][0]), ins[0][1][1]
+    if len(ins) != 1:
+        refuse("takes several tensors")
+    (shape_in, (u, r)), = ins
+    if name in RESHAPES:
+        return reshaped(shape_in, shape, u, r, refuse)
+    if name in PER_UNIT and tuple(shape[:2]) == tuple(shape_in[:2]):
+        return u, r
+    refuse("is an operation whose symmetry pdiff does not know")
+
+
+def reshaped(shape_in, shape, u: int, r: int, refuse) -> tuple:
+    """flatten / view / reshape that keeps the batch axis: each unit's numbers stay one block of axis 1 (row-major),
+    now r' = shape[1] / n long."""
+    n = shape_in[1] // r if len(shape_in) > 1 else 0
+    if len(shape) < 2 or not n or shape[0] != shape_in[0] or shape[1] % n:
+        refuse("reshapes the units' axis")
+    return u, shape[1] // n
+
+
+def unit_rows(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:  # (n, -1): each unit's numbers along this axis
+    return t.movedim(axis, 0).reshape(n, -1)
+
+
+def take(t: torch.Tensor, axis: int, r: int, perm: torch.Tensor) -> torch.Tensor:
+    """t with its units along axis (blocks of r) in the order perm: unit i becomes old unit perm[i]."""
+    if r == 1:
+        return t.index_select(axis, perm)
+    return t.unflatten(axis, (len(perm), r)).index_select(axis, perm).flatten(axis, axis + 1)
+
+
+def permuted(p: dict, spec: list[Units], perms: list) -> dict:
+    """A network's tensors ({name: tensor}: parameters, buffers, or the part of them at hand) with every group's
+    units reordered by its permutation: the same function."""
     p = dict(p)
-    for (w, b), (w_next, _), perm in zip(pairs, pairs[1:], perms):
-        p[w], p[b], p[w_next] = p[w][perm], p[b][perm], p[w_next][:, perm]
+    for units, perm in zip(spec, perms):
+        for name, axis, r in units.axes:
+            if name in p:
+                p[name] = take(p[name], axis, r, perm)
     return p
 
 
-def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes: int = 100) -> list:
-    """Weight matching (Ainsworth et al. 2022, "Git Re-Basin"): per hidden layer, the permutation of `other`'s
-    units that maximises the inner product of its weights with `ref`'s, given the neighbouring layers'
-    permutations; layers in random order, passes until one changes nothing. It starts from `other`'s units sorted
-    by the norm of their incoming weights, which no permutation changes, so a network and any shuffle of it end
-    at the same matched network."""
+def match_units(ref: dict, other: dict, spec: list[Units], g: torch.Generator, passes: int = 100) -> list:
+    """Weight matching (Ainsworth et al. 2022, "Git Re-Basin") on the spec: per group, the permutation of `other`'s
+    units that maximises the inner product of their numbers (incoming, own, outgoing) with `ref`'s, given every
+    other axis's current permutation; groups in random order, passes until one changes nothing. The first pass goes
+    in the graph's order and uses only the numbers whose other axes are matched already (the network's input is),
+    so a shuffled copy of ref comes back exactly (from any start, coordinate ascent stops in local optima on deep
+    networks), and a network and any shuffle of it end at the same matched network. Uses the tensors of `other`
+    only (a parameter vector has no running statistics)."""
     from scipy.optimize import linear_sum_assignment
 
-    perms = [torch.argsort(other[w].flatten(1).square().sum(1) + other[b].square()) for w, b in pairs[:-1]]
+    axes = [[a for a in u.axes if a[0] in other] for u in spec]
+    on = {}  # tensor -> [(group, axis, r)]
+    for l, a in enumerate(axes):
+        for name, axis, r in a:
+            on.setdefault(name, []).append((l, axis, r))
+
+    def rows(name: str, axis: int, n: int) -> torch.Tensor:  # other's tensor, its other axes as matched so far
+        t = other[name]
+        for j, ax, r in on[name]:
+            t = take(t, ax, r, perms[j]) if ax != axis else t
+        return unit_rows(t, axis, n)
+
+    def match(l: int, entries: list) -> torch.Tensor:
+        n = spec[l].n
+        cost = sum(unit_rows(ref[name], axis, n) @ rows(name, axis, n).T for name, axis, _ in entries)  # (n, n)
+        return torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
+
+    perms = [None] * len(spec)
+    for l in range(len(spec)):
+        perms[l] = match(l, [e for e in axes[l] if all(perms[j] is not None for j, ax, _ in on[e[0]] if ax != e[1])])
     for _ in range(passes):
         changed = False
-        for l in torch.randperm(len(perms), generator=g).tolist():
-            (w, b), (w_next, _) = pairs[l], pairs[l + 1]
-            o_in = other[w][:, perms[l - 1]] if l > 0 else other[w]  # its inputs as already matched
-            o_out = other[w_next][perms[l + 1]] if l + 1 < len(perms) else other[w_next]
-            cost = ref[w].flatten(1) @ o_in.flatten(1).T + ref[b][:, None] * other[b][None, :] \
-                + ref[w_next].transpose(0, 1).flatten(1) @ o_out.transpose(0, 1).flatten(1).T  # (units, units)
-            new = torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
+        for l in torch.randperm(len(spec), generator=g).tolist():
+            new = match(l, axes[l])
             changed |= not torch.equal(new, perms[l])
             perms[l] = new
         if not changed:
@@ -801,25 +1065,89 @@ def match_units(ref: dict, other: dict, pairs: list, g: torch.Generator, passes:
     return perms
 
 
-def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
-    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,)."""
-    pairs, r = layer_pairs(layout), layout.unflatten(ref)
-    out = [permute(layout.unflatten(v), pairs, match_units(r, layout.unflatten(v), pairs, rng(seed, "align")))
-           for v in sets]
-    return torch.stack([layout.pack(p) for p in out]) if out else sets
+def by_weights(spec: list[Units], seed: int = 0) -> Callable[[dict, dict], list]:
+    """The default matcher: (reference's tensors, a network's) -> its permutations, by match_units."""
+    return lambda ref, other: match_units(ref, other, spec, rng(seed, "align"))
 
 
-def align(vectors: torch.Tensor, layout: Layout, per: int, seed: int = 0) -> torch.Tensor:
-    """(K, D) -> (K, D): every network permuted to match the first. Rows come in groups of `per` (one network's
-    snapshots) that share the permutation found for the group's last row."""
-    pairs, out = layer_pairs(layout), vectors.clone()
-    ref = layout.unflatten(vectors[per - 1])
-    for i in range(per, len(vectors), per):  # each with the same generator: align_to's result, whatever the order
-        perms = match_units(ref, layout.unflatten(vectors[i + per - 1]), pairs, rng(seed, "align"))
+class ByActivations:
+    """Activation matching (Ainsworth et al. 2022, section 3.1), a matcher like by_weights: per group, the
+    permutation of a network's units whose outputs on the training images xs (B, b, C, H, W) uint8 correlate best
+    with the reference's. A group's outputs are those of every Linear / Conv writing it (a residual stream's
+    writers side by side), before their normalisation (a correlation ignores each unit's scale and shift);
+    BatchNorm normalises with each batch's own statistics. One forward pass per network, no passes over the
+    groups; the reference's outputs are computed once."""
+
+    def __init__(self, net: nn.Module, prep: nn.Module, spec: list[Units], xs: torch.Tensor):
+        self.net, self.prep, self.spec, self.xs, self.ref = net, prep, spec, xs, (None, None)
+
+    @torch.no_grad()
+    def outputs(self, p: dict) -> list[torch.Tensor]:  # per group (n, M): each unit's outputs, standardised
+        writers = sorted({name.rsplit(".", 1)[0] for u in self.spec for name, _, _ in u.into})
+        seen = {w: [] for w in writers}
+        hooks = [self.net.get_submodule(w).register_forward_hook(
+            lambda m, i, o, w=w: seen[w].append(o.detach().transpose(0, 1).flatten(1))) for w in writers]
+        try:
+            with batchnorm_training(self.net):
+                for xb in self.xs:
+                    functional_call(self.net, (p, running_statistics(self.net)), (self.prep(xb),))
+        finally:
+            for h in hooks:
+                h.remove()
+        out = []
+        for u in self.spec:
+            f = torch.cat([torch.cat(seen[w], 1) for w in sorted({n.rsplit(".", 1)[0] for n, _, _ in u.into})], 1)
+            out.append((f - f.mean(1, keepdim=True)) / f.std(1, keepdim=True).clamp_min(1e-8) / math.sqrt(f.shape[1]))
+        return out
+
+    def __call__(self, ref: dict, other: dict) -> list:
+        from scipy.optimize import linear_sum_assignment
+
+        if self.ref[0] is not ref:
+            self.ref = (ref, self.outputs(ref))
+        return [torch.as_tensor(linear_sum_assignment((a @ b.T).double().cpu().numpy(), maximize=True)[1])
+                for a, b in zip(self.ref[1], self.outputs(other))]  # (n, n) correlations
+
+
+def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, *,
+             match: Optional[Callable] = None) -> torch.Tensor:
+    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,), by
+    `match` (default: by_weights)."""
+    r, match = layout.unflatten(ref), match or by_weights(spec, seed)
+    out = [layout.pack(permuted(p, spec, match(r, p))) for p in map(layout.unflatten, sets)]
+    return torch.stack(out) if out else sets
+
+
+def align(vectors: torch.Tensor, layout: Layout, spec: list[Units], per: int, ref: torch.Tensor,
+          seed: int = 0, *, match: Optional[Callable] = None) -> torch.Tensor:
+    """(K, D) -> (K, D): every network permuted to match the reference ref (D,), the reference network itself (if
+    it is one of them) left as it is. Rows come in groups of `per` (one network's snapshots) that share the
+    permutation found for the group's last row."""
+    out, r, match = vectors.clone(), layout.unflatten(ref), match or by_weights(spec, seed)
+    for i in range(0, len(vectors), per):  # each matched as align_to would, whatever the order
+        if torch.equal(vectors[i + per - 1], ref):
+            continue
+        perms = match(r, layout.unflatten(vectors[i + per - 1]))
         for j in range(i, i + per):
-            q = permute(layout.unflatten(vectors[j]), pairs, perms)
-            out[j] = layout.pack(q)
+            out[j] = layout.pack(permuted(layout.unflatten(vectors[j]), spec, perms))
     return out
+
+
+def merge_many(nets: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, passes: int = 20, *,
+               match: Optional[Callable] = None) -> torch.Tensor:
+    """MergeMany (Ainsworth et al. 2022, algorithm 3): (N, D) networks -> (D,) their consensus, the mean of the
+    networks once each is permuted to match the mean of the others (in random order, passes until one changes
+    nothing)."""
+    x = nets.clone()
+    for p in range(passes):
+        changed, total = False, x.sum(0)
+        for i in torch.randperm(len(x), generator=rng(seed, "merge", p)).tolist():
+            new = align_to(nets[i:i + 1], (total - x[i]) / max(1, len(x) - 1), layout, spec, seed, match=match)[0]
+            changed |= not torch.equal(new, x[i])
+            total, x[i] = total + new - x[i], new
+        if not changed:
+            break
+    return x.mean(0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1198,21 +1526,27 @@ def _activation_bytes(tail, params: dict, h: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-             batch: int = 1000, memory: int = EVAL_MEMORY, spread: bool = False, path: str = "") -> torch.Tensor:
+             batch: int = 1000, memory: int = EVAL_MEMORY, spread: bool = False, path: str = "",
+             calibrate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """correct[i, j]: parameter set i (a row of sets, (n, D)) classifies test example j right. The frozen
     front runs once per test batch; the tail runs for a chunk of sets at once (vmap over stacked
     parameters), chunks sized so activations stay under `memory` bytes. Sets with NaN/Inf are all wrong.
     path: "batched", or "loop" (one set at a time); by default eval_path's probe decides.
-    spread=True (every process calls it): each process evaluates its share of the sets, all get every row."""
+    spread=True (every process calls it): each process evaluates its share of the sets, all get every row.
+    calibrate: training batches (B, b, C, H, W) uint8 on which each set's BatchNorm running statistics are
+    recomputed first (a many-seed collection's vectors carry none): evaluate_recalibrated."""
     if spread and distributed():
         counts = [len(s) for s in sets.tensor_split(world())]
         mine = evaluate(net, prep, layout, sets.tensor_split(world())[rank()], x, y, batch=batch, memory=memory,
-                        path=path)
+                        path=path, calibrate=calibrate)
         return gather(mine, counts)
     correct = torch.zeros(sets.shape[0], len(y), dtype=torch.bool)
     if len(sets):
         net.eval()
-        if (path or eval_path(net, prep, layout, x)) == "batched":
+        path = path or eval_path(net, prep, layout, x, calibrate)
+        if calibrate is not None:
+            evaluate_recalibrated(net, prep, layout, sets, x, y, correct, batch, memory, calibrate, path == "batched")
+        elif path == "batched":
             evaluate_batched(net, prep, layout, sets, x, y, correct, batch, memory)
         else:
             evaluate_loop(net, prep, layout, sets, x, y, correct, batch)
@@ -1221,16 +1555,21 @@ def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: 
 
 
 @torch.no_grad()
-def eval_path(net, prep, layout: Layout, x: torch.Tensor) -> str:
+def eval_path(net, prep, layout: Layout, x: torch.Tensor, calibrate: Optional[torch.Tensor] = None) -> str:
     """"batched" if vmap can run the generated tail over stacked parameter sets, else "loop". One probe: the
-    network's own parameters twice, on two examples. Only vmap's own refusals (data-dependent control flow,
-    .item(), ...) mean "loop"; any other error is a bug and propagates."""
+    network's own parameters twice, on two examples (recalibrated on two images first with `calibrate`). Only
+    vmap's own refusals (data-dependent control flow, .item(), ...) mean "loop"; any other error is a bug and
+    propagates."""
     net.eval()
     front, tail = split_net(net, prep, layout)
-    p = layout.unflatten(layout.flatten(net).to(x.device).expand(2, -1))
+    sets = layout.flatten(net).to(x.device).expand(2, -1)
     try:
+        if calibrate is not None:
+            evaluate_recalibrated(net, prep, layout, sets, x[:2], torch.zeros(2, dtype=torch.long, device=x.device),
+                                  torch.zeros(2, 2, dtype=torch.bool), 2, EVAL_MEMORY, calibrate[:1, :2], True)
+            return "batched"
         with autocast(x.device):
-            vmap(lambda q, h: run_tail(tail, q, h), in_dims=(0, None))(p, front(x[:2]))
+            vmap(lambda q, h: run_tail(tail, q, h), in_dims=(0, None))(layout.unflatten(sets), front(x[:2]))
     except RuntimeError as e:
         if not str(e).startswith("vmap"):
             raise
@@ -1263,6 +1602,72 @@ def evaluate_loop(net, prep, layout: Layout, sets, x, y, correct, batch: int):
             with autocast(x.device):
                 logits = functional_call(net, p, (prep(x[i:i + batch]),))
             correct[k, i:i + batch] = (logits.argmax(-1) == y[i:i + batch]).cpu()
+
+
+def evaluate_recalibrated(net, prep, layout: Layout, sets, x, y, correct, batch: int, memory: int,
+                          xs: torch.Tensor, batched: bool):
+    """Networks with BatchNorm whose vectors carry no running statistics: per set, fresh statistics averaged over
+    the training batches xs (B, b, C, H, W) uint8, BatchNorm layers in train mode and everything else in eval mode
+    (momentum 1 / (i + 1) at batch i: each batch counts equally), then the test set in eval mode with them.
+    batched: a chunk of sets at once under vmap, their statistics stacked beside their parameters; else one set at
+    a time (the reference path, which a test holds equal)."""
+    dev, stats = x.device, running_statistics(net)
+    call = lambda p, b, h: functional_call(net, (p, b), (h,))
+    one = lambda d: {k: v[0] for k, v in d.items()}  # views: the loop's updates land in the stacked tensors
+    many = vmap(call, in_dims=(0, 0, None)) if batched else lambda p, b, h: call(one(p), one(b), h)[None]
+    chunk = 1
+    if batched:
+        per_pair = _activation_bytes([(net, {n: n for n in layout.names})], layout.unflatten(sets[:1].to(dev)),
+                                     prep(x[:1]))
+        chunk = max(1, memory // (per_pair * max(min(batch, len(y)), xs.shape[1])))
+    for s in range(0, len(sets), chunk):
+        p = layout.unflatten(sets[s:s + chunk].to(dev))  # {name: (c, ...)}
+        b = {k: v.expand(len(sets[s:s + chunk]), *v.shape).clone() for k, v in stats.items()}
+        with autocast(dev), batchnorm_training(net) as momentum:
+            for i, xb in enumerate(xs):
+                momentum(1 / (i + 1))
+                many(p, b, prep(xb.to(dev)))
+        for i in range(0, len(y), batch):
+            with autocast(dev):
+                logits = many(p, b, prep(x[i:i + batch]))  # (c, b, classes)
+            correct[s:s + chunk, i:i + batch] = (logits.argmax(-1) == y[i:i + batch]).cpu()
+
+
+def running_statistics(net: nn.Module) -> dict:
+    """Fresh BatchNorm running statistics for net: {buffer name: mean 0, variance 1, count 0}; {} without any."""
+    fresh = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "num_batches_tracked": torch.zeros_like}
+    return {f"{n}.{k}": f(getattr(m, k)) for n, m in net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for k, f in fresh.items()}
+
+
+@contextmanager
+def batchnorm_training(net: nn.Module):
+    """BatchNorm layers in train mode, everything else (dropout) in eval mode; yields a function that sets their
+    momentum. Modes and momenta are restored after."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta, training = [m.momentum for m in bns], net.training
+
+    def momentum(value: float):
+        for m in bns:
+            m.momentum = value
+    net.eval()
+    for m in bns:
+        m.train()
+    try:
+        yield momentum
+    finally:
+        for m, v in zip(bns, momenta):
+            m.momentum = v
+        net.train(training)
+
+
+def calibration_batches(data: Data, batches: int, size: int, seed: int) -> torch.Tensor:
+    """(batches, size, C, H, W) uint8: training images in an order fixed by the seed (so every network of a
+    collection, in every command, is recalibrated on the same images), without augmentation."""
+    N = len(data.y_train)
+    size = min(size, N)
+    idx = torch.cat([torch.randperm(N, generator=rng(seed, "recalibrate", e)) for e in range(-(-batches * size // N))])
+    return data.x_train[idx[:batches * size].to(data.x_train.device)].reshape(batches, size, *data.x_train.shape[1:])
 
 
 def accuracy(correct: torch.Tensor) -> torch.Tensor:  # (n, N) -> (n,) percent
@@ -1770,13 +2175,17 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
 
 def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep: nn.Module, layout: Layout,
                   loop: "Loop", rows: torch.Tensor):
-    """Stage 1 (and, with cfg.k, stage 2) of networks without running statistics at once: their parameters
-    stacked (N, ...), one vmapped forward and backward per step, one optimizer (SGD and AdamW act per element,
-    so these are N independent trainings). Each network draws its own batches from its own seed. Results are
-    bit-identical for a seed whatever the group around it. Writes rows (N, max(k, 1), D)."""
-    params = State(torch.func.stack_module_state(nets)[0])  # {name: (N, ...)}
+    """Stage 1 (and, with cfg.k, stage 2) of several networks at once: their parameters stacked (N, ...), one
+    vmapped forward and backward per step, one optimizer (SGD and AdamW act per element, so these are N independent
+    trainings). Buffers (BatchNorm's running statistics) are stacked beside them, each network's moving as they
+    would alone (vmap cannot write a batched update into one shared buffer); they stay out of the rows, and
+    evaluation recomputes them. Each network draws its own batches from its own seed. Results are bit-identical
+    for a seed whatever the group around it (with BatchNorm, equal to ~1e-5: vmap batches its arithmetic
+    differently). Writes rows (N, max(k, 1), D); returns the buffers {name: (N, ...)}."""
+    stacked = torch.func.stack_module_state(nets)
+    params, buffers = State(stacked[0]), State(stacked[1])  # {name: (N, ...)}
     base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
-    one = lambda p, x, y: F.cross_entropy(functional_call(base, p, (prep(x),)), y)
+    one = lambda p, b, x, y: F.cross_entropy(functional_call(base, (p, b), (prep(x),)), y)
 
     def losses(key: str):  # step -> the sum of the networks' losses on their own batches
         draws = [batches(dataclasses.replace(cfg, seed=s), data, key)[0] for s in seeds]
@@ -1784,7 +2193,8 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
         def loss(step):
             xs, ys = zip(*(draw(step) for draw in draws))
             with autocast(data.x_train.device):
-                return vmap(one, randomness="different")(dict(params), torch.stack(xs), torch.stack(ys)).sum()
+                return vmap(one, randomness="different")(dict(params), dict(buffers), torch.stack(xs),
+                                                         torch.stack(ys)).sum()
         return loss
 
     flat = lambda: layout.pack({n: t.detach() for n, t in params.items()}, batch=1).cpu()  # (N, D)
@@ -1792,10 +2202,10 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay, cfg.nesterov)
     sched = schedule(cfg, opt, cfg.train_epochs * per_epoch, per_epoch)
     loop.run(f"{name}: train", cfg.train_epochs * per_epoch, losses("train"), opt, sched=sched,
-             keep={"nets": params, "opt_net": opt, "sched_net": sched})
+             keep={"nets": params, "buffers": buffers, "opt_net": opt, "sched_net": sched})
     if not cfg.snapshot_count:
         rows[:, 0] = flat()
-        return
+        return buffers
     opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov)
 
     def store(i):
@@ -1803,12 +2213,48 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
 
     loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, losses("snapshot"),
              opt, after=every(cfg.snapshot_every, store, cfg.first_snapshot),
-             keep={"nets": params, "opt_snap": opt, "rows": State(rows=rows)})
+             keep={"nets": params, "buffers": buffers, "opt_snap": opt, "rows": State(rows=rows)})
+    return buffers
 
 
-def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) -> tuple:
+MATCH_BATCHES = 5  # batches of training images whose outputs --match activations correlates
+
+
+def matcher(cfg: CollectConfig, net: nn.Module, prep: nn.Module, spec: list[Units], data: Data) -> Callable:
+    """How a collection's networks (and a network judged against it) are matched to the reference: --match."""
+    if cfg.match != "activations":  # (None: a collection from before --match, weight-matched)
+        return by_weights(spec, cfg.seed)
+    return ByActivations(net, prep, spec, calibration_batches(data, MATCH_BATCHES, cfg.batch_size, cfg.seed))
+
+
+def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, spec: list[Units],
+                     match: Callable) -> tuple:
+    """--align: (K, D) -> (the collection aligned, the reference (D,) it matches, the rows that made it): the first
+    network, or MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the
+    held-out ones are aligned to it exactly as a judged network is."""
+    per = cfg.snapshot_count or 1
+    rows = [per - 1]
+    if cfg.reference == "mean":
+        held = set(holdout(collection(cfg), len(snaps), FitConfig().holdout).held_out)
+        rows = [i for i in range(per - 1, len(snaps), per) if i not in held]
+    ref = snaps[rows[0]] if cfg.reference == "first" else merge_many(snaps[rows], layout, spec, cfg.seed, match=match)
+    return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref, rows
+
+
+@torch.no_grad()
+def recalibrate(net: nn.Module, prep: nn.Module, xs: torch.Tensor):
+    """net's own BatchNorm running statistics recomputed on the batches xs, as evaluate_recalibrated does."""
+    for k, v in running_statistics(net).items():
+        net.get_buffer(k).copy_(v)
+    with batchnorm_training(net) as momentum:
+        for i, xb in enumerate(xs):
+            momentum(1 / (i + 1))
+            net(prep(xb))
+
+
+def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool, fallback: bool = False) -> tuple:
     """The network collect trains, on the device: (net, input prep, layout, input spec). `weights`: load the
-    pretrained or --init weights (not when a checkpoint or a saved network follows)."""
+    pretrained or --init weights (not when a checkpoint or a saved network follows). fallback: select_params'."""
     C, S = data.x_train.shape[1], data.x_train.shape[-1]
     torch.manual_seed(cfg.seed)
     net, ch, size = build_net(cfg.arch, C, S, data.classes, width=cfg.width, pretrained=cfg.pretrained,
@@ -1827,7 +2273,7 @@ def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool) ->
         net = net.to(memory_format=torch.channels_last)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.pretrained else (data.mean, data.std)
     inp = {"channels": C, "size": S, "classes": data.classes, "mean": mean, "std": std}
-    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.selection), inp
+    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.selection, fallback=fallback), inp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2118,7 +2564,8 @@ def validation_accuracy(run: Run, group: Group, path: str) -> torch.Tensor:  # (
         raise PdiffError("selecting sets needs the validation split collect keeps (this run was collected with "
                          "--validation 0): the test set only grades", 2)
     return torch.cat([accuracy(evaluate(run.net, run.prep, run.layout, group.make(c), run.data.x_val, run.data.y_val,
-                                        spread=True, path=path)) for c in in_chunks(run.layout.D, group.n)])
+                                        spread=True, path=path, calibrate=run.calibration))
+                      for c in in_chunks(run.layout.D, group.n)])
 
 
 def selected(run: Run, group: Group, at_least: float, n: int, path: str) -> Group:
@@ -2174,7 +2621,7 @@ def measure_group(run: Run, ruler: Ruler, group: Group, path: str, keep: bool) -
         sets = group.make(s)
         ok = torch.isfinite(sets).all(1)
         correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, spread=True,
-                           path=path)
+                           path=path, calibrate=run.calibration)
         accs.append(accuracy(correct).masked_fill(~ok, float("nan")))
         ms.append(ruler.measure(sets[ok], correct[ok]))
         masks.append(correct[ok])
@@ -2239,7 +2686,7 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     trajectories of a few samples; keep=True the sets the plot shows; validation=True also measures the group
     under test on the validation split (export picks by it)."""
     t0, trajectory, name = time.perf_counter(), [], "judged" if judged is not None else "generated"
-    ruler, path = run.ruler(), eval_path(run.net, run.prep, run.layout, run.data.x_test)
+    ruler, path = run.ruler(), eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)
     groups = {name: Group(len(judged), lambda i: judged[i]) if judged is not None else
               generated(cfg, run, prog, trajectory, trace, path)}
     if run.model is not None:  # the training originals through the autoencoder, where there is one
@@ -2294,7 +2741,8 @@ def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20)
         t, zs = trajectory[i]
         sets = run.model.decode(zs)
         ok = torch.isfinite(sets).all(1)
-        correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, path=path)
+        correct = evaluate(run.net, run.prep, run.layout, sets, run.data.x_test, run.data.y_test, path=path,
+                           calibrate=run.calibration)
         m = ruler.measure(sets[ok], correct[ok])
         out.append({"t": t, "accuracy": rnd(m["accuracy"].median()) if ok.any() else None,
                     "max_iou": rnd(m["max_iou"].mean()) if ok.any() else None})
@@ -2336,7 +2784,7 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
     """Parameter sets (n, D) to judge from a safetensors file: a pdiff samples or snapshots file of this layout,
     one (n, D) tensor, or tensors named as the layout's parameters, each of the parameter's shape (one network:
     an --export, a fine-tuned copy's state dict) or with a leading n (n networks). With an aligned many-seed
-    collection each set is aligned to the reference network first, as the held-out networks were."""
+    collection each set is aligned to the collection's reference first, as the held-out networks were."""
     if not path.is_file():
         raise PdiffError(f"--judge {path} not found", 2)
     try:
@@ -2357,8 +2805,8 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
         raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
                          f"({', '.join(L.names[:3])}, ...)", 2)
     if run.collection.get("aligned"):
-        per = run.collection["per_network"]
-        sets = align_to(sets, run.snapshots[per - 1], L)
+        spec = symmetry(run.net, run.prep.shape)
+        sets = align_to(sets, run.reference, L, spec, match=matcher(run.config, run.net, run.prep, spec, run.data))
     return sets
 
 
@@ -2648,6 +3096,9 @@ class Run:
     ids: dict  # artifact ids: network, snapshots (and model)
     collection: dict  # where the snapshots come from (collection())
     split: Holdout  # training rows and held-out units (the model's; else fit's default)
+    reference: Optional[torch.Tensor] = None  # (D,) what an aligned collection's networks were permuted to match
+    calibration: Optional[torch.Tensor] = None  # (B, b, C, H, W) uint8: training batches that give each evaluated
+    # network of a BatchNorm collection its running statistics (evaluate's calibrate)
     model: Optional[nn.Module] = None  # the generator fitted (LatentDiffusion, ...)
     fit_config: Optional[FitConfig] = None
 
@@ -2687,6 +3138,10 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     collected = meta["collection"]
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
+    if collected.get("aligned"):  # files from before the reference was stored: the first network's last row
+        run.reference = t.get("reference", t["snapshots"][collected["per_network"] - 1]).float()
+    if collected.get("recalibrated"):
+        run.calibration = calibration_batches(d, collected["recalibrated"], cfg.batch_size, cfg.seed)
     if model is not None:
         model_path, ck = model_files(path, model)
         named = '' if model == DEFAULT_MODEL else ' --name ' + model
@@ -3060,11 +3515,23 @@ def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool)
     emit(report, json_out)
 
 
-def collection(cfg: CollectConfig) -> dict:
-    """Where the snapshots come from, as the snapshot file records it."""
+def collection(cfg: CollectConfig, batchnorm: bool = False) -> dict:
+    """Where the snapshots come from, as the snapshot file records it (batchnorm: the networks have running
+    statistics, recomputed on cfg.recalibrate batches wherever one is evaluated)."""
     if cfg.seeds:
-        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.snapshot_count or 1, "aligned": cfg.aligned}
+        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.snapshot_count or 1, "aligned": cfg.aligned,
+                **({"match": cfg.match, "reference": cfg.reference} if cfg.aligned else {}),
+                **({"recalibrated": cfg.recalibrate} if batchnorm else {})}
     return {"kind": "steps", "networks": 1, "per_network": cfg.snapshot_count, "aligned": False}
+
+
+def recalibration(collection: dict, cfg: CollectConfig) -> dict:
+    """The report's word on BatchNorm statistics fitted after the fact: {} where there are none."""
+    if not collection.get("recalibrated"):
+        return {}
+    return {"recalibrated": {"batches": collection["recalibrated"], "batch_size": cfg.batch_size, "note": (
+        "BatchNorm running statistics of every network evaluated from a parameter vector recomputed on these "
+        "training batches (the vectors carry none)")}}
 
 
 @command(CollectConfig, "Train a network and save K snapshots of its parameters.")
@@ -3080,13 +3547,19 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
                            force=force, outputs=[run / FILES["network"], snap_path], parents={})
     if loop is None:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
-    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size,
-                  validation=cfg.validation).to(dev)
-    net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state)
+    d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation).to(dev)
+    net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
+    if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
+        cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
+    if cfg.selection == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
+        cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)
+        cfg = cfg.resolved()  # (the stage-2 lr of whole networks too)
+        err.print(f"{cfg.arch} has no normalisation layer to pick (--params norm): generating all {layout.D:,} "
+                  "parameters (--params all)")
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
-    if cfg.seeds and any(b.numel() for b in net.buffers()):
-        raise PdiffError(f"--seeds: {cfg.arch} keeps running statistics per network, which parameter vectors do not "
-                         f"carry; use an arch without BatchNorm ({', '.join(SYMMETRIC)}, vit_b_16, convnext_tiny)", 2)
+    spec = symmetry(net, prep.shape) if cfg.aligned else None  # a network pdiff cannot align: refused before training
+    calibrate = calibration_batches(d, cfg.recalibrate, cfg.batch_size, cfg.seed) \
+        if cfg.seeds and running_statistics(net) else None  # the vectors do not carry running statistics
     if not cfg.seeds and min(cfg.batch_size, len(d.y_train)) % world():
         raise PdiffError(f"--batch-size {cfg.batch_size} does not split evenly over {world()} processes", 2)
     if not resume and rank() == 0:
@@ -3094,22 +3567,30 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
             p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog
+        ref, made = None, []
         if cfg.seeds:
             snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
-            snaps = align(snaps, layout, cfg.snapshot_count or 1, cfg.seed) if cfg.aligned else snaps
+            if spec is not None:
+                snaps, ref, made = align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
         else:
             stage1 = train_network(cfg, d, net, prep, loop)
             snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
-        correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True)
-        val_correct = evaluate(net, prep, layout, snaps, d.x_val, d.y_val, spread=True)
+        correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True, calibrate=calibrate)
+        val_correct = evaluate(net, prep, layout, snaps, d.x_val, d.y_val, spread=True, calibrate=calibrate)
     loop.stop_point()
+    if calibrate is not None:  # the network file: the first network with the statistics every evaluation gives it
+        recalibrate(net, prep, calibrate)
     acc, val = summary(accuracy(correct)), summary(accuracy(val_correct))
+    made_of = collection(cfg, calibrate is not None) | ({"reference_rows": made} if made else {})  # (the rows the
+    # alignment reference was made from)
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
               "seed": cfg.seed, "images": {"train": len(d.y_train), "validation": len(d.y_val), "test": len(d.y_test)},
-              "snapshots": acc, "validation": val, "seconds": {"total": round(time.perf_counter() - t0, 3)}}
+              "snapshots": acc, "validation": val, **recalibration(made_of, cfg),
+              "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
-    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct, "val_correct": val_correct},
-                  {**meta, "collection": collection(cfg), "parents": {"network": net_id}, "report": report})
+    save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct, "val_correct": val_correct} | (
+        {"reference": ref} if ref is not None else {}), {**meta, "collection": made_of, "parents": {"network": net_id},
+                                                          "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
                     f"({len(layout.names)} tensors); {len(d.y_train):,} training, {len(d.y_val):,} validation and "
@@ -3139,6 +3620,10 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
     r.split = holdout(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
+    if set(r.held_out) & set(r.collection.get("reference_rows", [])):
+        raise PdiffError(f"--holdout {cfg.holdout:g} would hold out networks that made this collection's alignment "
+                         "reference (collect --reference mean: the networks the default --holdout keeps); keep the "
+                         "default, or collect with --reference first", 2)
     if cfg.condition and not r.val_correct.shape[1]:
         raise PdiffError("--condition learns each original's validation accuracy: this run was collected with "
                          "--validation 0", 2)
@@ -3171,8 +3656,8 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
 
 def round_trip(r: Run, group: Group, error: Optional[float]) -> dict:
     """fit's report of the training originals through the autoencoder (a group of sets): accuracy and rel_error."""
-    correct = torch.cat([evaluate(r.net, r.prep, r.layout, group.make(c), r.data.x_test, r.data.y_test)
-                         for c in in_chunks(r.layout.D, group.n)])
+    correct = torch.cat([evaluate(r.net, r.prep, r.layout, group.make(c), r.data.x_test, r.data.y_test,
+                                  calibrate=r.calibration) for c in in_chunks(r.layout.D, group.n)])
     return {**summary(accuracy(correct)), "rel_error": error}
 
 
@@ -3221,7 +3706,8 @@ def sample_cmd(cfg: SampleConfig,
     s.report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     report = {"run": str(run), "model": model if r.model is not None else None, "arch": r.config.arch,
               "data": r.config.data, "params": r.layout.D, "device": str(dev), "seed": cfg.seed,
-              **({"judge": str(judge_file)} if judge_file is not None else {}), **s.report}
+              **({"judge": str(judge_file)} if judge_file is not None else {}),
+              **recalibration(r.collection, r.config), **s.report}
     print_sample(report)
     emit(report, json_out)
 

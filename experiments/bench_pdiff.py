@@ -359,8 +359,8 @@ def bench_paper(dev, quick: bool) -> dict:
     split = pdiff.holdout(collection, k, fit_cfg.holdout)
     t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
     val_correct = pdiff.evaluate(net, prep, layout, snaps, d.x_val, d.y_val)  # no validation split here: (k, 0)
-    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, val_correct, d, {}, collection, split, model.to(dev),
-                    fit_cfg)
+    run = pdiff.Run(root, cfg, net, prep, layout, snaps, correct, val_correct, d, {}, collection, split,
+                    model=model.to(dev), fit_config=fit_cfg)
     t_sample, _, s = timed(lambda: pdiff.sample(pdiff.SampleConfig(n=n, sampler="ddim"), run), dev)
     steps = epochs * (n_train // 128)
     flops = fc.get_total_flops() * steps / t_train

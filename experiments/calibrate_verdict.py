@@ -42,7 +42,9 @@ def aligned(run: pdiff.Run, sets: torch.Tensor) -> torch.Tensor:
     """Networks from elsewhere, brought into this collection's frame as `sample --judge` brings them."""
     if not run.collection.get("aligned"):
         return sets
-    return pdiff.align_to(sets, run.snapshots[run.collection["per_network"] - 1], run.layout)
+    spec = pdiff.symmetry(run.net, run.prep.shape)
+    return pdiff.align_to(sets, run.reference, run.layout, spec,
+                          match=pdiff.matcher(run.config, run.net, run.prep, spec, run.data))
 
 
 def other_recipe(run: pdiff.Run, n: int, seed: int) -> torch.Tensor:
@@ -89,7 +91,7 @@ def calibrate(path: Path, other: Path, halvings: int, seed: int, fitted: bool) -
     """{group: (truth, [labels])} for one collection."""
     run = pdiff.open_run(path, model="default" if fitted else None)
     ruler, g = run.ruler(), pdiff.rng(seed, "calibrate")
-    path_ = pdiff.eval_path(run.net, run.prep, run.layout, run.data.x_test)
+    path_ = pdiff.eval_path(run.net, run.prep, run.layout, run.data.x_test, run.calibration)
     o = pdiff.open_run(other)
     sets = known_groups(run, aligned(run, o.snapshots[o.training]), g)
     if run.config.arch == "mlp3":

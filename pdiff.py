@@ -3762,6 +3762,8 @@ def export_best(s: Sampled, r: Run, path: Path, model: str):
         raise PdiffError(f"no {s.name} set had finite parameters: nothing to export")
     best = int(val.nan_to_num(-1.0).argmax())
     r.layout.load(r.net, s.sets[s.name][best])
+    if r.calibration is not None:  # BatchNorm statistics as the set was evaluated with, not the loaded ones
+        recalibrate(r.net, r.prep, r.calibration.to(next(r.net.parameters()).device))
     save_artifact(path, "export", r.net.state_dict(), {
         "picked": f"the most accurate of {len(val)} {s.name} sets on the validation split; the test set played no "
                   "part", "index": best, "accuracy": rnd(s.accuracies[best]), "validation_accuracy": rnd(val[best]),

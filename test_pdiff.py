@@ -1591,10 +1591,18 @@ def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch):
     with safe_open(str(run / "snapshots.safetensors"), "pt") as f:  # the default matching: activations with BatchNorm
         assert json.loads(f.metadata()["collection"])["match"] == ("activations" if arch == "resnet_bn" else "weights")
     assert cli("fit", "--run", run, "--ae-steps", 30, "--ddpm-steps", 30).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--steps", 10, "--json")
+    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--steps", 10, "--json", "--export",
+            tmp_path / "best.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["held_out"]["units"] == 5 and rep["generated"]["label"] in LABELS
+    o = pdiff.open_run(run)  # the exported network, loaded with plain torch, scores what the report says
+    o.net.load_state_dict(read(tmp_path / "best.safetensors"), strict=True)
+    with torch.no_grad():
+        acc = (o.net.eval()(o.prep(o.data.x_test)).argmax(1) == o.data.y_test).float().mean().item() * 100
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
+        i = json.loads(f.metadata()["index"])
+    assert acc == pytest.approx(rep["generated"]["accuracies"][i], abs=1e-3)  # running statistics included
     assert all(g["label"] in LABELS for g in rep["baselines"].values())
     assert rep.get("recalibrated", {}).get("batches") == (5 if arch == "resnet_bn" else None)
     o = pdiff.open_run(run)

@@ -105,8 +105,26 @@ def opt(default, help: str, *flags: str, **option):
     return field(default=default, metadata={"help": help, "flags": flags, **option})
 
 
+# The recipes of the reference code's files (NUS-HPC-AI-Lab/Neural-Network-Diffusion), as collect --protocol sets
+# them; what the user gives overrides them. snapshot_every 0: one epoch of stage-2 steps.
+PROTOCOLS = {
+    "pdiff": {},
+    "v3": dict(pretrained=True, optimizer="adamw", lr=5e-4, epochs=10, batch_size=128, k=300,  # v3 main: dataset/main/
+               snapshot_lr=0.03, snapshot_norm="v3"),  # cifar100_resnet18/train.py, finetune.py
+    "v1": dict(optimizer="sgd", nesterov=False, lr=0.1, schedule="multistep", milestones="10,20,30", gamma=0.1,
+               epochs=30, batch_size=64, k=200, snapshot_optimizer="continue", snapshot_every=0),  # v1: configs/task/
+    "v3-full": dict(image_size=64, optimizer="adamw", lr=5e-3, epochs=50, batch_size=128, params="all", k=300,
+                    snapshot_lr=1e-3, snapshot_norm="v3"),  # v3 full: dataset/full/cifar10_convnet/
+}
+
+
 @dataclass
 class CollectConfig:
+    protocol: typing.Literal[tuple(PROTOCOLS)] = opt(
+        "pdiff", "The recipe of both stages: pdiff (its own), v3 (the paper's main setting as the v3 code runs it: "
+                 "ImageNet weights, AdamW, 300 snapshots one step apart, BatchNorm as its code leaves it), v1 (the v1 "
+                 "code: SGD with steps, stage 1's optimizer going on, a snapshot per epoch) or v3-full (the v3 code's "
+                 "whole small network). The options you give override it; the README's table says what each sets.")
     arch: str = opt("mlp3", "Network: mlp3, convnet3, any torchvision classifier (resnet18, vit_b_16, "
                             "mobilenet_v3_small, ...) or your own, FILE.py:FUNCTION (a function or a class; given "
                             "the arguments it names of channels / in_channels, size / image_size, classes / "
@@ -131,16 +149,7 @@ class CollectConfig:
     width: int = opt(32, "Hidden width of mlp3 / convnet3.", min=1)
     epochs: Optional[int] = opt(None, "Stage-1 epochs (default: 30; 0 with --init; 2 with --pretrained).", min=0)
     batch_size: int = opt(64, "Batch size of both stages.", min=1)
-    optimizer: typing.Literal[OPTIMIZERS] = opt("sgd", "Stage 1: sgd (momentum 0.9) or adamw.")
-    nesterov: bool = opt(True, "SGD with Nesterov momentum; --no-nesterov: plain momentum (the v1 code).")
     lr: float = opt(0.05, "Stage-1 learning rate.", min=0)
-    weight_decay: float = opt(5e-4, "Stage-1 weight decay.", min=0)
-    schedule: typing.Literal["cosine", "multistep"] = opt(
-        "cosine", "Stage-1 learning rate: cosine to 0 over the epochs, or multistep: times --gamma at each of "
-                  "--milestones.")
-    milestones: str = opt("10,20,30", "Epochs at which --schedule multistep multiplies the lr by --gamma (the v1 "
-                                      "code's).")
-    gamma: float = opt(0.1, "The factor of --schedule multistep.", min=0)
     k: Optional[int] = opt(None, "Snapshots to save (default 200); with --seeds, snapshots per network (default: "
                                  "none, each network's final parameters).", "-k", "--k", min=1)
     seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
@@ -158,20 +167,32 @@ class CollectConfig:
     recalibrate: int = opt(20, "With --seeds and BatchNorm: every network evaluated from a parameter vector (the "
                                "originals, blends, baselines, generated) gets running statistics from this many "
                                "training batches of --batch-size (the vectors do not carry them).", min=1)
-    snapshot_optimizer: typing.Literal[OPTIMIZERS + ("continue",)] = opt(
-        "adamw", "Stage 2: sgd (momentum 0.9) or adamw (the v3 code) at a constant lr; or continue: stage 1's "
-                 "optimizer and schedule go on (the v1 code; needs --schedule multistep).")
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
                                              "--params all: whole networks move further per step, 0.001 after "
                                              "--seeds: each network has finished training).", min=0)
-    snapshot_wd: float = opt(5e-4, "Stage-2 weight decay.", min=0)
-    snapshot_every: int = opt(1, "Stage-2 steps per snapshot (the paper's v1: one epoch; v3: 1).", min=1)
-    snapshot_norm: typing.Literal["train", "eval", "v3"] = opt(
-        "train", "Normalisation layers in stage 2: train updates their running statistics; eval keeps them; v3, as "
-                 "the v3 code runs: train for its first two steps (the second ends with the first snapshot), eval "
-                 "after (its test() switches to eval and never back).")
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+    # Set by --protocol, not options of their own.
+    weight_decay: float = 5e-4  # stage 1's (every protocol's)
+    optimizer: typing.Literal[OPTIMIZERS] = "sgd"  # stage 1: sgd (momentum 0.9) or adamw
+    nesterov: bool = True  # SGD with Nesterov momentum (v1: plain)
+    schedule: typing.Literal["cosine", "multistep"] = "cosine"  # stage-1 lr: cosine to 0, or x gamma at milestones
+    milestones: str = "10,20,30"  # epochs at which multistep multiplies the lr by gamma
+    gamma: float = 0.1
+    # stage 2: sgd or adamw at a constant lr, or continue: stage 1's optimizer and schedule go on (v1)
+    snapshot_optimizer: typing.Literal[OPTIMIZERS + ("continue",)] = "adamw"
+    snapshot_wd: float = 5e-4
+    snapshot_every: int = 1  # stage-2 steps per snapshot; 0: one epoch (v1)
+    snapshot_norm: typing.Literal["train", "eval", "v3"] = "train"  # normalisation layers in stage 2: train updates
+    # their running statistics; eval keeps them; v3 as its code runs: train for the first two steps (the second ends
+    # with the first snapshot), eval after (its test() switches to eval and never back)
+
+    @classmethod
+    def of(cls, protocol: str = "pdiff", **given) -> "CollectConfig":
+        """A config following `protocol`, where `given` does not say otherwise."""
+        if protocol not in PROTOCOLS:
+            raise PdiffError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}", 2)
+        return cls(**{**PROTOCOLS[protocol], **given, "protocol": protocol})
 
     # Defaults that depend on other settings. The fields keep what was asked (None: the default), these say what
     # it means, so dataclasses.replace(cfg, seeds=200) can never keep a value resolved for another setting.
@@ -190,7 +211,7 @@ class CollectConfig:
         except ValueError:
             epochs = [-1]
         if min(epochs, default=0) < 0:
-            raise PdiffError(f"--milestones takes comma-separated epochs, not '{self.milestones}'", 2)
+            raise PdiffError(f"milestones are comma-separated epochs, not '{self.milestones}'", 2)
         return epochs
 
     def __post_init__(self):  # paths made absolute (fit and sample run from anywhere); what cannot work, refused
@@ -204,8 +225,8 @@ class CollectConfig:
             raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
         self.milestone_epochs  # a usage error now, not after stage 1
         if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.seeds):
-            raise PdiffError("--snapshot-optimizer continue carries stage 1's optimizer and lr on: it needs "
-                             "--schedule multistep (a cosine schedule ends at lr 0) and one network (no --seeds)", 2)
+            raise PdiffError(f"--protocol {self.protocol} carries stage 1's optimizer and lr on into stage 2: it needs "
+                             "one network (no --seeds) and a multistep schedule (a cosine one ends at lr 0)", 2)
         if self.aligned and not self.seeds:
             raise PdiffError("--align permutes many networks' hidden units: it needs --seeds", 2)
 
@@ -225,10 +246,10 @@ class FitConfig:
     latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
     ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
-    input_noise: Optional[float] = opt(None, "Noise std added to the standardised parameters in training (p-diff's "
-                                             "augmentation; default 0.001).", min=0)
-    latent_noise: Optional[float] = opt(None, "Noise std added to the latents in training (default: span 1.0, in "
-                                              "units of their spread; v3 0.1).", min=0)
+    noise: typing.Literal["both", "input", "latent", "none"] = opt(
+        "both", "p-diff's noise augmentation of the autoencoder in training: noise on the standardised parameters "
+                "(input) and on the latents; the stds are the generator's (span 0.001 and 1.0 of the latents' spread, "
+                "v3 0.001 and 0.1). input, latent or none keep only that (the paper's Table 4b ablation).")
     condition: bool = opt(False, "Condition pdiff's denoiser on each original's validation accuracy (dropped for 10 "
                                  "% of each batch, so one network is also unconditioned), for sample "
                                  "--target-accuracy. The test set stays out of it.")
@@ -238,6 +259,8 @@ class FitConfig:
                               "unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+    input_noise: Optional[float] = None  # the stds themselves (the Python API's; default: the generator's)
+    latent_noise: Optional[float] = None
 
     def __post_init__(self):
         generator_parts(self.generator)  # a usage error now, not after the data has loaded
@@ -247,20 +270,15 @@ class FitConfig:
 class SampleConfig:
     n: int = opt(50, "Parameter sets to generate.", "-n", min=1)
     sampler: typing.Literal[SAMPLERS] = opt("ddpm", "ddpm (all T steps of the model, fit --timesteps) or ddim "
-                                                    "(fast; deterministic with --eta 0).")
+                                                    "(fast, deterministic).")
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
-    eta: float = opt(0.0, "DDIM eta: 0 deterministic, 1 as noisy as DDPM.", min=0)
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
                                 "verdict says at most `fresh`).")
     noise_std: str = opt("0.001,0.01,0.05,0.15,0.5,1", "Noise baselines: a training original plus noise of each of "
-                                                       "these stds, in --noise-units (the reference code's 0.001, 0.05, "
-                                                       "0.15 among them): the curve of accuracy against novelty that "
-                                                       "noise alone buys.")
-    noise_units: typing.Literal["values", "spread", "raw"] = opt(
-        "values", "The unit of --noise-std: values, the std of each tensor's values in that original (the reference "
-                  "code's); spread, pdiff's standardised units (the originals' per-tensor spread); raw, parameter "
-                  "units (arXiv 2506.07998).")
-    average_m: int = opt(16, "Originals averaged per model of the average baseline.", min=1)
+                                                       "these stds, in units of the std of each tensor's values in "
+                                                       "that original (the reference code's 0.001, 0.05, 0.15 among "
+                                                       "them): the curve of accuracy against novelty that noise alone "
+                                                       "buys.")
     target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
                                                  "--condition; classifier-free guidance).", min=0, max=100)
     guidance: float = opt(2.0, "Guidance weight w of --target-accuracy: eps = (1 + w) eps(target) - w eps(none); 0 "
@@ -270,6 +288,12 @@ class SampleConfig:
                                               "baseline is picked alike from as many draws; the test set only "
                                               "grades.", min=0, max=100)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+    # Not options: the Python API's (and the tests') knobs.
+    eta: float = 0.0  # DDIM eta: 0 deterministic, 1 as noisy as DDPM
+    noise_units: typing.Literal["values", "spread", "raw"] = "values"  # of noise_std: values, the std of each
+    # tensor's values in that original (the reference code's); spread, pdiff's standardised units (the originals'
+    # per-tensor spread); raw, parameter units (arXiv 2506.07998)
+    average_m: int = 16  # originals averaged per model of the average baseline
 
 
 DDIM_STEPS = 50  # --steps default for ddim
@@ -2100,9 +2124,9 @@ def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
 def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop",
                       *, stage1: tuple = (None, None), shortcut: bool = True) -> torch.Tensor:
     """Stage 2: everything but the selected parameters frozen; a snapshot every `snapshot_every` optimizer
-    steps -> (K, D). Normalisation layers as cfg.snapshot_norm says. stage1: stage 1's (optimizer, schedule), for
-    --snapshot-optimizer continue. shortcut=False lets gradients flow through the frozen part (the benchmark's
-    naive path)."""
+    steps (0: one epoch) -> (K, D). Normalisation layers as cfg.snapshot_norm says. stage1: stage 1's (optimizer,
+    schedule), for snapshot_optimizer continue (--protocol v1). shortcut=False lets gradients flow through the frozen
+    part (the benchmark's naive path)."""
     named = dict(net.named_parameters())
     selected = [named[n] for n in layout.names]
     net.requires_grad_(not shortcut)
@@ -2110,7 +2134,8 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
         p.requires_grad_(True)
     front, tail = split_net(net, prep, layout) if shortcut else (prep, [(net, {})])
     back = ddp(nn.Sequential(*[m for m, _ in tail]))
-    batch, _ = batches(cfg, data, "snapshot", share=True)
+    batch, per_epoch = batches(cfg, data, "snapshot", share=True)
+    every_n = cfg.snapshot_every or per_epoch
     opt, sched = stage1 if cfg.snapshot_optimizer == "continue" else \
         (optimizer(cfg.snapshot_optimizer, selected, cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov), None)
     record = State(vectors=torch.zeros(cfg.snapshot_count, layout.D))
@@ -2126,8 +2151,8 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     def store(i):
         record["vectors"][i] = layout.flatten(net)
 
-    loop.run("snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, loss, opt, sched=sched,
-             after=every(cfg.snapshot_every, store, cfg.first_snapshot),
+    loop.run("snapshots", cfg.first_snapshot + cfg.snapshot_count * every_n, loss, opt, sched=sched,
+             after=every(every_n, store, cfg.first_snapshot),
              keep={"net": net, "opt_snap": opt, "snapshots": record})
     net.requires_grad_(True)
     return record["vectors"]
@@ -2211,8 +2236,9 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     def store(i):
         rows[:, i] = flat()
 
-    loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * cfg.snapshot_every, losses("snapshot"),
-             opt, after=every(cfg.snapshot_every, store, cfg.first_snapshot),
+    every_n = cfg.snapshot_every or per_epoch
+    loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * every_n, losses("snapshot"),
+             opt, after=every(every_n, store, cfg.first_snapshot),
              keep={"nets": params, "buffers": buffers, "opt_snap": opt, "rows": State(rows=rows)})
     return buffers
 
@@ -2404,6 +2430,8 @@ def generator_settings(cfg: "FitConfig") -> dict:
     the model file as resolved, and read back from there (a later default never changes a fitted model)."""
     ae, dn = generator_parts(cfg.generator)
     given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "ddpm_steps", "input_noise", "latent_noise")}
+    given |= {"input_noise": 0.0} if cfg.noise in ("latent", "none") else {}
+    given |= {"latent_noise": 0.0} if cfg.noise in ("input", "none") else {}
     return {**AUTOENCODERS[ae][0].DEFAULTS, **DENOISERS[dn].DEFAULTS, "seed": cfg.seed,
             **{k: v for k, v in given.items() if v is not None}}
 
@@ -2813,7 +2841,7 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     """The reverse steps cfg asks of a model with T diffusion steps (ddpm: all T); T=None only checks usage."""
     if cfg.sampler == "ddpm" and (cfg.steps is not None or cfg.eta):
-        raise PdiffError("--steps and --eta apply to --sampler ddim", 2)
+        raise PdiffError("--steps (and eta) apply to --sampler ddim", 2)
     if T is not None and cfg.steps is not None and cfg.steps > T:
         raise PdiffError(f"--steps can be at most the model's T ({T})", 2)
     return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
@@ -3402,7 +3430,10 @@ def command(config=None, short: str = ""):
             given = {k for k in kw if (s := ctx.get_parameter_source(k)) is not None and s.name == "COMMANDLINE"}
             settings = {f.name: kw.pop(f.name) for f in fields}
             with one_line_errors(name, kw), interruptible() if resumable else nullcontext():
-                filled = {"cfg": config(**settings)} if config else {}
+                typed = {k: settings[k] for k in given & settings.keys() - {"protocol"}}
+                preset = getattr(config, "of", None)  # a protocol's recipe where no option was given
+                filled = {"cfg": preset(settings["protocol"], **typed) if preset else config(**settings)} \
+                    if config else {}
                 filled |= {"given": given} if "given" in inspect.signature(fn).parameters else {}
                 return fn(**filled, **kw)
 
@@ -3549,6 +3580,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
+    if not cfg.snapshot_every:  # one epoch of stage-2 steps (--protocol v1)
+        cfg = dataclasses.replace(cfg, snapshot_every=batches(cfg, d, "snapshot")[1])
     if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
         cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
     if cfg.selection == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing

@@ -3,6 +3,7 @@
     python -m pytest -q test_pdiff.py
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -253,18 +254,40 @@ def test_snapshot_steps_and_the_v3_normalisation_mode():
     assert net.training and not net[1].training
 
 
-def test_stage2_can_continue_stage1s_optimizer_and_schedule(tmp_path):
-    vectors = {}
-    for gamma in (0, 1):  # after the milestone the lr is 0.05 * gamma; stage 2 goes on with it
-        run = tmp_path / f"g{gamma}"
-        r = cli("collect", "--run", run, "--epochs", 2, "--schedule", "multistep", "--milestones", 1, "--gamma", gamma,
-                "--no-nesterov", "-k", 3, "--snapshot-optimizer", "continue")
-        assert r.exit_code == 0, r.output
-        vectors[gamma] = read(run / "snapshots.safetensors")["snapshots"]
-    assert torch.equal(vectors[0][0], vectors[0][2])  # lr 0: nothing moves, momentum or not
-    assert (vectors[1][0] - vectors[1][2]).abs().max() > 1e-4
-    r = cli("collect", "--run", tmp_path / "x", "--snapshot-optimizer", "continue")  # cosine ends at lr 0
-    assert r.exit_code == 2 and "needs --schedule multistep" in r.stderr
+def test_protocol_v1_continues_stage1s_optimizer_with_a_snapshot_per_epoch(tmp_path):
+    """--protocol v1 sets the v1 code's recipe (options given override it): SGD without Nesterov, lr 0.1 in steps,
+    and stage 2 goes on with stage 1's optimizer, a snapshot after every epoch."""
+    run = tmp_path / "v1"
+    r = cli("collect", "--run", run, "--protocol", "v1", "--epochs", 2, "-k", 3, "--json")
+    assert r.exit_code == 0, r.output
+    cfg = dataclasses.asdict(pdiff.open_run(run).config)  # as recorded, every preset spelled out
+    per_epoch = pdiff.batches(pdiff.CollectConfig(), pdiff.load_data("digits", validation=0.2), "snapshot")[1]
+    assert (cfg["protocol"], cfg["optimizer"], cfg["nesterov"], cfg["lr"], cfg["schedule"], cfg["epochs"]) == \
+        ("v1", "sgd", False, 0.1, "multistep", 2)  # --epochs overrides the preset's 30
+    assert (cfg["snapshot_optimizer"], cfg["snapshot_every"], cfg["k"]) == ("continue", per_epoch, 3)
+    snaps = read(run / "snapshots.safetensors")["snapshots"]
+    assert snaps.shape[0] == 3 and (snaps[0] - snaps[2]).abs().max() > 1e-4
+    for gamma in (0.0, 1.0):  # after the milestone the lr is 0.1 * gamma, and stage 2 goes on with it
+        cfg = pdiff.CollectConfig.of("v1", milestones="1", gamma=gamma, epochs=2, k=3)
+        net = torch.nn.Linear(2, 2)
+        opt = pdiff.optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay, cfg.nesterov)
+        sched = pdiff.schedule(cfg, opt, 2 * 5, 5)
+        for _ in range(7):
+            opt.step(), sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * gamma) and not opt.param_groups[0]["nesterov"]
+    r = cli("collect", "--run", tmp_path / "x", "--protocol", "v1", "--seeds", 3)  # each network its own optimizer
+    assert r.exit_code == 2 and "--protocol v1" in r.stderr and "no --seeds" in r.stderr
+
+
+def test_protocol_presets_are_the_defaults_options_override():
+    v3 = pdiff.CollectConfig.of("v3", lr=0.01)
+    assert (v3.pretrained, v3.optimizer, v3.lr, v3.batch_size, v3.k, v3.snapshot_lr, v3.snapshot_norm) == \
+        (True, "adamw", 0.01, 128, 300, 0.03, "v3")
+    full = pdiff.CollectConfig.of("v3-full").resolved()
+    assert (full.image_size, full.params, full.epochs, full.snapshot_lr) == (64, "all", 50, 1e-3)
+    assert pdiff.CollectConfig.of() == pdiff.CollectConfig()  # pdiff's own: the dataclass defaults
+    r = cli("collect", "--run", "x", "--protocol", "v2")
+    assert r.exit_code == 2 and "v3-full" in r.output
 
 
 def test_pack_unpack_optimizer_state():
@@ -937,7 +960,7 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["sample", "-n", "0"], 2, "'-n'"), (["sample", "--sampler", "euler"], 2, "'euler' is not one of"),
     (["collect", "--params", "zzz*"], 2, "'zzz*' matches no parameter"), (["collect", "--data", "mnist", "--no-download"], 1, "--no-download"),
     (["fit"], 1, "pdiff collect --run"), (["sample"], 1, "pdiff collect --run"),
-    (["sample", "--eta", "0.5"], 2, "apply to --sampler ddim"), (["sample", "--steps", "10"], 2, "apply to --sampler ddim"),
+    (["sample", "--steps", "10"], 2, "apply to --sampler ddim"),
     (["sample", "--plot", "out.pdf"], 2, "should end in .png"), (["sample", "-n", "abc"], 2, "valid integer"),
     (["sample", "--bogus"], 2, "No such option: --bogus"), (["collect", "--lr"], 2, "'--lr'"),
     (["fit", "--generator", "span+unet"], 2, "unknown --generator 'span+unet'"),

@@ -6,8 +6,7 @@ source "$(dirname "$0")/common.sh"
 ARCH=$([[ $SCALE == paper ]] && echo resnet18 || echo mlp3)
 pd collect --run "$OUT/noise" --arch "$ARCH" $NET $([[ $SCALE == quick ]] && echo "-k 20") >/dev/null
 header "noise augmentation"
-for setting in "none:--input-noise 0 --latent-noise 0" "input only:--latent-noise 0" \
-               "latent only:--input-noise 0" "both (default):"; do
+for setting in "none:--noise none" "input only:--noise input" "latent only:--noise latent" "both (default):"; do
   name=${setting%%:*}
   model=$(tr -cd 'a-z' <<<"${name%% *}")
   pd fit --run "$OUT/noise" --name "$model" ${setting#*:} $FIT >/dev/null

@@ -11,7 +11,7 @@ if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 if [[ ${QUICK:-0} == 1 ]]; then
   SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --ddpm-steps 30"; SAMPLE="-n 8 --sampler ddim --steps 10"
 elif [[ ${SCALE:-} == paper ]]; then  # the v3 code's protocol (README: "The paper's protocols")
-  NET="--data cifar100 --pretrained --optimizer adamw --lr 5e-4 --epochs 10"; FIT=""; SAMPLE="-n 200"
+  NET="--data cifar100 --protocol v3"; FIT=""; SAMPLE="-n 200"
 else
   SCALE=digits; NET=""; FIT=""; SAMPLE="-n 50"
 fi

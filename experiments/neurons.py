@@ -46,17 +46,32 @@ sys.path.insert(0, str(HERE.parent))
 import pdiff  # noqa: E402
 
 
+def layer_pairs(layout: pdiff.Layout) -> list[tuple[str, str]]:
+    """(weight, bias) names of the weight layers of a Sequential MLP layout, in order (the MLP-only view this
+    experiment takes; pdiff.symmetry reads any network's units from its module graph)."""
+    return [(w, b) for w, b in zip(layout.names[::2], layout.names[1::2])]
+
+
+def permute(p: dict, pairs: list, perms: list) -> dict:
+    """An MLP's parameter dict with hidden layer l's units reordered by perms[l] (unit i becomes old unit
+    perms[l][i]): the same function."""
+    p = dict(p)
+    for (w, b), (w_next, _), perm in zip(pairs, pairs[1:], perms):
+        p[w], p[b], p[w_next] = p[w][perm], p[b][perm], p[w_next][:, perm]
+    return p
+
+
 # ----------------------------------------------------------------------------------------------------
 # a network vector (D,) <-> its graph: tokens per hidden layer, edges between hidden layers, a global vector
 
 
 class Graph:
-    """The parts of an MLP layout. Layers l = 0..L-1 are pdiff.layer_pairs(layout): W_l (n_l, n_{l-1}), b_l (n_l);
+    """The parts of an MLP layout. Layers l = 0..L-1 are layer_pairs(layout): W_l (n_l, n_{l-1}), b_l (n_l);
     layers 0..L-2 have hidden (permutable) units. Token of hidden layer l: [b_l, W_0 row if l = 0, W_{L-1} column
     if l = L-2]; edges: W_l for 1 <= l <= L-2; global: b_{L-1}."""
 
     def __init__(self, layout: pdiff.Layout):
-        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        self.layout, self.pairs = layout, layer_pairs(layout)
         shapes = dict(zip(layout.names, layout.shapes))
         if len(self.pairs) < 2 or any(len(shapes[w]) != 2 for w, _ in self.pairs) or \
                 len(layout.names) != 2 * len(self.pairs):
@@ -100,7 +115,7 @@ class Graph:
 
     def permute(self, x: torch.Tensor, perms: list) -> torch.Tensor:
         """(B, D) with hidden layer l's units reordered by perms[l] (the same function): pdiff.permute per row."""
-        return torch.stack([self.layout.pack(pdiff.permute(self.layout.unflatten(v), self.pairs, perms)) for v in x])
+        return torch.stack([self.layout.pack(permute(self.layout.unflatten(v), self.pairs, perms)) for v in x])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +496,7 @@ class Probes:
 
     def __init__(self, layout: pdiff.Layout, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
                  seed: int = 0):
-        self.layout, self.pairs = layout, pdiff.layer_pairs(layout)
+        self.layout, self.pairs = layout, layer_pairs(layout)
         self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
         self.x = self.target = None
 
@@ -577,7 +592,7 @@ class OutputStage:
                  probes: torch.Tensor = None, seed: int = 0):
         """probes (m, n_in): inputs (Probes' class inputs, no data) on which each last-hidden unit's responses
         are added to its features: what it computes, read functionally."""
-        self.pairs, self.layout, self.probes = pdiff.layer_pairs(layout), layout, probes
+        self.pairs, self.layout, self.probes = layer_pairs(layout), layout, probes
         self.settings = dict(width=width, depth=depth, heads=heads, steps=steps, batch=batch, lr=lr, ema=ema,
                              sample_steps=sample_steps, seed=seed)
         shapes = dict(zip(layout.names, layout.shapes))
@@ -715,9 +730,9 @@ def _se(pred, target, weight) -> tuple:
 
 
 def mlp_forward(layout: pdiff.Layout, p: dict, x: torch.Tensor, upto: int = None) -> torch.Tensor:
-    """An MLP given as a parameter dict (pdiff.layer_pairs order, ReLU between layers) on inputs x (N, n_in) ->
+    """An MLP given as a parameter dict (layer_pairs order, ReLU between layers) on inputs x (N, n_in) ->
     logits, or the pre-activations of layer `upto` (N, n_upto)."""
-    pairs, h = pdiff.layer_pairs(layout), x
+    pairs, h = layer_pairs(layout), x
     for l, (w, b) in enumerate(pairs):
         z = h @ p[w].T + p[b]
         if l == upto:
@@ -732,7 +747,7 @@ def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: 
     layer by layer, each hidden unit's pre-activation is shifted and scaled (its incoming weights and bias) so its
     mean and std on x equal the mean of its parents' means and stds. Later layers see the repaired earlier ones.
     The output layer is left as it is. -> (D,)."""
-    pairs = pdiff.layer_pairs(layout)
+    pairs = layer_pairs(layout)
     q = layout.unflatten(blend.clone())
     ps = [layout.unflatten(v) for v in parents]
     for l, (w, b) in enumerate(pairs[:-1]):
@@ -812,7 +827,8 @@ def main(argv=None):
     x_train = run.snapshots[train]
     m_held, held_row = pdiff.held_out_group(run, ruler)
     n_held = len(run.units)
-    ref_vec = run.snapshots[per - 1]  # the alignment reference (network 0, a training network)
+    ref_vec = run.reference  # the alignment reference (network 0, a training network, or their MergeMany mean)
+    spec = pdiff.symmetry(run.net, run.prep.shape)  # its hidden units, read from the graph (weight matching)
     path = pdiff.eval_path(run.net, run.prep, run.layout, run.data.x_test)
 
     rows = {}
@@ -848,16 +864,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     raw = gen.sample(n, torch.Generator().manual_seed(args.seed + 1))
     sample_s = time.perf_counter() - t0
-    sets = pdiff.align_to(raw, ref_vec, run.layout)
+    sets = pdiff.align_to(raw, ref_vec, run.layout, spec)
     if args.save:
         torch.save(sets, args.save)
     rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
     if gen.settings["calibrate"]:  # ablation: the same networks without the output-bias calibration
         plain = gen.sample(n, torch.Generator().manual_seed(args.seed + 1), calibrate=False)
-        rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout))
+        rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout, spec))
     if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
         done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
-        rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout))
+        rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout, spec))
     if args.save_model:
         torch.save(gen.state_dict(), args.save_model)
 

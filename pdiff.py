@@ -120,6 +120,7 @@ PROTOCOLS = {
 
 @dataclass
 class CollectConfig:
+    """What collect was asked (None: a default that depends on other settings); the stages read cfg.resolved()."""
     protocol: typing.Literal[tuple(PROTOCOLS)] = opt(
         "pdiff", "The recipe of both stages: pdiff (its own), v3 (the paper's main setting as the v3 code runs it: "
                  "ImageNet weights, AdamW, 300 snapshots one step apart, BatchNorm as its code leaves it), v1 (the v1 "
@@ -164,14 +165,15 @@ class CollectConfig:
     reference: typing.Literal["first", "mean"] = opt(
         "first", "With --align, the network the others are permuted to match: first, the first network; mean, "
                  "MergeMany's consensus of the training networks (Ainsworth et al. 2022; several times slower).")
-    recalibrate: int = opt(20, "With --seeds and BatchNorm: every network evaluated from a parameter vector (the "
-                               "originals, blends, baselines, generated) gets running statistics from this many "
-                               "training batches of --batch-size (the vectors do not carry them).", min=1)
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
                                              "--params all: whole networks move further per step, 0.001 after "
                                              "--seeds: each network has finished training).", min=0)
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
+    # Not options: the Python API's. With --seeds and BatchNorm, every network evaluated from a parameter vector (the
+    # originals, blends, baselines, generated) gets running statistics from this many training batches of
+    # --batch-size (the vectors carry none; experiments/recalibrate.py measures 1 to 50).
+    recalibrate: int = 20
     # Set by --protocol, not options of their own.
     weight_decay: float = 5e-4  # stage 1's (every protocol's)
     optimizer: typing.Literal[OPTIMIZERS] = "sgd"  # stage 1: sgd (momentum 0.9) or adamw
@@ -194,14 +196,17 @@ class CollectConfig:
             raise PdiffError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}", 2)
         return cls(**{**PROTOCOLS[protocol], **given, "protocol": protocol})
 
-    # Defaults that depend on other settings. The fields keep what was asked (None: the default), these say what
-    # it means, so dataclasses.replace(cfg, seeds=200) can never keep a value resolved for another setting.
-    selection = property(lambda c: c.params or ("all" if c.arch in ("mlp3", "convnet3") or c.seeds else "norm"))
-    train_epochs = property(lambda c: c.epochs if c.epochs is not None else 0 if c.init else 2 if c.pretrained else 30)
-    snapshot_count = property(lambda c: c.k if c.k is not None else 0 if c.seeds else 200)  # per network with seeds
-    stage2_lr = property(lambda c: c.snapshot_lr if c.snapshot_lr is not None else 0.001 if c.seeds else
-                         0.01 if c.selection == "all" else 0.03)
-    aligned = property(lambda c: c.align if c.align is not None else bool(c.seeds))
+    def defaults(self) -> dict:
+        """The defaults that depend on other settings, for the fields left at None: the fields keep what was asked, so
+        dataclasses.replace(cfg, seeds=200) never keeps a value resolved for another setting; resolved() fills them."""
+        params = self.params or ("all" if self.arch in ("mlp3", "convnet3") or self.seeds else "norm")
+        return dict(params=params,
+                    epochs=self.epochs if self.epochs is not None else 0 if self.init else 2 if self.pretrained else 30,
+                    k=self.k if self.k is not None else 0 if self.seeds else 200,  # per network with seeds
+                    snapshot_lr=self.snapshot_lr if self.snapshot_lr is not None else 0.001 if self.seeds else
+                    0.01 if params == "all" else 0.03,
+                    align=self.align if self.align is not None else bool(self.seeds))
+
     first_snapshot = property(lambda c: 1 if c.snapshot_norm == "v3" else 0)  # stage-2 steps before the first one
 
     @property
@@ -219,7 +224,8 @@ class CollectConfig:
             path, _, fn = self.arch.rpartition(":")
             self.arch = f"{Path(path).resolve()}:{fn}"
         self.data_dir = str(Path(self.data_dir).resolve())
-        if self.seeds and self.selection != "all":
+        resolved = self.defaults()
+        if self.seeds and resolved["params"] != "all":
             raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
         if self.seeds and self.init:
             raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
@@ -227,12 +233,11 @@ class CollectConfig:
         if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.seeds):
             raise PdiffError(f"--protocol {self.protocol} carries stage 1's optimizer and lr on into stage 2: it needs "
                              "one network (no --seeds) and a multistep schedule (a cosine one ends at lr 0)", 2)
-        if self.aligned and not self.seeds:
+        if resolved["align"] and not self.seeds:
             raise PdiffError("--align permutes many networks' hidden units: it needs --seeds", 2)
 
-    def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record
-        return dataclasses.replace(self, params=self.selection, epochs=self.train_epochs, k=self.snapshot_count,
-                                   snapshot_lr=self.stage2_lr, align=self.aligned)
+    def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record and the stages read
+        return dataclasses.replace(self, **self.defaults())
 
 
 @dataclass
@@ -274,11 +279,6 @@ class SampleConfig:
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
                                 "verdict says at most `fresh`).")
-    noise_std: str = opt("0.001,0.01,0.05,0.15,0.5,1", "Noise baselines: a training original plus noise of each of "
-                                                       "these stds, in units of the std of each tensor's values in "
-                                                       "that original (the reference code's 0.001, 0.05, 0.15 among "
-                                                       "them): the curve of accuracy against novelty that noise alone "
-                                                       "buys.")
     target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
                                                  "--condition; classifier-free guidance).", min=0, max=100)
     guidance: float = opt(2.0, "Guidance weight w of --target-accuracy: eps = (1 + w) eps(target) - w eps(none); 0 "
@@ -289,6 +289,9 @@ class SampleConfig:
                                               "grades.", min=0, max=100)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
     # Not options: the Python API's (and the tests') knobs.
+    noise_std: str = "0.001,0.01,0.05,0.15,0.5,1"  # noise baselines: a training original plus noise of each of these
+    # stds, in noise_units (the reference code's 0.001, 0.05, 0.15 among them): the curve of accuracy against
+    # novelty that noise alone buys
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 as noisy as DDPM
     noise_units: typing.Literal["values", "spread", "raw"] = "values"  # of noise_std: values, the std of each
     # tensor's values in that original (the reference code's); spread, pdiff's standardised units (the originals'
@@ -2106,7 +2109,7 @@ def schedule(cfg: CollectConfig, opt: torch.optim.Optimizer, total: int, per_epo
 def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop") -> tuple:
     """Stage 1: the whole network. -> (optimizer, schedule), which stage 2 may continue."""
     batch, per_epoch = batches(cfg, data, "train", share=True)
-    total = cfg.train_epochs * per_epoch
+    total = cfg.epochs * per_epoch
     opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay, cfg.nesterov)
     sched = schedule(cfg, opt, total, per_epoch)
     model = ddp(net)
@@ -2137,8 +2140,8 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     batch, per_epoch = batches(cfg, data, "snapshot", share=True)
     every_n = cfg.snapshot_every or per_epoch
     opt, sched = stage1 if cfg.snapshot_optimizer == "continue" else \
-        (optimizer(cfg.snapshot_optimizer, selected, cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov), None)
-    record = State(vectors=torch.zeros(cfg.snapshot_count, layout.D))
+        (optimizer(cfg.snapshot_optimizer, selected, cfg.snapshot_lr, cfg.snapshot_wd, cfg.nesterov), None)
+    record = State(vectors=torch.zeros(cfg.k, layout.D))
 
     def loss(step):
         norm_mode(net, cfg.snapshot_norm, step)
@@ -2151,7 +2154,7 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     def store(i):
         record["vectors"][i] = layout.flatten(net)
 
-    loop.run("snapshots", cfg.first_snapshot + cfg.snapshot_count * every_n, loss, opt, sched=sched,
+    loop.run("snapshots", cfg.first_snapshot + cfg.k * every_n, loss, opt, sched=sched,
              after=every(every_n, store, cfg.first_snapshot),
              keep={"net": net, "opt_snap": opt, "snapshots": record})
     net.requires_grad_(True)
@@ -2177,7 +2180,7 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
     initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
     each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
     process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
-    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.snapshot_count or 1, world()
+    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
     record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
     loop.keep(record=record)  # the seeds finished before the checkpoint stay finished
     todo = [s for s in seeds if not record["done"][s - cfg.seed]]
@@ -2225,19 +2228,19 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     flat = lambda: layout.pack({n: t.detach() for n, t in params.items()}, batch=1).cpu()  # (N, D)
     per_epoch = batches(cfg, data, "train")[1]
     opt = optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay, cfg.nesterov)
-    sched = schedule(cfg, opt, cfg.train_epochs * per_epoch, per_epoch)
-    loop.run(f"{name}: train", cfg.train_epochs * per_epoch, losses("train"), opt, sched=sched,
+    sched = schedule(cfg, opt, cfg.epochs * per_epoch, per_epoch)
+    loop.run(f"{name}: train", cfg.epochs * per_epoch, losses("train"), opt, sched=sched,
              keep={"nets": params, "buffers": buffers, "opt_net": opt, "sched_net": sched})
-    if not cfg.snapshot_count:
+    if not cfg.k:
         rows[:, 0] = flat()
         return buffers
-    opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.stage2_lr, cfg.snapshot_wd, cfg.nesterov)
+    opt = optimizer(cfg.snapshot_optimizer, params.values(), cfg.snapshot_lr, cfg.snapshot_wd, cfg.nesterov)
 
     def store(i):
         rows[:, i] = flat()
 
     every_n = cfg.snapshot_every or per_epoch
-    loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.snapshot_count * every_n, losses("snapshot"),
+    loop.run(f"{name}: snapshots", cfg.first_snapshot + cfg.k * every_n, losses("snapshot"),
              opt, after=every(every_n, store, cfg.first_snapshot),
              keep={"nets": params, "buffers": buffers, "opt_snap": opt, "rows": State(rows=rows)})
     return buffers
@@ -2258,7 +2261,7 @@ def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, sp
     """--align: (K, D) -> (the collection aligned, the reference (D,) it matches, the rows that made it): the first
     network, or MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the
     held-out ones are aligned to it exactly as a judged network is."""
-    per = cfg.snapshot_count or 1
+    per = cfg.k or 1
     rows = [per - 1]
     if cfg.reference == "mean":
         held = set(holdout(collection(cfg), len(snaps), FitConfig().holdout).held_out)
@@ -2299,7 +2302,7 @@ def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool, fa
         net = net.to(memory_format=torch.channels_last)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.pretrained else (data.mean, data.std)
     inp = {"channels": C, "size": S, "classes": data.classes, "mean": mean, "std": std}
-    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.selection, fallback=fallback), inp
+    return net, Prep(mean, std, ch, size).to(device), select_params(net, cfg.params, fallback=fallback), inp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3550,10 +3553,10 @@ def collection(cfg: CollectConfig, batchnorm: bool = False) -> dict:
     """Where the snapshots come from, as the snapshot file records it (batchnorm: the networks have running
     statistics, recomputed on cfg.recalibrate batches wherever one is evaluated)."""
     if cfg.seeds:
-        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.snapshot_count or 1, "aligned": cfg.aligned,
-                **({"match": cfg.match, "reference": cfg.reference} if cfg.aligned else {}),
+        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.k or 1, "aligned": cfg.align,
+                **({"match": cfg.match, "reference": cfg.reference} if cfg.align else {}),
                 **({"recalibrated": cfg.recalibrate} if batchnorm else {})}
-    return {"kind": "steps", "networks": 1, "per_network": cfg.snapshot_count, "aligned": False}
+    return {"kind": "steps", "networks": 1, "per_network": cfg.k, "aligned": False}
 
 
 def recalibration(collection: dict, cfg: CollectConfig) -> dict:
@@ -3582,15 +3585,15 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
     if not cfg.snapshot_every:  # one epoch of stage-2 steps (--protocol v1)
         cfg = dataclasses.replace(cfg, snapshot_every=batches(cfg, d, "snapshot")[1])
-    if cfg.aligned and cfg.match is None:  # what won where measured (experiments/reference.py)
+    if cfg.align and cfg.match is None:  # what won where measured (experiments/reference.py)
         cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
-    if cfg.selection == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
+    if cfg.params == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
         cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)
         cfg = cfg.resolved()  # (the stage-2 lr of whole networks too)
         err.print(f"{cfg.arch} has no normalisation layer to pick (--params norm): generating all {layout.D:,} "
                   "parameters (--params all)")
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
-    spec = symmetry(net, prep.shape) if cfg.aligned else None  # a network pdiff cannot align: refused before training
+    spec = symmetry(net, prep.shape) if cfg.align else None  # a network pdiff cannot align: refused before training
     calibrate = calibration_batches(d, cfg.recalibrate, cfg.batch_size, cfg.seed) \
         if cfg.seeds and running_statistics(net) else None  # the vectors do not carry running statistics
     if not cfg.seeds and min(cfg.batch_size, len(d.y_train)) % world():

@@ -1599,14 +1599,15 @@ LABELS = ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
 
 
 @pytest.mark.parametrize("arch", ["lenet5", "resnet_bn"])
-def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch):
+def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch, monkeypatch):
     """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --seeds aligned by
     the spec read from their graphs, fit, sample with the verdict's labels; a held-out network brought shuffled is
     the same network to the verdict (the ResNet's units matched by their activations, the default with BatchNorm)."""
     path, _, size = EXAMPLES[arch]
     run = tmp_path / arch
+    monkeypatch.setitem(pdiff.PROTOCOLS, "pdiff", {"recalibrate": 5})  # a Python API field: 5 batches, not 20
     r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--seeds", 10, "--epochs", 8, "--lr", 0.02,
-            "--recalibrate", 5, "--json")
+            "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["snapshots"]["count"] == 10 and rep["snapshots"]["median"] > 90

@@ -1740,12 +1740,32 @@ class Holdout:
     held_out = property(lambda h: [i for u in h.units for i in u])
 
 
-def holdout(collection: dict, K: int, share: float) -> Holdout:
+@dataclass
+class Collection:
+    """Where the snapshots come from, as the snapshot file records it (Collection.of a resolved CollectConfig)."""
+    kind: typing.Literal["steps", "seeds"] = "steps"  # one network's snapshots, or networks from their own seeds
+    networks: int = 1
+    per_network: int = 1  # snapshots of each network
+    aligned: bool = False  # hidden units permuted to match `reference`'s (--align)
+    match: Optional[str] = None  # how: weights or activations (None: weights, files from before --match)
+    reference: Optional[str] = None  # first or mean
+    reference_rows: list = field(default_factory=list)  # the rows a mean reference was made from
+    recalibrated: int = 0  # BatchNorm: training batches every evaluated network's statistics are recomputed on
+
+    @classmethod
+    def of(cls, cfg: "CollectConfig", batchnorm: bool = False, reference_rows: list = ()) -> "Collection":
+        if not cfg.seeds:
+            return cls("steps", 1, cfg.k)
+        return cls("seeds", cfg.seeds, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
+                   list(reference_rows), cfg.recalibrate if batchnorm else 0)
+
+
+def holdout(collection: Collection, K: int, share: float) -> Holdout:
     """Hold out `share` of the collection (below 1: a share of its networks or snapshots, at least MIN_HELD_OUT of
     them and at most half; else a count): whole networks spread through a many-seed collection, never the first (the
     alignment reference); for one run's snapshots, snapshot_blocks."""
-    seeds = collection.get("kind") == "seeds"
-    count, per = (collection["networks"], collection["per_network"]) if seeds else (K, 1)
+    seeds = collection.kind == "seeds"
+    count, per = (collection.networks, collection.per_network) if seeds else (K, 1)
     n = round(share * count) if share < 1 else int(share)
     n = max(n, min(MIN_HELD_OUT, count // 2)) if 0 < share < 1 else n
     if n >= count and n:
@@ -2264,7 +2284,7 @@ def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, sp
     per = cfg.k or 1
     rows = [per - 1]
     if cfg.reference == "mean":
-        held = set(holdout(collection(cfg), len(snaps), FitConfig().holdout).held_out)
+        held = set(holdout(Collection.of(cfg), len(snaps), FitConfig().holdout).held_out)
         rows = [i for i in range(per - 1, len(snaps), per) if i not in held]
     ref = snaps[rows[0]] if cfg.reference == "first" else merge_many(snaps[rows], layout, spec, cfg.seed, match=match)
     return align(snaps, layout, spec, per, ref, cfg.seed, match=match), ref, rows
@@ -2704,7 +2724,7 @@ def held_out_group(run: Run, ruler: Ruler) -> tuple:
 def reference(run: Run) -> str:
     """What the held-out originals are, in words: how many independent draws."""
     units = run.units
-    if run.collection.get("kind") == "seeds":
+    if run.collection.kind == "seeds":
         return f"{len(units)} held-out networks"
     return f"one run: {len(units)} blocks of {len(units[0]) if units else 0} of its snapshots, kept apart by a gap"
 
@@ -2835,7 +2855,7 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
     else:
         raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
                          f"({', '.join(L.names[:3])}, ...)", 2)
-    if run.collection.get("aligned"):
+    if run.collection.aligned:
         spec = symmetry(run.net, run.prep.shape)
         sets = align_to(sets, run.reference, L, spec, match=matcher(run.config, run.net, run.prep, spec, run.data))
     return sets
@@ -3125,7 +3145,7 @@ class Run:
     val_correct: torch.Tensor  # (K, N_val) the same on the validation split
     data: Data
     ids: dict  # artifact ids: network, snapshots (and model)
-    collection: dict  # where the snapshots come from (collection())
+    collection: Collection  # where the snapshots come from
     split: Holdout  # training rows and held-out units (the model's; else fit's default)
     reference: Optional[torch.Tensor] = None  # (D,) what an aligned collection's networks were permuted to match
     calibration: Optional[torch.Tensor] = None  # (B, b, C, H, W) uint8: training batches that give each evaluated
@@ -3166,13 +3186,13 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         raise PdiffError(f"the {cfg.data} data under '{data_dir or cfg.data_dir}' has {len(d.y_test)} test and "
                          f"{len(d.y_val)} validation examples; the snapshots were evaluated on "
                          f"{t['correct'].shape[1]} and {t['val_correct'].shape[1]}")
-    collected = meta["collection"]
+    collected = Collection(**meta["collection"])
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
-    if collected.get("aligned"):  # files from before the reference was stored: the first network's last row
-        run.reference = t.get("reference", t["snapshots"][collected["per_network"] - 1]).float()
-    if collected.get("recalibrated"):
-        run.calibration = calibration_batches(d, collected["recalibrated"], cfg.batch_size, cfg.seed)
+    if collected.aligned:  # files from before the reference was stored: the first network's last row
+        run.reference = t.get("reference", t["snapshots"][collected.per_network - 1]).float()
+    if collected.recalibrated:
+        run.calibration = calibration_batches(d, collected.recalibrated, cfg.batch_size, cfg.seed)
     if model is not None:
         model_path, ck = model_files(path, model)
         named = '' if model == DEFAULT_MODEL else ' --name ' + model
@@ -3549,21 +3569,11 @@ def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool)
     emit(report, json_out)
 
 
-def collection(cfg: CollectConfig, batchnorm: bool = False) -> dict:
-    """Where the snapshots come from, as the snapshot file records it (batchnorm: the networks have running
-    statistics, recomputed on cfg.recalibrate batches wherever one is evaluated)."""
-    if cfg.seeds:
-        return {"kind": "seeds", "networks": cfg.seeds, "per_network": cfg.k or 1, "aligned": cfg.align,
-                **({"match": cfg.match, "reference": cfg.reference} if cfg.align else {}),
-                **({"recalibrated": cfg.recalibrate} if batchnorm else {})}
-    return {"kind": "steps", "networks": 1, "per_network": cfg.k, "aligned": False}
-
-
-def recalibration(collection: dict, cfg: CollectConfig) -> dict:
+def recalibration(collection: Collection, cfg: CollectConfig) -> dict:
     """The report's word on BatchNorm statistics fitted after the fact: {} where there are none."""
-    if not collection.get("recalibrated"):
+    if not collection.recalibrated:
         return {}
-    return {"recalibrated": {"batches": collection["recalibrated"], "batch_size": cfg.batch_size, "note": (
+    return {"recalibrated": {"batches": collection.recalibrated, "batch_size": cfg.batch_size, "note": (
         "BatchNorm running statistics of every network evaluated from a parameter vector recomputed on these "
         "training batches (the vectors carry none)")}}
 
@@ -3617,16 +3627,15 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     if calibrate is not None:  # the network file: the first network with the statistics every evaluation gives it
         recalibrate(net, prep, calibrate)
     acc, val = summary(accuracy(correct)), summary(accuracy(val_correct))
-    made_of = collection(cfg, calibrate is not None) | ({"reference_rows": made} if made else {})  # (the rows the
-    # alignment reference was made from)
+    made_of = Collection.of(cfg, calibrate is not None, made)
     report = {"run": str(run), "arch": cfg.arch, "data": cfg.data, "params": layout.D, "device": str(dev),
               "seed": cfg.seed, "images": {"train": len(d.y_train), "validation": len(d.y_val), "test": len(d.y_test)},
               "snapshots": acc, "validation": val, **recalibration(made_of, cfg),
               "seconds": {"total": round(time.perf_counter() - t0, 3)}}
     net_id = save_artifact(run / FILES["network"], "network", net.state_dict(), {**meta, "input": inp})
     save_artifact(snap_path, "snapshots", {"snapshots": snaps, "correct": correct, "val_correct": val_correct} | (
-        {"reference": ref} if ref is not None else {}), {**meta, "collection": made_of, "parents": {"network": net_id},
-                                                          "report": report})
+        {"reference": ref} if ref is not None else {}), {**meta, "collection": dataclasses.asdict(made_of),
+                                                          "parents": {"network": net_id}, "report": report})
     loop.finish()
     err.print(table(f"collect: {cfg.arch} on {cfg.data}, {layout.D:,} parameters generated "
                     f"({len(layout.names)} tensors); {len(d.y_train):,} training, {len(d.y_val):,} validation and "
@@ -3656,7 +3665,7 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     if loop is None:
         return finished(out, "model", "fit", cfg, given, json_out)
     r.split = holdout(r.collection, len(r.snapshots), cfg.holdout)  # chosen before anything is fitted
-    if set(r.held_out) & set(r.collection.get("reference_rows", [])):
+    if set(r.held_out) & set(r.collection.reference_rows):
         raise PdiffError(f"--holdout {cfg.holdout:g} would hold out networks that made this collection's alignment "
                          "reference (collect --reference mean: the networks the default --holdout keeps); keep the "
                          "default, or collect with --reference first", 2)
@@ -3777,9 +3786,9 @@ def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFA
         c = net["config"]
         err.print(f"network: {c['arch']} on {c['data']} (collect seed {c['seed']}, validation {c['validation']:g})")
     if snaps:
-        col, rep = snaps["collection"], snaps["report"]
-        err.print(f"collection: {col['kind']}, {col['networks']} network(s) x {col['per_network']} snapshot(s)"
-                  f"{', aligned' if col.get('aligned') else ''}; {rep['params']:,} parameters; test median "
+        col, rep = Collection(**snaps["collection"]), snaps["report"]
+        err.print(f"collection: {col.kind}, {col.networks} network(s) x {col.per_network} snapshot(s)"
+                  f"{', aligned' if col.aligned else ''}; {rep['params']:,} parameters; test median "
                   f"{rep['snapshots']['median']:.2f} %; images {rep.get('images')}")
     for name, m in report["models"].items():
         err.print(f"model {name}: {m['generator']}, fitted to {m['training']} originals, {len(m['held_out'])} held-out "

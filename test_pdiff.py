@@ -423,7 +423,7 @@ def test_judge_says_unknown_where_no_difference_could_show():
 
 
 def test_holdout_keeps_whole_networks_and_blocks_of_one_run_apart():
-    steps = {"kind": "steps", "networks": 1, "per_network": 200}
+    steps = pdiff.Collection("steps", 1, 200)
     h = pdiff.holdout(steps, 200, 0.1)  # 10 blocks of 2 consecutive snapshots, a snapshot unused on either side
     assert len(h.units) == 10 and all(len(u) == 2 and u[1] == u[0] + 1 for u in h.units)
     assert len(h.training) == 200 - 20 - 20 and not set(h.training) & set(h.held_out)
@@ -432,7 +432,7 @@ def test_holdout_keeps_whole_networks_and_blocks_of_one_run_apart():
     assert len(pdiff.holdout(steps, 20, 0.1).units) == 5  # at least a handful
     assert pdiff.holdout(steps, 1, 0.1).units == []  # nothing to spare
     assert pdiff.holdout(steps, 6, 5).training == [5]  # a count may leave one to fit (ablate_k.sh's K=1); no gap
-    seeds = {"kind": "seeds", "networks": 10, "per_network": 3}
+    seeds = pdiff.Collection("seeds", 10, 3)
     h = pdiff.holdout(seeds, 30, 0.1)  # 5 of 10 networks, all 3 snapshots of each, never the first
     assert h.units == [[3, 4, 5], [9, 10, 11], [15, 16, 17], [21, 22, 23], [27, 28, 29]]
     assert h.training == [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20, 24, 25, 26]
@@ -530,7 +530,7 @@ def test_quick_start_quality_bar(digits_run, sampled):
     rt = json.loads(meta["report"])["decoded"]
     assert rt["count"] == 160 and rt["median"] >= orig["median"] - 0.5
     split = json.loads(meta["split"])
-    assert split["units"] == pdiff.holdout({"kind": "steps"}, 200, 0.1).units and len(split["training"]) == 160
+    assert split["units"] == pdiff.holdout(pdiff.Collection(), 200, 0.1).units and len(split["training"]) == 160
 
 
 def test_quick_start_generates_neither_copies_nor_the_mean(digits_run, sampled):
@@ -1425,7 +1425,7 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
                                                           "aligned": True, "match": "weights", "reference": "first",
-                                                          "reference_rows": [3]}
+                                                          "reference_rows": [3], "recalibrated": 0}
 
 
 def test_merge_many_and_the_mean_reference(tmp_path):
@@ -1444,7 +1444,7 @@ def test_merge_many_and_the_mean_reference(tmp_path):
     assert r.exit_code == 0, r.stderr
     with safe_open(str(tmp_path / "r" / "snapshots.safetensors"), "pt") as f:
         made = json.loads(f.metadata()["collection"])["reference_rows"]
-    held = pdiff.holdout({"kind": "seeds", "networks": 6, "per_network": 1}, 6, pdiff.FitConfig().holdout).held_out
+    held = pdiff.holdout(pdiff.Collection("seeds", 6), 6, pdiff.FitConfig().holdout).held_out
     assert made == [0, 2, 4] and held == [1, 3, 5]
     r = cli("fit", "--run", tmp_path / "r", "--holdout", 2)  # networks 2 and 4
     assert r.exit_code == 2 and "would hold out networks that made this collection's alignment reference" in r.stderr

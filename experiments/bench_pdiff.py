@@ -355,7 +355,7 @@ def bench_paper(dev, quick: bool) -> dict:
     t_snap, _, snaps = timed(lambda: pdiff.collect_snapshots(cfg, d, net, prep, layout, pdiff.Loop()), dev)
     t_eval, _, correct = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, d.x_test, d.y_test), dev)
     fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
-    collection = {"kind": "steps", "networks": 1, "per_network": k}
+    collection = pdiff.Collection("steps", 1, k)
     split = pdiff.holdout(collection, k, fit_cfg.holdout)
     t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
     val_correct = pdiff.evaluate(net, prep, layout, snaps, d.x_val, d.y_val)  # no validation split here: (k, 0)

@@ -40,7 +40,7 @@ def pd(*args):
 
 def aligned(run: pdiff.Run, sets: torch.Tensor) -> torch.Tensor:
     """Networks from elsewhere, brought into this collection's frame as `sample --judge` brings them."""
-    if not run.collection.get("aligned"):
+    if not run.collection.aligned:
         return sets
     spec = pdiff.symmetry(run.net, run.prep.shape)
     return pdiff.align_to(sets, run.reference, run.layout, spec,
@@ -77,7 +77,7 @@ def known_groups(run: pdiff.Run, other: torch.Tensor, g: torch.Generator) -> dic
     out = {"another collection": ("fresh", fresh(N)), "training originals": ("copying", copies(N)),
            "+ noise 0.01 spread": ("copying", near(N)), "mean of 16": ("averaging", pick(16)),
            "mean of 4": ("averaging", pick(4)), "midpoint of 2 random": ("averaging", pick(2))}
-    if run.collection["kind"] != "seeds":  # consecutive snapshots: neighbours along the run
+    if run.collection.kind != "seeds":  # consecutive snapshots: neighbours along the run
         i = torch.randint(0, K - 1, (N,), generator=g)
         out["midpoint of 2 adjacent"] = ("copying", (x[i] + x[i + 1]) / 2)
     for share in (0.1, 0.25, 0.5):

@@ -813,7 +813,7 @@ def main(argv=None):
         settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
 
     run = pdiff.open_run(args.run, model=None)
-    if run.collection.get("kind") != "seeds" or not run.collection.get("aligned"):
+    if run.collection.kind != "seeds" or not run.collection.aligned:
         sys.exit("neurons.py compares whole networks in the aligned frame: collect with --seeds (mlp3 aligns by "
                  "default)")
     if args.holdout is not None:  # as `pdiff fit --holdout`: whole held-out networks, never the reference
@@ -823,7 +823,7 @@ def main(argv=None):
     ruler, train, held = run.ruler(), run.training, run.held_out
     if not run.units:
         sys.exit("neurons.py judges against held-out networks: --holdout must keep some")
-    per = run.collection.get("per_network", 1)
+    per = run.collection.per_network
     x_train = run.snapshots[train]
     m_held, held_row = pdiff.held_out_group(run, ruler)
     n_held = len(run.units)

@@ -120,7 +120,7 @@ PROTOCOLS = {
 
 @dataclass
 class CollectConfig:
-    """What collect was asked (None: a default that depends on other settings); the stages read cfg.resolved()."""
+    """What collect was asked (None: a default that depends on other settings, which resolved() fills)."""
     protocol: typing.Literal[tuple(PROTOCOLS)] = opt(
         "pdiff", "The recipe of both stages: pdiff (its own), v3 (the paper's main setting as the v3 code runs it: "
                  "ImageNet weights, AdamW, 300 snapshots one step apart, BatchNorm as its code leaves it), v1 (the v1 "
@@ -237,7 +237,8 @@ class CollectConfig:
             raise PdiffError("--align permutes many networks' hidden units: it needs --seeds", 2)
 
     def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record and the stages read
-        return dataclasses.replace(self, **self.defaults())
+        filled = self.defaults()  # (each stage function resolves what it is given, so a plain config works)
+        return self if all(getattr(self, k) == v for k, v in filled.items()) else dataclasses.replace(self, **filled)
 
 
 @dataclass
@@ -1754,6 +1755,7 @@ class Collection:
 
     @classmethod
     def of(cls, cfg: "CollectConfig", batchnorm: bool = False, reference_rows: list = ()) -> "Collection":
+        cfg = cfg.resolved()  # (any config: its defaults filled)
         if not cfg.seeds:
             return cls("steps", 1, cfg.k)
         return cls("seeds", cfg.seeds, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
@@ -2128,6 +2130,7 @@ def schedule(cfg: CollectConfig, opt: torch.optim.Optimizer, total: int, per_epo
 
 def train_network(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Module, loop: "Loop") -> tuple:
     """Stage 1: the whole network. -> (optimizer, schedule), which stage 2 may continue."""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     batch, per_epoch = batches(cfg, data, "train", share=True)
     total = cfg.epochs * per_epoch
     opt = optimizer(cfg.optimizer, net.parameters(), cfg.lr, cfg.weight_decay, cfg.nesterov)
@@ -2150,6 +2153,7 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     steps (0: one epoch) -> (K, D). Normalisation layers as cfg.snapshot_norm says. stage1: stage 1's (optimizer,
     schedule), for snapshot_optimizer continue (--protocol v1). shortcut=False lets gradients flow through the frozen
     part (the benchmark's naive path)."""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     named = dict(net.named_parameters())
     selected = [named[n] for n in layout.names]
     net.requires_grad_(not shortcut)
@@ -2200,6 +2204,7 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
     initialisation and data order, trained in groups that fit STACK_MEMORY (all of them at once for mlp3);
     each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
     process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
     record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
     loop.keep(record=record)  # the seeds finished before the checkpoint stay finished
@@ -2230,6 +2235,7 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     evaluation recomputes them. Each network draws its own batches from its own seed. Results are bit-identical
     for a seed whatever the group around it (with BatchNorm, equal to ~1e-5: vmap batches its arithmetic
     differently). Writes rows (N, max(k, 1), D); returns the buffers {name: (N, ...)}."""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     stacked = torch.func.stack_module_state(nets)
     params, buffers = State(stacked[0]), State(stacked[1])  # {name: (N, ...)}
     base, name = copy.deepcopy(nets[0]).to("meta").train(), f"seeds {seeds[0]}-{seeds[-1]}"
@@ -2281,6 +2287,7 @@ def align_collection(cfg: CollectConfig, snaps: torch.Tensor, layout: Layout, sp
     """--align: (K, D) -> (the collection aligned, the reference (D,) it matches, the rows that made it): the first
     network, or MergeMany's consensus of the training networks only (those fit's default --holdout keeps); the
     held-out ones are aligned to it exactly as a judged network is."""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     per = cfg.k or 1
     rows = [per - 1]
     if cfg.reference == "mean":
@@ -2304,6 +2311,7 @@ def recalibrate(net: nn.Module, prep: nn.Module, xs: torch.Tensor):
 def collect_network(cfg: CollectConfig, data: Data, device, *, weights: bool, fallback: bool = False) -> tuple:
     """The network collect trains, on the device: (net, input prep, layout, input spec). `weights`: load the
     pretrained or --init weights (not when a checkpoint or a saved network follows). fallback: select_params'."""
+    cfg = cfg.resolved()  # (any config: its defaults filled)
     C, S = data.x_train.shape[1], data.x_train.shape[-1]
     torch.manual_seed(cfg.seed)
     net, ch, size = build_net(cfg.arch, C, S, data.classes, width=cfg.width, pretrained=cfg.pretrained,

@@ -2177,3 +2177,15 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"held-out originals", "generated (neurons)", "generated, not calibrated",
                          "diagnostic: held-out layer 1, rest generated"}
     assert 0 <= rows["generated (neurons)"]["median"] <= 100
+
+
+def test_every_experiment_script_parses():
+    """The scripts no test runs end to end (the benchmark, the long studies) at least compile, and the shell scripts
+    parse: a refactor of pdiff.py that breaks their syntax shows here."""
+    import py_compile
+    scripts = sorted((HERE / "experiments").glob("*.py"))
+    assert len(scripts) >= 5
+    for path in scripts:
+        py_compile.compile(str(path), doraise=True)
+    for path in sorted((HERE / "experiments").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path

@@ -236,7 +236,7 @@ def bench_collect(dev, k: int, n_train: int = 512, n_test: int = 16) -> dict:
 
     def one(shortcut: bool, k: int):
         net, layout, prep = resnet(dev)
-        cfg = pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9
+        cfg = pdiff.CollectConfig(arch="resnet18", epochs=0, k=k, batch_size=64, checkpoint_every=10**9)
         ticks = Ticks()
         sync(dev)
         t = time.perf_counter()
@@ -264,14 +264,14 @@ def bench_seeds(dev, n: int, epochs: int) -> dict:
     """[5] N mlp3 networks on digits, stage 1 (30 epochs): trained together (pdiff's stacked, vmapped path, one
     group) vs one after another (pdiff's single-network train_network, N times). Same seeds, same recipe."""
     d = pdiff.load_data("digits").to(dev)
-    cfg = pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9
+    cfg = pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9)
     prep = pdiff.Prep(d.mean, d.std, 1, 8).to(dev)
     make = lambda s: pdiff.collect_network(pdiff.dataclasses.replace(cfg, seed=s), d, dev, weights=True)
     layout, seeds = make(0)[2], list(range(n))
     err.print(f"[5] {n} mlp3 networks on digits, {epochs} epochs: together vs one after another")
     nets = [make(s)[0] for s in seeds]
     rows = torch.zeros(n, 1, layout.D)
-    t_together, _, _ = timed(lambda: pdiff.train_stacked(cfg, d, seeds, nets, prep, layout, pdiff.Loop(), rows, {}), dev)
+    t_together, _, _ = timed(lambda: pdiff.train_stacked(cfg, d, seeds, nets, prep, layout, pdiff.Loop(), rows), dev)
     alone = lambda: [pdiff.train_network(pdiff.dataclasses.replace(cfg, seed=s), d, make(s)[0], prep, pdiff.Loop())
                      for s in seeds]
     t_alone, _, _ = timed(alone, dev)
@@ -343,7 +343,7 @@ def bench_paper(dev, quick: bool) -> dict:
     CIFAR100._check_integrity, cifar.check_integrity = (lambda self: True), (lambda *a, **k: True)
     d = pdiff.load_data("cifar100", str(root)).to(dev)
     cfg = pdiff.CollectConfig(arch="resnet18", data="cifar100", epochs=epochs, k=k, batch_size=128,
-                              checkpoint_every=10**9
+                              checkpoint_every=10**9)
     net, prep, layout, _ = pdiff.collect_network(cfg, d, dev, weights=False)
     err.print(f"[7] paper scale: resnet18 on CIFAR-100-shaped data ({n_train:,} + {n_test:,} random images), "
               f"{epochs} epochs, K={k}, n={n}, {dev}")

@@ -971,7 +971,8 @@ def module_units(g: UnitGraph, m: nn.Module, prefix: str, node: str, ins: list, 
         refuse("takes several tensors")
     (shape_in, (u, r)), = ins
     conv = isinstance(m, nn.modules.conv._ConvNd)
-    own = lambda group, names, r: [g.add(group, "own", prefix + k, 0, r) for k in names if getattr(m, k, None) is not None]
+    own = lambda group, names, r: [g.add(group, "own", prefix + k, 0, r) for k in names
+                                   if getattr(m, k, None) is not None]
     if isinstance(m, nn.Linear) or conv and m.groups == 1 and not m.transposed:
         if len(shape_in) != 2 and not conv or conv and r != 1:
             refuse("reads an axis other than the units'")
@@ -2376,7 +2377,7 @@ class LatentDiffusion(nn.Module):
         dev = self.z_mean.device
         a = self.ae.prepare(layout, originals, rows)  # (K, K) or (K, D)
         fit_autoencoder(self.ae, a, self.s, loop)
-        with torch.no_grad():  # p-diff's with norm "batch": in random batches of 50, as v3's denoiser training sees them
+        with torch.no_grad():  # p-diff's with norm "batch": random batches of 50, as v3's denoiser training sees them
             order = torch.randperm(len(a), generator=rng(self.s["seed"], "encode")).to(dev)
             z = torch.empty(len(a), self.s["latent"], device=dev)
             with autocast(dev, self.ae.bf16):
@@ -2765,17 +2766,8 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
         rows[g] |= {"drawn": group.drawn} if group.drawn is not None else {}
     m_train = ruler.measure_training()
     per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if ref else {})
-    under_test = rows.pop(name) | {"accuracies": [None if math.isnan(v) else rnd(v) for v in
-                                                 measured[name].accuracy.tolist()]}
-    if groups[name].drawn is not None:
-        under_test |= {"selected_on": "validation"}
-    if cfg.target_accuracy is not None and judged is None and under_test["median"] is not None:
-        under_test |= {"target": cfg.target_accuracy, "guidance": cfg.guidance}
-    val = validation_accuracy(run, groups[name], path) if validation or "target" in under_test else None
-    if val is not None:
-        under_test["validation"] = summary(val.where(measured[name].accuracy.isfinite(), math.nan))
-    if "target" in under_test:  # the target is a validation accuracy: where the generated sets landed there
-        under_test["from_target"] = rnd(under_test["validation"]["median"] - cfg.target_accuracy)
+    under_test, val = row_under_test(cfg, run, groups[name], measured[name], rows.pop(name), judged is None, path,
+                                     validation)
     report = {"sampler": None if judged is not None else cfg.sampler,
               "steps": None if judged is not None else sampler_steps(cfg, run.model.T),
               "noise_units": cfg.noise_units, "evaluation": path,
@@ -2788,8 +2780,26 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     if trajectory:
         report["trajectory"] = along(run, ruler, trajectory, path)
     per_model.pop("decoded", None)
-    kept = {k: v for k, v in kept.items() if v is not None} | ({"held-out": run.snapshots[run.held_out]} if keep else {})
+    kept = {k: v for k, v in kept.items() if v is not None} | (
+        {"held-out": run.snapshots[run.held_out]} if keep else {})
     return Sampled(report, name, kept, measured[name].accuracy, per_model, trajectory, val)
+
+
+def row_under_test(cfg: SampleConfig, run: Run, group: Group, m: Measured, row: dict, generated: bool, path: str,
+                   validation: bool) -> tuple[dict, Optional[torch.Tensor]]:
+    """The report's row of the group under test: each set's accuracy, how the sets were selected, and at a target
+    where they landed on the validation split -> (row, validation accuracies (n,) where measured)."""
+    row = row | {"accuracies": [None if math.isnan(v) else rnd(v) for v in m.accuracy.tolist()]}
+    if group.drawn is not None:
+        row |= {"selected_on": "validation"}
+    if cfg.target_accuracy is not None and generated and row["median"] is not None:
+        row |= {"target": cfg.target_accuracy, "guidance": cfg.guidance}
+    val = validation_accuracy(run, group, path) if validation or "target" in row else None
+    if val is not None:
+        row["validation"] = summary(val.where(m.accuracy.isfinite(), math.nan))
+    if "target" in row:  # the target is a validation accuracy: where the generated sets landed there
+        row["from_target"] = rnd(row["validation"]["median"] - cfg.target_accuracy)
+    return row, val
 
 
 def along(run: Run, ruler: Ruler, trajectory: list, path: str, points: int = 20) -> list:
@@ -3586,6 +3596,33 @@ def recalibration(collection: Collection, cfg: CollectConfig) -> dict:
         "training batches (the vectors carry none)")}}
 
 
+def both_stages(cfg: CollectConfig, d: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop", dev,
+                spec: Optional[list]) -> tuple:
+    """Stage 1 and 2 of one network, or of cfg.seeds networks, aligned by spec where it is given -> (snapshots
+    (K, D), the alignment reference (D,) or None, the rows that made it)."""
+    if not cfg.seeds:
+        stage1 = train_network(cfg, d, net, prep, loop)
+        return collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1), None, []
+    snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
+    if spec is None:
+        return snaps, None, []
+    return align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
+
+
+def settled(cfg: CollectConfig, given: set, d: Data, net: nn.Module, layout: Layout) -> CollectConfig:
+    """The settings only the data and the network decide, as the artifacts record them."""
+    if not cfg.snapshot_every:  # one epoch of stage-2 steps (--protocol v1)
+        cfg = dataclasses.replace(cfg, snapshot_every=batches(cfg, d, "snapshot")[1])
+    if cfg.align and cfg.match is None:  # what won where measured (experiments/reference.py)
+        cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
+    if cfg.params == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
+        cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)
+        cfg = cfg.resolved()  # (the stage-2 lr of whole networks too)
+        err.print(f"{cfg.arch} has no normalisation layer to pick (--params norm): generating all {layout.D:,} "
+                  "parameters (--params all)")
+    return cfg
+
+
 @command(CollectConfig, "Train a network and save K snapshots of its parameters.")
 def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume: ResumeOpt = False,
                 run: RunOpt = DEFAULT_RUN, device: DeviceOpt = DEVICES[0], json_out: JsonOpt = False):
@@ -3601,15 +3638,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
         return finished(snap_path, "snapshots", "collect", cfg, given, json_out)
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
-    if not cfg.snapshot_every:  # one epoch of stage-2 steps (--protocol v1)
-        cfg = dataclasses.replace(cfg, snapshot_every=batches(cfg, d, "snapshot")[1])
-    if cfg.align and cfg.match is None:  # what won where measured (experiments/reference.py)
-        cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
-    if cfg.params == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
-        cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)
-        cfg = cfg.resolved()  # (the stage-2 lr of whole networks too)
-        err.print(f"{cfg.arch} has no normalisation layer to pick (--params norm): generating all {layout.D:,} "
-                  "parameters (--params all)")
+    cfg = settled(cfg, given, d, net, layout)
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
     spec = symmetry(net, prep.shape) if cfg.align else None  # a network pdiff cannot align: refused before training
     calibrate = calibration_batches(d, cfg.recalibrate, cfg.batch_size, cfg.seed) \
@@ -3621,14 +3650,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
             p.unlink()  # they belong to the run this one replaces
     with progress() as prog:
         loop.prog = prog
-        ref, made = None, []
-        if cfg.seeds:
-            snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
-            if spec is not None:
-                snaps, ref, made = align_collection(cfg, snaps, layout, spec, matcher(cfg, net, prep, spec, d))
-        else:
-            stage1 = train_network(cfg, d, net, prep, loop)
-            snaps = collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1)
+        snaps, ref, made = both_stages(cfg, d, net, prep, layout, loop, dev, spec)
         correct = evaluate(net, prep, layout, snaps, d.x_test, d.y_test, spread=True, calibrate=calibrate)
         val_correct = evaluate(net, prep, layout, snaps, d.x_val, d.y_val, spread=True, calibrate=calibrate)
     loop.stop_point()

@@ -247,8 +247,9 @@ class FitConfig:
                                  "MLP decoder in their span: cost per step independent of the network's size; an MLP "
                                  "denoiser with EMA); v3: p-diff's own 1-D conv autoencoder and denoiser as the v3 "
                                  "code builds and runs them (BatchNorm decoding with batch statistics); v3-eval: the "
-                                 "same, BatchNorm in eval mode; or AUTOENCODER+DENOISER from span|conv|conv-eval and "
-                                 "mlp|conv, e.g. span+conv.")
+                                 "same, BatchNorm in eval mode; AUTOENCODER+DENOISER from span|conv|conv-eval and "
+                                 "mlp|conv, e.g. span+conv; or your own, FILE.py:CLASS (e.g. the neuron generator for "
+                                 "--seeds collections of MLPs, experiments/neurons.py:Neurons).")
     latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
     ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
@@ -269,7 +270,11 @@ class FitConfig:
     latent_noise: Optional[float] = None
 
     def __post_init__(self):
-        generator_parts(self.generator)  # a usage error now, not after the data has loaded
+        if user_arch(self.generator):  # your own generator: recorded with an absolute path (sample runs anywhere)
+            path, _, name = self.generator.rpartition(":")
+            self.generator = f"{Path(path).resolve()}:{name}"
+        else:
+            generator_parts(self.generator)  # a usage error now, not after the data has loaded
 
 
 @dataclass
@@ -617,7 +622,7 @@ def new_head(net: nn.Module, arch: str, classes: int) -> nn.Module:
 user_arch = lambda arch: re.fullmatch(r".+\.py:\w+", arch) is not None  # FILE.py:FUNCTION
 
 
-USER_MODULES = {}  # (path, mtime) -> the imported module of a user's --arch FILE.py
+USER_MODULES = {}  # (path, mtime) -> the imported module of a user's --arch or --generator FILE.py
 
 
 USER_ARGS = {"channels": ("channels", "in_channels", "in_chans", "input_channels", "num_channels"),
@@ -647,13 +652,13 @@ def user_call(f: Callable, channels: int, size: int, classes: int) -> tuple[tupl
         return (), {}
 
 
-def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
-    """--arch FILE.py:FUNCTION: import the file and call FUNCTION (a function or a class) as user_call says."""
+def user_object(option: str, value: str) -> Callable:
+    """FILE.py:NAME given to `option` (--arch, --generator): the function or class NAME of the file, imported."""
     import importlib.util
 
-    path, _, fn = arch.rpartition(":")
+    path, _, name = value.rpartition(":")
     if not Path(path).is_file():
-        raise PdiffError(f"--arch {arch}: {path} not found", 2)
+        raise PdiffError(f"{option} {value}: {path} not found", 2)
     key = (path, Path(path).stat().st_mtime_ns)  # imported once per process (unless the file changes), so the
     if key not in USER_MODULES:  # networks of --seeds share their classes, as stacking them needs
         try:
@@ -661,15 +666,21 @@ def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         except Exception as e:
-            raise PdiffError(f"--arch {arch}: importing {path} failed ({type(e).__name__}: {one_line(e)})") from None
+            raise PdiffError(f"{option} {value}: importing {path} failed ({type(e).__name__}: {one_line(e)})") \
+                from None
         USER_MODULES[key] = module
-    module = USER_MODULES[key]
-    if not callable(getattr(module, fn, None)):
-        raise PdiffError(f"--arch {arch}: {path} has no function or class {fn}", 2)
-    args, kwargs = user_call(getattr(module, fn), channels, size, classes)
+    if not callable(getattr(USER_MODULES[key], name, None)):
+        raise PdiffError(f"{option} {value}: {path} has no function or class {name}", 2)
+    return getattr(USER_MODULES[key], name)
+
+
+def user_net(arch: str, channels: int, size: int, classes: int) -> nn.Module:
+    """--arch FILE.py:FUNCTION: import the file and call FUNCTION (a function or a class) as user_call says."""
+    f, fn = user_object("--arch", arch), arch.rpartition(":")[2]
+    args, kwargs = user_call(f, channels, size, classes)
     call = f"{fn}({', '.join([*map(str, args), *(f'{k}={v}' for k, v in kwargs.items())])})"
     try:
-        net = getattr(module, fn)(*args, **kwargs)
+        net = f(*args, **kwargs)
     except Exception as e:
         raise PdiffError(f"--arch {arch}: {call} failed ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(net, nn.Module):
@@ -2350,8 +2361,10 @@ class LatentDiffusion(nn.Module):
 
     The interface every generator has (fit, sample and the plots use nothing else): fit(), draw() -> codes,
     decode(codes) -> (n, D) parameters, encode(sets) -> codes (None where there are no codes to plot),
-    reconstructions() -> the training originals through the autoencoder, for the reports."""
+    reconstructions() -> the training originals through the autoencoder, for the reports; T, the steps of a full
+    reverse process; ALIGNED: whether its sets come in the collection's frame (else sample aligns them)."""
     BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
+    ALIGNED = True
 
     def __init__(self, autoencoder: str, denoiser: str, D: int, K: int, s: dict, *, condition: bool = False):
         super().__init__()
@@ -2460,17 +2473,25 @@ def generator_parts(name: str) -> tuple[str, str]:
 def generator_settings(cfg: "FitConfig") -> dict:
     """Every setting of the generator cfg names: its parts' defaults, then what the command line gave. Recorded in
     the model file as resolved, and read back from there (a later default never changes a fitted model)."""
-    ae, dn = generator_parts(cfg.generator)
     given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "ddpm_steps", "input_noise", "latent_noise")}
+    if user_arch(cfg.generator):  # your own: its class's DEFAULTS (the options above are the built-in ones')
+        if any(v is not None for v in given.values()) or cfg.noise != "both":
+            raise PdiffError(f"--latent, --ae-steps, --ddpm-steps and --noise set the built-in generators; "
+                             f"{cfg.generator} takes its class's DEFAULTS", 2)
+        return {**user_object("--generator", cfg.generator).DEFAULTS, "seed": cfg.seed}
+    ae, dn = generator_parts(cfg.generator)
     given |= {"input_noise": 0.0} if cfg.noise in ("latent", "none") else {}
     given |= {"latent_noise": 0.0} if cfg.noise in ("input", "none") else {}
     return {**AUTOENCODERS[ae][0].DEFAULTS, **DENOISERS[dn].DEFAULTS, "seed": cfg.seed,
             **{k: v for k, v in given.items() if v is not None}}
 
 
-def make_generator(name: str, D: int, K: int, s: dict, *, condition: bool = False) -> nn.Module:
-    """The one place a generator is chosen: its name and resolved settings -> the generator."""
-    return LatentDiffusion(*generator_parts(name), D, K, s, condition=condition)
+def make_generator(name: str, layout: Layout, K: int, s: dict, *, condition: bool = False) -> nn.Module:
+    """The one place a generator is chosen: its name and resolved settings -> the generator. FILE.py:CLASS is your
+    own: CLASS(layout, K, settings, condition=...), an nn.Module with LatentDiffusion's interface and DEFAULTS."""
+    if user_arch(name):
+        return user_object("--generator", name)(layout, K, s, condition=condition)
+    return LatentDiffusion(*generator_parts(name), layout.D, K, s, condition=condition)
 
 
 def fit_autoencoder(ae: nn.Module, a: torch.Tensor, s: dict, loop: "Loop"):
@@ -2531,9 +2552,9 @@ def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, 
         accuracies: Optional[torch.Tensor] = None) -> nn.Module:
     """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
     settings = generator_settings(cfg)
-    if settings["latent"] > layout.D and cfg.generator == "span":
+    if cfg.generator == "span" and settings["latent"] > layout.D:
         raise PdiffError(f"--latent {settings['latent']} is more than the {layout.D} parameters it would encode", 2)
-    model = make_generator(cfg.generator, layout.D, len(rows), settings, condition=cfg.condition).to(device)
+    model = make_generator(cfg.generator, layout, len(rows), settings, condition=cfg.condition).to(device)
     model.bind(originals, rows)
     model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)
     return model
@@ -2824,6 +2845,7 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
     rounds of n until n reach it on the validation split. Under torchrun every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.T)
     total = steps if cfg.sampler == "ddpm" else len(Diffusion(model.T).ddim_times(steps))
+    decode = model.decode if model.ALIGNED else lambda zs: into_frame(run, model.decode(zs))
 
     def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
         zs = model.draw(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
@@ -2836,14 +2858,14 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
 
     if cfg.min_accuracy is None:
         zs = draw(0)
-        return Group(len(zs), lambda i: model.decode(zs[i]))
+        return Group(len(zs), lambda i: decode(zs[i]))
     kept, rounds = [], 0
     while sum(map(len, kept)) < cfg.n and rounds < MAX_ROUNDS:  # the paper's Fig. 5b: draw until n reach A
         zs, rounds = draw(rounds), rounds + 1
-        acc = validation_accuracy(run, Group(len(zs), lambda i: model.decode(zs[i])), path)
+        acc = validation_accuracy(run, Group(len(zs), lambda i: decode(zs[i])), path)
         kept.append(zs[acc >= cfg.min_accuracy])
     zs = torch.cat(kept)[:cfg.n]
-    return Group(len(zs), lambda i: model.decode(zs[i]), drawn=rounds * cfg.n)
+    return Group(len(zs), lambda i: decode(zs[i]), drawn=rounds * cfg.n)
 
 
 MAX_ROUNDS = 20  # sample --min-accuracy draws at most this many times n sets
@@ -2873,10 +2895,17 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
     else:
         raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
                          f"({', '.join(L.names[:3])}, ...)", 2)
-    if run.collection.aligned:
-        spec = symmetry(run.net, run.prep.shape)
-        sets = align_to(sets, run.reference, L, spec, match=matcher(run.config, run.net, run.prep, spec, run.data))
-    return sets
+    return into_frame(run, sets)
+
+
+def into_frame(run: Run, sets: torch.Tensor) -> torch.Tensor:
+    """Sets (n, D) from anywhere (a --judge file, a generator whose networks come in any frame), each aligned to an
+    aligned collection's reference as its held-out networks were; as they are otherwise."""
+    if not run.collection.aligned:
+        return sets
+    spec = symmetry(run.net, run.prep.shape)
+    return align_to(sets, run.reference, run.layout, spec, match=matcher(run.config, run.net, run.prep, spec,
+                                                                         run.data))
 
 
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
@@ -2913,12 +2942,14 @@ def figure(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layo
     fig, ((a, b), (c, d), (e, f)) = plt.subplots(3, 2, figsize=(12, 13))
     plot_accuracy(a, b, s)
     plot_heatmaps(e, f, s, originals, layout)
-    if model is not None:
+    latents = model is not None and model.encode(originals[:1]) is not None  # (a generator may have none)
+    if latents:
         plot_latents(c, s, model, originals)
         plot_trajectories(d, s, model, originals)
-    for ax in (c, d) if model is None else ():
-        ax.text(0.5, 0.5, "no fitted model: no latents", ha="center", va="center", transform=ax.transAxes)
-    for ax in (a, b, c, d):
+    for ax in (c, d) if not latents else ():
+        ax.text(0.5, 0.5, "no latents (no model, or a generator without them)", ha="center", va="center",
+                transform=ax.transAxes)
+    for ax in (a, b, c, d) if latents else (a, b):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -3219,7 +3250,7 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         check_parent(model_path, meta, "snapshots", run.ids["snapshots"], "pdiff fit --force")
         try:
             run.fit_config, run.split = FitConfig(**meta["config"]), Holdout(**meta["split"])
-            run.model = make_generator(run.fit_config.generator, layout.D, len(run.training), meta["settings"],
+            run.model = make_generator(run.fit_config.generator, layout, len(run.training), meta["settings"],
                                        condition=run.fit_config.condition)
             run.model.load_state_dict(t)
             run.model.to(device).bind(run.snapshots, run.training)
@@ -3899,4 +3930,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("pdiff", sys.modules[__name__])  # a user's file that imports pdiff gets this module
     main()

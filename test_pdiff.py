@@ -2189,3 +2189,37 @@ def test_every_experiment_script_parses():
         py_compile.compile(str(path), doraise=True)
     for path in sorted((HERE / "experiments").glob("*.sh")):
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path
+
+
+def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
+    """fit --generator FILE.py:CLASS, here experiments/neurons.py's neuron generator with tiny settings (a subclass
+    with its own DEFAULTS): fitted and saved, reopened by sample, its networks (made in an arbitrary frame) aligned
+    to the collection's reference before they are judged, exported as the built-in generators' are."""
+    run = tmp_path / "seeds"
+    assert cli("collect", "--run", run, "--seeds", 24, "--epochs", 5).exit_code == 0
+    gen = tmp_path / "tiny.py"
+    gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\nfrom neurons import Neurons\n\n\n"
+                   "class Tiny(Neurons):\n    DEFAULTS = {**Neurons.DEFAULTS, 'width': 32, 'edge_width': 8, 'depth': 2, "
+                   "'steps': 60, 'batch': 16, 'sample_steps': 20}\n")
+    r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny", "--latent", 8)
+    assert r.exit_code == 2 and "DEFAULTS" in r.output  # the built-in generators' options are refused, not ignored
+    r = cli("fit", "--run", run, "--generator", f"{tmp_path / 'none.py'}:Tiny")
+    assert r.exit_code == 2 and "not found" in r.output
+    r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny", "--json")
+    assert r.exit_code == 0, r.output
+    fitted = json.loads(r.stdout)
+    assert fitted["generator"] == f"{gen.resolve()}:Tiny" and fitted["decoded"] is None and fitted["held_out"] == 5
+    out = tmp_path / "out"
+    r = cli("sample", "--run", run, "-n", 6, "--save", out / "s.safetensors", "--export", out / "best.safetensors",
+            "--plot", out / "p.png", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["generated"]["count"] == 6 and len(rep["generated"]["accuracies"]) == 6 and "decoded" not in rep
+    assert rep["verdict"]["label"] in ("novel", "fresh", "copying", "averaging", "inferior", "unknown")
+    assert rep["steps"] == 20  # the flow's sample_steps: a full reverse process of this generator
+    sets = read(out / "s.safetensors")["samples"]
+    opened = pdiff.open_run(run, model="default")
+    assert sets.shape == (6, opened.layout.D) and torch.equal(pdiff.into_frame(opened, sets), sets)  # aligned
+    assert (out / "p.png").stat().st_size > 10_000
+    r = cli("sample", "--run", run, "-n", 2, "--target-accuracy", 90)
+    assert r.exit_code == 2 and "--target-accuracy" in r.output

@@ -428,7 +428,7 @@ class NeuronGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
-               start: int = 0, guidance: float = None, calibrate: bool = True) -> torch.Tensor:
+               start: int = 0, guidance: float = None, calibrate: bool = True, tick=None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
         layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
@@ -467,6 +467,8 @@ class NeuronGenerator:
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
                     v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
                 y = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, y, v, mask)
+                if tick is not None and groups == stages[-1]:  # (a progress bar of `steps`: the last stage's)
+                    tick()
             x = _put(x, y, P, H)
         x = self.decode(*x)
         if calibrate and self.settings["calibrate"]:
@@ -480,6 +482,84 @@ class NeuronGenerator:
         self.ema.load_state_dict(state["net"])
         self.net.load_state_dict(state["net"])
         self.stats = state["stats"]
+
+
+class Neurons(nn.Module):
+    """NeuronGenerator as a pdiff generator: `pdiff fit --generator experiments/neurons.py:Neurons` fits it to a
+    `collect --seeds` run of an MLP, and `pdiff sample` judges its networks with pdiff's verdict, baselines and
+    --export (its networks come in an arbitrary frame: ALIGNED = False, so sample aligns them to the collection's
+    reference as it aligns --judge files). Settings: DEFAULTS (E8's, the best measured at 3,000 steps: layers one
+    after another, guidance 1, the output bias calibrated on probe inputs synthesised from the training networks);
+    a subclass with other DEFAULTS is another generator. The model file holds the averaged denoiser and the
+    standardisation (and the probes) as buffers. It runs on the CPU."""
+
+    DEFAULTS = {**NeuronGenerator.DEFAULTS, "edge_width": 24, "mode": "layers", "drop": 0.1, "guidance": 1.0,
+                "calibrate": "bias"}
+    ALIGNED = False
+
+    def __init__(self, layout: pdiff.Layout, K: int, s: dict, *, condition: bool = False):
+        super().__init__()
+        if condition:
+            raise pdiff.PdiffError("the neuron generator does not learn accuracies: fit it without --condition", 2)
+        self.s, self.T = s, s["sample_steps"]
+        self.gen = NeuronGenerator(layout, **{k: s[k] for k in NeuronGenerator.DEFAULTS})
+        self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
+        g = self.gen.graph
+        shapes = {f"tokens{l}": (d,) for l, d in enumerate(g.token_dims)} | \
+            {f"edges{k}": () for k in range(g.L - 2)} | {"glob": (g.n_out,)}
+        for name, shape in shapes.items():
+            self.register_buffer(name + "_mean", torch.zeros(shape))
+            self.register_buffer(name + "_std", torch.ones(shape))
+        if s["calibrate"]:
+            self.register_buffer("probes_x", torch.zeros(Probes(layout).mixes, g.n_in))
+            self.register_buffer("probes_target", torch.zeros(g.n_out))
+
+    def to(self, *args, **kwargs):  # NeuronGenerator makes its tensors on the CPU: it stays there
+        return self
+
+    def bind(self, originals: torch.Tensor, rows: list):
+        pass
+
+    def fit(self, layout: pdiff.Layout, originals: torch.Tensor, rows: list, *, loop, accuracies=None):
+        prog = loop.prog
+        task = prog.add_task("neurons: fit", total=self.s["steps"]) if prog is not None else None
+        self.gen.fit(originals[rows].float().cpu(), progress=(lambda step, loss: prog.update(
+            task, completed=step + 1)) if prog is not None else None)
+        st = self.gen.stats
+        for name, (m, sd) in [*((f"tokens{l}", v) for l, v in enumerate(st["tokens"])),
+                              *((f"edges{k}", v) for k, v in enumerate(st["edges"])), ("glob", st["glob"])]:
+            getattr(self, name + "_mean").copy_(m)
+            getattr(self, name + "_std").copy_(sd)
+        if self.s["calibrate"]:
+            self.probes_x.copy_(st["probes"]["x"])
+            self.probes_target.copy_(st["probes"]["target"])
+
+    def stats(self) -> dict:  # the buffers as NeuronGenerator reads them
+        pair = lambda name: (getattr(self, name + "_mean"), getattr(self, name + "_std"))
+        g = self.gen.graph
+        return {"tokens": [pair(f"tokens{l}") for l in range(g.L - 1)], "edges": [pair(f"edges{k}") for k in
+                                                                                 range(g.L - 2)],
+                "glob": pair("glob")} | ({"probes": {"x": self.probes_x, "target": self.probes_target}}
+                                         if self.s["calibrate"] else {})
+
+    @torch.no_grad()
+    def draw(self, n: int, g: torch.Generator, *, sampler="ddpm", steps=None, eta=0.0, tick=None, trace=None,
+             target=None, guidance=0.0) -> torch.Tensor:
+        """-> (n, D) raw networks (its codes are the networks themselves), `steps` Euler steps of the flow (ddpm: the
+        model's sample_steps; the sampler makes no other difference)."""
+        if target is not None:
+            raise pdiff.PdiffError("the neuron generator has no --target-accuracy (it is fitted without --condition)", 2)
+        self.gen.stats = self.stats()
+        return self.gen.sample(n, g, steps=steps, tick=tick)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float()
+
+    def encode(self, sets: torch.Tensor):  # no latents to plot
+        return None
+
+    def reconstructions(self, originals: torch.Tensor) -> dict:  # no autoencoder: nothing to round-trip
+        return {}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1934,7 +1934,8 @@ def holm(ps: list) -> list:
 def judge(group: dict, ref: dict, n_ref: int, *, failed: int = 0, copies: int = 0) -> dict:
     """A group's label from its per-model numbers (Ruler.measure of its finite sets; `failed` more sets had NaN/Inf
     parameters and count as failures: accuracy 0, in no zone) against the held-out originals' (ref, n_ref units;
-    ref["unit"] says which unit each row is, default one row each). Two readings, Holm-corrected together:
+    ref["unit"] says which unit each row is, default one row each; group["unit"] likewise, where its models come in
+    clusters). Two readings, Holm-corrected together:
     - TESTS, where the group lies: each metric's two-sample test (Mann-Whitney; one model: a t prediction interval);
     - ZONES, how many of its models lie beyond the held-out originals (zone_test): copies mixed with far-off sets
       show here, whatever the group's median says.
@@ -1942,6 +1943,10 @@ def judge(group: dict, ref: dict, n_ref: int, *, failed: int = 0, copies: int = 
     significant copying and averaging findings (effect size, or the zone share's excess over the held-out
     originals'; averaging on a tie: a blend of m originals is also a little closer to each of them); else `inferior`
     (less accurate); else `fresh`, or `unknown` where the group is too small for any difference to show."""
+    if "unit" in group:  # clustered models (snapshots of held-out units): one value per unit, its median, as the
+        # reference's zone edges are, so that every test counts independent draws
+        group = {k: torch.stack([v[group["unit"] == u].nanmedian() for u in group["unit"].unique()])
+                 for k, v in group.items() if k != "unit"}
     n = len(group["accuracy"]) + failed
     unit = ref.get("unit", torch.arange(len(ref["accuracy"])))
     tests, zones = {}, {}

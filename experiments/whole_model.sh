@@ -7,6 +7,7 @@
 #   bash experiments/whole_model.sh     (digits: mlp3 w32 / w128 / w512, convnet3, LeNet-5 at 28 px, ResNet-BN 32/64;
 #                                        N = 32; SCALE=paper: convnet3 on CIFAR-10, N = 200)
 #   ONLY="mlp3 w32,LeNet-5"            (those rows only)
+#   GENERATOR=experiments/neurons.py:Neurons ONLY="mlp3 w32,mlp3 w128"   (another generator: the neuron generator)
 source "$(dirname "$0")/common.sh"
 ex="$here/../examples"
 declare -A ARCH=(["mlp3 w32"]="--arch mlp3" ["mlp3 w128"]="--arch mlp3 --width 128" ["mlp3 w512"]="--arch mlp3 --width 512"
@@ -27,7 +28,7 @@ for name in "${ORDER[@]}"; do
   for align in align no-align; do
     run="$OUT/$(tr -cd '[:alnum:]' <<<"$name")-$align"
     pd collect --run "$run" ${ARCH[$name]} --seeds "$N" --$align $MORE >/dev/null
-    pd fit --run "$run" $FIT >/dev/null
+    pd fit --run "$run" $FIT ${GENERATOR:+--generator "$GENERATOR"} >/dev/null
     s=$(pd sample --run "$run" $SAMPLE --json)
     printf "| %s | %s | %.2f | %.2f | %.2f | %.2f / %.2f | %s |\n" "$name" "$([[ $align == align ]] && echo yes || echo no)" \
       "$(get .original.median <<<"$s")" "$(get .baselines.average.median <<<"$s")" \

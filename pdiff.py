@@ -3759,8 +3759,9 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
                     f"parameters ({len(r.held_out)} held out)", {"original": orig, **rows},
                     {"rel. error": lambda s: s.get("rel_error")}))
     pca = "PCA-n: projected on the originals' first n principal directions (a linear latent of the same size); "
-    err.print(f"decoded: through the autoencoder; {pca if len(rows) > 1 else ''}rel. error: 0 exact, 1 no better than "
-              "the mean", style="dim")
+    if rows:  # (a generator without an autoencoder has nothing to round-trip)
+        err.print(f"decoded: through the autoencoder; {pca if len(rows) > 1 else ''}rel. error: 0 exact, 1 no better "
+                  "than the mean", style="dim")
     err.print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     emit(report, json_out)
 

@@ -1214,6 +1214,8 @@ class SpanAE(nn.Module):
     def __init__(self, D: int, K: int, s: dict):
         super().__init__()
         latent, width, self.noise = s["latent"], s["ae_width"], (s["input_noise"], s["latent_noise"])
+        if latent > D:
+            raise PdiffError(f"--latent {latent} is more than the {D} parameters it would encode", 2)
         act, r = nn.LeakyReLU(0.2), max(K, latent)  # coordinates: K (zero past the rank), at least the latent's
         self.register_buffer("mean", torch.zeros(D))  # tensor_stats of the training originals
         self.register_buffer("std", torch.ones(D))
@@ -2557,8 +2559,6 @@ def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, 
         accuracies: Optional[torch.Tensor] = None) -> nn.Module:
     """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
     settings = generator_settings(cfg)
-    if cfg.generator == "span" and settings["latent"] > layout.D:
-        raise PdiffError(f"--latent {settings['latent']} is more than the {layout.D} parameters it would encode", 2)
     model = make_generator(cfg.generator, layout, len(rows), settings, condition=cfg.condition).to(device)
     model.bind(originals, rows)
     model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)

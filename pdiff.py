@@ -3859,7 +3859,7 @@ def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFA
                   f"{rep['snapshots']['median']:.2f} %; images {rep.get('images')}")
     for name, m in report["models"].items():
         err.print(f"model {name}: {m['generator']}, fitted to {m['training']} originals, {len(m['held_out'])} held-out "
-                  f"units ({m['reference']}); decoded median {m['decoded']}")
+                  f"units ({m['reference']})" + ("" if m["decoded"] is None else f"; decoded median {m['decoded']}"))
     for ck in report["checkpoints"]:
         err.print(f"interrupted: {ck} (continue with --resume)")
     if not (net or report["models"]):

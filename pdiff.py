@@ -2850,7 +2850,8 @@ def generated(cfg: SampleConfig, run: Run, prog: Optional[Progress], trajectory:
     rounds of n until n reach it on the validation split. Under torchrun every process uses rank 0's latents."""
     model, steps = run.model, sampler_steps(cfg, run.model.T)
     total = steps if cfg.sampler == "ddpm" else len(Diffusion(model.T).ddim_times(steps))
-    decode = model.decode if model.ALIGNED else lambda zs: into_frame(run, model.decode(zs))
+    frame = (lambda sets: sets) if model.ALIGNED else into_frame(run)  # (the spec and matcher made once)
+    decode = lambda zs: frame(model.decode(zs))
 
     def draw(i: int) -> torch.Tensor:  # round i of n latents (round 0: the plain sample's)
         zs = model.draw(cfg.n, rng(cfg.seed, "sample", *([i] if i else [])), sampler=cfg.sampler, steps=steps,
@@ -2900,17 +2901,17 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
     else:
         raise PdiffError(f"--judge {path}: found neither one (n, {L.D}) tensor nor the network's parameters "
                          f"({', '.join(L.names[:3])}, ...)", 2)
-    return into_frame(run, sets)
+    return into_frame(run)(sets)
 
 
-def into_frame(run: Run, sets: torch.Tensor) -> torch.Tensor:
-    """Sets (n, D) from anywhere (a --judge file, a generator whose networks come in any frame), each aligned to an
-    aligned collection's reference as its held-out networks were; as they are otherwise."""
+def into_frame(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For sets (n, D) from anywhere (a --judge file, a generator whose networks come in any frame): a function that
+    aligns each to an aligned collection's reference as its held-out networks were, or leaves them as they are."""
     if not run.collection.aligned:
-        return sets
+        return lambda sets: sets
     spec = symmetry(run.net, run.prep.shape)
-    return align_to(sets, run.reference, run.layout, spec, match=matcher(run.config, run.net, run.prep, spec,
-                                                                         run.data))
+    match = matcher(run.config, run.net, run.prep, spec, run.data)
+    return lambda sets: align_to(sets, run.reference, run.layout, spec, match=match)
 
 
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:

@@ -2242,7 +2242,7 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     assert rep["steps"] == 20  # the flow's sample_steps: a full reverse process of this generator
     sets = read(out / "s.safetensors")["samples"]
     opened = pdiff.open_run(run, model="default")
-    assert sets.shape == (6, opened.layout.D) and torch.equal(pdiff.into_frame(opened, sets), sets)  # aligned
+    assert sets.shape == (6, opened.layout.D) and torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned
     assert (out / "p.png").stat().st_size > 10_000
     r = cli("sample", "--run", run, "-n", 2, "--target-accuracy", 90)
     assert r.exit_code == 2 and "--target-accuracy" in r.output

@@ -261,8 +261,8 @@ class FitConfig:
                                  "% of each batch, so one network is also unconditioned), for sample "
                                  "--target-accuracy. The test set stays out of it.")
     holdout: float = opt(0.1, "Originals kept away from the generator, for sample's memorisation test: a share "
-                              "below 1, else a count; whole networks with --seeds, blocks of consecutive snapshots "
-                              "with a gap otherwise; at least 5 when above 0; 0 keeps none (the verdict is then "
+                              "below 1, else a count; whole networks with --seeds, otherwise snapshots spread "
+                              "through the run, each with a gap; at least 5 when above 0; 0 keeps none (the verdict is then "
                               "unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
@@ -1730,7 +1730,7 @@ def wrong_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # measured against the *training* originals, and judged against the *held-out* originals: fresh draws of the
 # process the generator learns, never fitted to (the data-copying test of Meehan, Chaudhuri & Dasgupta 2020)
 
-MIN_HELD_OUT = 5  # independent held-out draws (networks, or blocks of one run) the tests need; fewer: "unknown"
+MIN_HELD_OUT = 5  # independent held-out draws (networks, or snapshots of one run) the tests need; fewer: "unknown"
 ALPHA = 0.05  # family-wise error rate of the tests of one group (Holm over all of them)
 ZONE = 0.05  # a model is in a zone beyond (about) the held-out originals' 5th or 95th percentile
 DUPLICATE = 1e-6  # a set this close to an original, relative to the original's length, is that original
@@ -1748,8 +1748,8 @@ METRIC_WORDS = {"nearest_ratio": "relative nearest-original distance", "max_iou"
 class Holdout:
     """The originals split before anything is fitted: the training rows (the generator and the baselines are made
     from these alone) and the held-out units, each one independent draw of the process the generator learns: a
-    network (all k snapshots of a held-out seed, with --seeds) or, for consecutive snapshots of one run, a block of
-    them with unused snapshots on either side (so no held-out snapshot is one step from a training one)."""
+    network (all k snapshots of a held-out seed, with --seeds) or, for consecutive snapshots of one run, one snapshot
+    with an unused one on either side (so no held-out snapshot is one step from a training one)."""
     training: list
     units: list  # [[rows of one held-out unit]]
     held_out = property(lambda h: [i for u in h.units for i in u])
@@ -1796,18 +1796,14 @@ def holdout(collection: Collection, K: int, share: float) -> Holdout:
 
 
 def snapshot_blocks(K: int, n: int) -> tuple[list, list]:
-    """n of one run's K snapshots held out as blocks of two consecutive ones (at least MIN_HELD_OUT blocks), spread
-    evenly through the run, each with a gap of half a block (at least one snapshot) left unused on either side where the
-    run is long enough. -> (blocks, unused rows). A block is one draw: its snapshots are near-copies of each other."""
-    B = min(n, max(MIN_HELD_OUT, n // 2))
-    sizes = [n // B + (j < n % B) for j in range(B)]
-    gap = max(1, min(sizes, default=0) // 2) if n + 2 * B * max(1, min(sizes, default=0) // 2) < K else 0
-    blocks, unused = [], []
-    for j, L in enumerate(sizes):
-        start = min(max(gap, int((j + 0.5) * K / B - L / 2)), K - L - gap)
-        blocks.append(list(range(start, start + L)))
-        unused += [*range(start - gap, start), *range(start + L, start + L + gap)]
-    return blocks, unused
+    """n of one run's K snapshots held out one by one (each its own unit: one draw), spread evenly through the run,
+    each with a snapshot left unused on either side where the run is long enough (so none is one step from a
+    training snapshot). -> (units, unused rows). Single snapshots, not blocks of near-copies: n draws give the
+    verdict n independent values to rank against (blocks of 2 gave half as many, and too little power to tell
+    midpoints of two snapshots from held-out ones)."""
+    gap = 1 if 3 * n < K else 0
+    units = [[min(max(gap, int((j + 0.5) * K / n)), K - 1 - gap)] for j in range(n)]
+    return units, [i for (u,) in units for i in (u - gap, u + gap)] if gap else []
 
 
 @dataclass
@@ -2761,7 +2757,7 @@ def reference(run: Run) -> str:
     units = run.units
     if run.collection.kind == "seeds":
         return f"{len(units)} held-out networks"
-    return f"one run: {len(units)} blocks of {len(units[0]) if units else 0} of its snapshots, kept apart by a gap"
+    return f"one run: {len(units)} of its snapshots, each kept apart by a gap"
 
 
 def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None, prog: Optional[Progress] = None,

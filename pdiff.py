@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
 __version__ = "0.2.0"
-VERSION = "3"  # of the file formats (3: a validation split kept out of training, and its masks)
+VERSION = "4"  # of the file formats (4: collect's --seeds is --networks; 3: a validation split kept out)
 VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
             "pets", "food101")
@@ -142,7 +142,7 @@ class CollectConfig:
     download: bool = opt(True, "Fetch a torchvision data set missing from --data-dir (torchvision's downloader and "
                                "its progress bar); --no-download forbids it.")
     params: Optional[str] = opt(None, "Parameters to generate: 'all', 'norm' (the last two normalisation layers) or "
-                          "comma-separated globs over parameter names. Default: all for mlp3, convnet3, --seeds and "
+                          "comma-separated globs over parameter names. Default: all for mlp3, convnet3, --networks and "
                           "a network without normalisation layers; else norm.")
     pretrained: bool = opt(False, "Start from torchvision's ImageNet weights (inputs resized to their size, a new "
                                   "head).")
@@ -151,11 +151,11 @@ class CollectConfig:
     epochs: Optional[int] = opt(None, "Stage-1 epochs (default: 30; 0 with --init; 2 with --pretrained).", min=0)
     batch_size: int = opt(64, "Batch size of both stages.", min=1)
     lr: float = opt(0.05, "Stage-1 learning rate.", min=0)
-    k: Optional[int] = opt(None, "Snapshots to save (default 200); with --seeds, snapshots per network (default: "
+    k: Optional[int] = opt(None, "Snapshots to save (default 200); with --networks, snapshots per network (default: "
                                  "none, each network's final parameters).", "-k", "--k", min=1)
-    seeds: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
+    networks: Optional[int] = opt(None, "Train this many networks, from seeds --seed, --seed + 1, ... (the paper's "
                                      "whole-model protocol) instead of taking the snapshots of one.", min=1)
-    align: Optional[bool] = opt(None, "With --seeds: permute each network's hidden units to match the reference "
+    align: Optional[bool] = opt(None, "With --networks: permute each network's hidden units to match the reference "
                                       "(by the symmetry read from the network's graph; default on: a network whose "
                                       "symmetry pdiff cannot read is refused, naming the node, unless --no-align).")
     match: Optional[typing.Literal["weights", "activations"]] = opt(
@@ -167,10 +167,10 @@ class CollectConfig:
                  "MergeMany's consensus of the training networks (Ainsworth et al. 2022; several times slower).")
     snapshot_lr: Optional[float] = opt(None, "Stage-2 learning rate (default: 0.03 as the v3 code, 0.01 when "
                                              "--params all: whole networks move further per step, 0.001 after "
-                                             "--seeds: each network has finished training).", min=0)
+                                             "--networks: each network has finished training).", min=0)
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
-    # Not options: the Python API's. With --seeds and BatchNorm, every network evaluated from a parameter vector (the
+    # Not options: the Python API's. With --networks and BatchNorm, every network evaluated from a parameter vector (the
     # originals, blends, baselines, generated) gets running statistics from this many training batches of
     # --batch-size (the vectors carry none; experiments/recalibrate.py measures 1 to 50).
     recalibrate: int = 20
@@ -198,14 +198,14 @@ class CollectConfig:
 
     def defaults(self) -> dict:
         """The defaults that depend on other settings, for the fields left at None: the fields keep what was asked, so
-        dataclasses.replace(cfg, seeds=200) never keeps a value resolved for another setting; resolved() fills them."""
-        params = self.params or ("all" if self.arch in ("mlp3", "convnet3") or self.seeds else "norm")
+        dataclasses.replace(cfg, networks=200) never keeps a value resolved for another setting; resolved() fills them."""
+        params = self.params or ("all" if self.arch in ("mlp3", "convnet3") or self.networks else "norm")
         return dict(params=params,
                     epochs=self.epochs if self.epochs is not None else 0 if self.init else 2 if self.pretrained else 30,
-                    k=self.k if self.k is not None else 0 if self.seeds else 200,  # per network with seeds
-                    snapshot_lr=self.snapshot_lr if self.snapshot_lr is not None else 0.001 if self.seeds else
+                    k=self.k if self.k is not None else 0 if self.networks else 200,  # per network with seeds
+                    snapshot_lr=self.snapshot_lr if self.snapshot_lr is not None else 0.001 if self.networks else
                     0.01 if params == "all" else 0.03,
-                    align=self.align if self.align is not None else bool(self.seeds))
+                    align=self.align if self.align is not None else bool(self.networks))
 
     first_snapshot = property(lambda c: 1 if c.snapshot_norm == "v3" else 0)  # stage-2 steps before the first one
 
@@ -225,16 +225,16 @@ class CollectConfig:
             self.arch = f"{Path(path).resolve()}:{fn}"
         self.data_dir = str(Path(self.data_dir).resolve())
         resolved = self.defaults()
-        if self.seeds and resolved["params"] != "all":
-            raise PdiffError("--seeds generates whole networks: it needs --params all", 2)
-        if self.seeds and self.init:
-            raise PdiffError("--seeds trains each network from its own seed: --init would start them all alike", 2)
+        if self.networks and resolved["params"] != "all":
+            raise PdiffError("--networks generates whole networks: it needs --params all", 2)
+        if self.networks and self.init:
+            raise PdiffError("--networks trains each network from its own seed: --init would start them all alike", 2)
         self.milestone_epochs  # a usage error now, not after stage 1
-        if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.seeds):
+        if self.snapshot_optimizer == "continue" and (self.schedule != "multistep" or self.networks):
             raise PdiffError(f"--protocol {self.protocol} carries stage 1's optimizer and lr on into stage 2: it needs "
-                             "one network (no --seeds) and a multistep schedule (a cosine one ends at lr 0)", 2)
-        if resolved["align"] and not self.seeds:
-            raise PdiffError("--align permutes many networks' hidden units: it needs --seeds", 2)
+                             "one network (no --networks) and a multistep schedule (a cosine one ends at lr 0)", 2)
+        if resolved["align"] and not self.networks:
+            raise PdiffError("--align permutes many networks' hidden units: it needs --networks", 2)
 
     def resolved(self) -> "CollectConfig":  # every default spelled out: what artifacts record and the stages read
         filled = self.defaults()  # (each stage function resolves what it is given, so a plain config works)
@@ -249,7 +249,7 @@ class FitConfig:
                                  "code builds and runs them (BatchNorm decoding with batch statistics); v3-eval: the "
                                  "same, BatchNorm in eval mode; AUTOENCODER+DENOISER from span|conv|conv-eval and "
                                  "mlp|conv, e.g. span+conv; or your own, FILE.py:CLASS (e.g. the neuron generator for "
-                                 "--seeds collections of MLPs, experiments/neurons.py:Neurons).")
+                                 "--networks collections of MLPs, experiments/neurons.py:Neurons).")
     latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
     ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
@@ -261,7 +261,7 @@ class FitConfig:
                                  "% of each batch, so one network is also unconditioned), for sample "
                                  "--target-accuracy. The test set stays out of it.")
     holdout: float = opt(0.1, "Originals kept away from the generator, for sample's memorisation test: a share "
-                              "below 1, else a count; whole networks with --seeds, otherwise snapshots spread "
+                              "below 1, else a count; whole networks with --networks, otherwise snapshots spread "
                               "through the run, each with a gap; at least 5 when above 0; 0 keeps none (the verdict is then "
                               "unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
@@ -660,7 +660,7 @@ def user_object(option: str, value: str) -> Callable:
     if not Path(path).is_file():
         raise PdiffError(f"{option} {value}: {path} not found", 2)
     key = (path, Path(path).stat().st_mtime_ns)  # imported once per process (unless the file changes), so the
-    if key not in USER_MODULES:  # networks of --seeds share their classes, as stacking them needs
+    if key not in USER_MODULES:  # networks of --networks share their classes, as stacking them needs
         try:
             spec = importlib.util.spec_from_file_location(f"pdiff_user_{Path(path).stem}", path)
             module = importlib.util.module_from_spec(spec)
@@ -1748,7 +1748,7 @@ METRIC_WORDS = {"nearest_ratio": "relative nearest-original distance", "max_iou"
 class Holdout:
     """The originals split before anything is fitted: the training rows (the generator and the baselines are made
     from these alone) and the held-out units, each one independent draw of the process the generator learns: a
-    network (all k snapshots of a held-out seed, with --seeds) or, for consecutive snapshots of one run, one snapshot
+    network (all k snapshots of a held-out seed, with --networks) or, for consecutive snapshots of one run, one snapshot
     with an unused one on either side (so no held-out snapshot is one step from a training one)."""
     training: list
     units: list  # [[rows of one held-out unit]]
@@ -1770,9 +1770,9 @@ class Collection:
     @classmethod
     def of(cls, cfg: "CollectConfig", batchnorm: bool = False, reference_rows: list = ()) -> "Collection":
         cfg = cfg.resolved()  # (any config: its defaults filled)
-        if not cfg.seeds:
+        if not cfg.networks:
             return cls("steps", 1, cfg.k)
-        return cls("seeds", cfg.seeds, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
+        return cls("seeds", cfg.networks, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
                    list(reference_rows), cfg.recalibrate if batchnorm else 0)
 
 
@@ -2220,7 +2220,7 @@ def collect_seeds(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.Modul
     each contributes its final parameters, or k stage-2 snapshots. `net` is the first one. Under torchrun each
     process trains its share of the seeds, a group per round, and the rounds' results are gathered. -> (K, D)"""
     cfg = cfg.resolved()  # (any config: its defaults filled)
-    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.seeds)), cfg.k or 1, world()
+    seeds, per, W = list(range(cfg.seed, cfg.seed + cfg.networks)), cfg.k or 1, world()
     record = State(vectors=torch.zeros(len(seeds) * per, layout.D), done=torch.zeros(len(seeds), dtype=torch.bool))
     loop.keep(record=record)  # the seeds finished before the checkpoint stay finished
     todo = [s for s in seeds if not record["done"][s - cfg.seed]]
@@ -3631,9 +3631,9 @@ def recalibration(collection: Collection, cfg: CollectConfig) -> dict:
 
 def both_stages(cfg: CollectConfig, d: Data, net: nn.Module, prep: nn.Module, layout: Layout, loop: "Loop", dev,
                 spec: Optional[list]) -> tuple:
-    """Stage 1 and 2 of one network, or of cfg.seeds networks, aligned by spec where it is given -> (snapshots
+    """Stage 1 and 2 of one network, or of cfg.networks networks, aligned by spec where it is given -> (snapshots
     (K, D), the alignment reference (D,) or None, the rows that made it)."""
-    if not cfg.seeds:
+    if not cfg.networks:
         stage1 = train_network(cfg, d, net, prep, loop)
         return collect_snapshots(cfg, d, net, prep, layout, loop, stage1=stage1), None, []
     snaps = collect_seeds(cfg, d, net, prep, layout, loop, dev)
@@ -3675,8 +3675,8 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
     spec = symmetry(net, prep.shape) if cfg.align else None  # a network pdiff cannot align: refused before training
     calibrate = calibration_batches(d, cfg.recalibrate, cfg.batch_size, cfg.seed) \
-        if cfg.seeds and running_statistics(net) else None  # the vectors do not carry running statistics
-    if not cfg.seeds and min(cfg.batch_size, len(d.y_train)) % world():
+        if cfg.networks and running_statistics(net) else None  # the vectors do not carry running statistics
+    if not cfg.networks and min(cfg.batch_size, len(d.y_train)) % world():
         raise PdiffError(f"--batch-size {cfg.batch_size} does not split evenly over {world()} processes", 2)
     if not resume and rank() == 0:
         for p in [f for pattern in MODEL_GLOBS for f in run.glob(pattern)]:

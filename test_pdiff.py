@@ -275,8 +275,8 @@ def test_protocol_v1_continues_stage1s_optimizer_with_a_snapshot_per_epoch(tmp_p
         for _ in range(7):
             opt.step(), sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * gamma) and not opt.param_groups[0]["nesterov"]
-    r = cli("collect", "--run", tmp_path / "x", "--protocol", "v1", "--seeds", 3)  # each network its own optimizer
-    assert r.exit_code == 2 and "--protocol v1" in r.stderr and "no --seeds" in r.stderr
+    r = cli("collect", "--run", tmp_path / "x", "--protocol", "v1", "--networks", 3)  # each network its own optimizer
+    assert r.exit_code == 2 and "--protocol v1" in r.stderr and "no --networks" in r.stderr
 
 
 def test_protocol_presets_are_the_defaults_options_override():
@@ -765,7 +765,7 @@ def test_verdict_calibration_on_the_quick_start(digits_run, sampled, tmp_path):
 
 def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
     run = tmp_path / "seeds"
-    assert cli("collect", "--run", run, "--seeds", 100, "--epochs", 10).exit_code == 0
+    assert cli("collect", "--run", run, "--networks", 100, "--epochs", 10).exit_code == 0
     assert cli("fit", "--run", run, "--ae-steps", 200, "--ddpm-steps", 400).exit_code == 0
     r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--steps", 20, "--json")
     assert r.exit_code == 0, r.output
@@ -993,7 +993,7 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["sample", "--bogus"], 2, "No such option: --bogus"), (["collect", "--lr"], 2, "'--lr'"),
     (["fit", "--generator", "span+unet"], 2, "unknown --generator 'span+unet'"),
     (["collect", "--lr", "-1"], 2, "greater than or equal to 0"),
-    (["collect", "--seeds", 2, "--init", "x.safetensors"], 2, "--init would start them all alike"),
+    (["collect", "--networks", 2, "--init", "x.safetensors"], 2, "--init would start them all alike"),
     (["collect", "--data", "imagefolder"], 1, "does not exist"),
     (["collect", "--arch", "convnet3", "--params", "norm"], 2, "found no normalisation layer"),
 ])
@@ -1136,8 +1136,8 @@ def run_until(args, watch: Path | None = None, sig=signal.SIGKILL, after: Path |
 def test_collect_killed_and_resumed_equals_uninterrupted(tmp_path, stage):
     args = {1: ["--epochs", 40, "-k", 300, "--checkpoint-every", 50],
             2: ["--epochs", 2, "-k", 400, "--checkpoint-every", 20],
-            "seeds": ["--seeds", 30, "--epochs", 40, "-k", 20, "--checkpoint-every", 50],
-            "seeds-2": ["--seeds", 30, "--epochs", 2, "-k", 300, "--checkpoint-every", 50]}[stage]
+            "seeds": ["--networks", 30, "--epochs", 40, "-k", 20, "--checkpoint-every", 50],
+            "seeds-2": ["--networks", 30, "--epochs", 2, "-k", 300, "--checkpoint-every", 50]}[stage]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("collect", "--run", ref, *args).exit_code == 0
     ck = run / "collect-checkpoint.safetensors"
@@ -1242,7 +1242,7 @@ def test_fit_replaces_a_model_only_with_force(tmp_path):
 def test_signal_during_the_final_evaluation_exits_130_and_resumes(tmp_path, monkeypatch, stage):
     """SIGINT arriving while collect evaluates its snapshots or fit its round trip: checkpoint, exit 130."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    collect = ["--epochs", 2, "-k", 20] if stage != "seeds" else ["--epochs", 2, "--seeds", 6]
+    collect = ["--epochs", 2, "-k", 20] if stage != "seeds" else ["--epochs", 2, "--networks", 6]
     fit = ["--ae-steps", 20, "--ddpm-steps", 20, "--name", "abl"]
     stage, model = ("collect" if stage == "seeds" else stage), "model-abl"
     assert cli("collect", "--run", ref, *collect).exit_code == 0
@@ -1443,12 +1443,12 @@ def test_experiment_script_stops_on_a_failed_pdiff(tmp_path):
 
 
 def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
-    assert cli("collect", "--run", tmp_path / "four", "--seeds", 4, "--epochs", 5, "--no-align").exit_code == 0
-    assert cli("collect", "--run", tmp_path / "one", "--seeds", 1, "--seed", 2, "--epochs", 5).exit_code == 0
+    assert cli("collect", "--run", tmp_path / "four", "--networks", 4, "--epochs", 5, "--no-align").exit_code == 0
+    assert cli("collect", "--run", tmp_path / "one", "--networks", 1, "--seed", 2, "--epochs", 5).exit_code == 0
     four, one = (read(tmp_path / r / "snapshots.safetensors")["snapshots"] for r in ("four", "one"))
     assert four.shape == (4, 3466) and torch.equal(four[2], one[0])  # bit for bit
     assert not torch.equal(four[0], four[1])  # and the seeds really differ
-    r = cli("collect", "--run", tmp_path / "k", "--seeds", 3, "--epochs", 5, "-k", 4, "--json")
+    r = cli("collect", "--run", tmp_path / "k", "--networks", 3, "--epochs", 5, "-k", 4, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
@@ -1468,7 +1468,7 @@ def test_merge_many_and_the_mean_reference(tmp_path):
                           for _ in range(4)])
     merged = pdiff.merge_many(copies, layout, spec)
     torch.testing.assert_close(pdiff.align_to(merged[None], v, layout, spec)[0], v, rtol=0, atol=1e-6)
-    r = cli("collect", "--run", tmp_path / "r", "--seeds", 6, "--epochs", 1, "--reference", "mean", "--json")
+    r = cli("collect", "--run", tmp_path / "r", "--networks", 6, "--epochs", 1, "--reference", "mean", "--json")
     assert r.exit_code == 0, r.stderr
     with safe_open(str(tmp_path / "r" / "snapshots.safetensors"), "pt") as f:
         made = json.loads(f.metadata()["collection"])["reference_rows"]
@@ -1558,10 +1558,10 @@ def test_alignment_of_torchvision_networks(arch):
     assert len(check_symmetry(net, (ch, size, size), torch.randn(2, ch, size, size))) > 1
 
 
-@pytest.mark.parametrize("args,words", [(["--arch", "squeezenet1_1", "--seeds", 2], "node 'cat' (cat) concatenates"),
-                                        (["--seeds", 2, "--params", "norm"], "needs --params all"),
-                                        (["--align"], "needs --seeds"),
-                                        (["--arch", "regnet_x_400mf", "--seeds", 2, "--align"],
+@pytest.mark.parametrize("args,words", [(["--arch", "squeezenet1_1", "--networks", 2], "node 'cat' (cat) concatenates"),
+                                        (["--networks", 2, "--params", "norm"], "needs --params all"),
+                                        (["--align"], "needs --networks"),
+                                        (["--arch", "regnet_x_400mf", "--networks", 2, "--align"],
                                          "is a grouped (groups=2) convolution; --no-align trains without alignment")])
 def test_seeds_and_align_refuse_what_cannot_work(tmp_path, args, words):
     r = cli("collect", "--run", tmp_path / "r", *args, "--epochs", 0)
@@ -1603,9 +1603,9 @@ def test_recalibrated_evaluation_batched_equals_loop_and_torch():
 
 
 def test_batchnorm_networks_trained_together_as_alone():
-    """--seeds with BatchNorm: running statistics stacked beside the parameters, so each network's parameters and
+    """--networks with BatchNorm: running statistics stacked beside the parameters, so each network's parameters and
     statistics are those it gets alone (to vmap's arithmetic: a grouped convolution of 3 rounds unlike one of 1)."""
-    cfg = pdiff.CollectConfig(arch=EXAMPLES["resnet_bn"][0], seeds=3, epochs=1).resolved()
+    cfg = pdiff.CollectConfig(arch=EXAMPLES["resnet_bn"][0], networks=3, epochs=1).resolved()
     d = pdiff.load_data("digits")
 
     def train(seeds):
@@ -1628,13 +1628,13 @@ LABELS = ("copying", "averaging", "inferior", "fresh", "novel", "unknown")
 
 @pytest.mark.parametrize("arch", ["lenet5", "resnet_bn"])
 def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch, monkeypatch):
-    """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --seeds aligned by
+    """LeNet-5 (digits resized to 28 px) and a ResNet with BatchNorm from the examples: collect --networks aligned by
     the spec read from their graphs, fit, sample with the verdict's labels; a held-out network brought shuffled is
     the same network to the verdict (the ResNet's units matched by their activations, the default with BatchNorm)."""
     path, _, size = EXAMPLES[arch]
     run = tmp_path / arch
     monkeypatch.setitem(pdiff.PROTOCOLS, "pdiff", {"recalibrate": 5})  # a Python API field: 5 batches, not 20
-    r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--seeds", 10, "--epochs", 8, "--lr", 0.02,
+    r = cli("collect", "--run", run, "--arch", path, "--image-size", size, "--networks", 10, "--epochs", 8, "--lr", 0.02,
             "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -1713,7 +1713,7 @@ def test_a_users_plain_mlp_and_classes_with_their_own_arguments(tmp_path):
     assert pdiff.user_call(module.Plain, 1, 8, 10) == ((), {})
     assert pdiff.user_call(module.mlp, 1, 8, 10) == ((), {"channels": 1, "size": 8, "classes": 10})
     for name, hidden in (("Net", 16), ("Plain", 8)):
-        r = cli("collect", "--run", tmp_path / name, "--arch", f"{tmp_path}/nets.py:{name}", "--seeds", 3, "--epochs", 2,
+        r = cli("collect", "--run", tmp_path / name, "--arch", f"{tmp_path}/nets.py:{name}", "--networks", 3, "--epochs", 2,
                 "--json")
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["params"] == 64 * hidden + hidden + hidden * 10 + 10
@@ -1880,7 +1880,7 @@ def test_torchrun_sample_equals_one_process(digits_run):
 
 
 def test_torchrun_collect_equals_one_process(tmp_path):
-    for name, args in (("seeds", ["--seeds", 4, "--epochs", 3]), ("one", ["--epochs", 3, "-k", 20])):
+    for name, args in (("seeds", ["--networks", 4, "--epochs", 3]), ("one", ["--epochs", 3, "-k", 20])):
         two = torchrun("collect", "--run", tmp_path / f"{name}-2", *args)
         assert two.returncode == 0, two.stderr[-2000:]
         assert one_process("collect", "--run", tmp_path / f"{name}-1", *args).returncode == 0
@@ -1949,7 +1949,7 @@ def test_force_keeps_everything_when_the_new_collect_is_refused(tmp_path):
     assert cli("collect", "--run", run, "--epochs", 1, "-k", 3).exit_code == 0
     assert cli("fit", "--run", run, "--ae-steps", 2, "--ddpm-steps", 2).exit_code == 0
     before = folder_state(run)
-    r = cli("collect", "--run", run, "--force", "--seeds", 2, "--arch", "squeezenet1_1", "--epochs", 0)
+    r = cli("collect", "--run", run, "--force", "--networks", 2, "--arch", "squeezenet1_1", "--epochs", 0)
     assert r.exit_code == 2 and "node 'cat' (cat) concatenates" in r.stderr and folder_state(run) == before
 
 
@@ -2031,7 +2031,7 @@ def test_seeds_of_a_users_own_module_class(tmp_path):
                                       "        super().__init__()\n        self.f = nn.Linear(c * s * s, k)\n"
                                       "    def forward(self, x):\n        return self.f(x.flatten(1))\n"
                                       "def make(c, s, k):\n    return Tiny(c, s, k)\n")
-    r = cli("collect", "--run", tmp_path / "r", "--arch", f"{tmp_path / 'tiny.py'}:make", "--seeds", 3, "--epochs", 1,
+    r = cli("collect", "--run", tmp_path / "r", "--arch", f"{tmp_path / 'tiny.py'}:make", "--networks", 3, "--epochs", 1,
             "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -2127,6 +2127,31 @@ def test_neuron_denoiser_is_equivariant_to_permuting_hidden_units():
     assert torch.allclose(g.split(done)[0][0], g.split(x[:2])[0][0], atol=1e-6) and not torch.allclose(done, x[:2])
 
 
+def test_neuron_functional_loss_is_zero_for_the_true_velocity():
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, layout.D, generator=g)
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=1, batch=4, mode="layers", func=1.0)
+    gen.set_stats(x)
+    gen.stats["probes"] = {"x": torch.randn(300, 6, generator=g), "target": torch.full((3,), 1 / 3)}
+    parts0 = gen.encode(x[:4])
+    eps = nm._like(parts0, g)
+    for t in (torch.tensor([[0.0, 0.5], [0.0, 0.2], [0.0, 0.9], [1.0, 0.4]]), torch.full((4, 2), 0.3)):
+        xt = nm._map3(lambda a, n, tt: nm._mix(a, n, tt), parts0, eps, gen.per_part(t))
+        rows, H = torch.arange(4), 2
+        true_v = nm._first(nm._map2(lambda a, n: n - a, parts0, eps), 2, H)  # the velocity's target, layers 1 and 2
+        assert gen.functional(parts0, xt, true_v, t, rows, 1, g).abs() < 1e-9  # x_0 recovered: the same function
+        wrong = nm._map(lambda v: v + 0.5, true_v)
+        loss = gen.functional(parts0, xt, wrong, t, rows, 1, g)
+        assert loss > 1e-3  # another network, another function
+        if t[3, 0] == 1:  # the last network's layer 1 was dropped (pure noise, for guidance): it counts nothing
+            assert gen.functional(parts0, xt, nm._index(wrong, [3]), t, torch.tensor([3]), 1, g) == 0
+    fitted = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers",
+                                func=1.0).fit(x)
+    assert fitted.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
+
+
 def test_repair_matches_the_parents_mean_statistics_hand_checked():
     nm = neurons_module()
     layout = pdiff.Layout(["1.weight", "1.bias", "3.weight", "3.bias"], [(2, 2), (2,), (1, 2), (1,)])
@@ -2159,7 +2184,7 @@ def test_repair_of_a_deeper_blend_matches_every_hidden_layers_target():
 def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     nm = neurons_module()
     run = tmp_path / "seeds"
-    assert cli("collect", "--run", run, "--seeds", 24, "--epochs", 5).exit_code == 0
+    assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     t0 = time.perf_counter()
     rows = nm.main(["--run", str(run)])
@@ -2199,7 +2224,7 @@ def test_probes_calibrate_the_output_bias_to_the_training_networks_mean_predicti
 def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     nm = neurons_module()
     run = tmp_path / "seeds"
-    assert cli("collect", "--run", run, "--seeds", 24, "--epochs", 5).exit_code == 0
+    assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "mode=layers", "drop=0.1", "guidance=1",
                     "calibrate=bias"])
@@ -2225,7 +2250,7 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     with its own DEFAULTS): fitted and saved, reopened by sample, its networks (made in an arbitrary frame) aligned
     to the collection's reference before they are judged, exported as the built-in generators' are."""
     run = tmp_path / "seeds"
-    assert cli("collect", "--run", run, "--seeds", 24, "--epochs", 5).exit_code == 0
+    assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     gen = tmp_path / "tiny.py"
     gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\nfrom neurons import Neurons\n\n\n"
                    "class Tiny(Neurons):\n    DEFAULTS = {**Neurons.DEFAULTS, 'width': 32, 'edge_width': 8, 'depth': 2, "

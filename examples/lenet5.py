@@ -2,7 +2,7 @@
 each followed by ReLU and 2x2 max-pooling, then Linear 120, 84 and the classes. It needs images of at least
 28x28 (a 32x32 input is the original's); scikit-learn's 8x8 digits are resized:
 
-    pdiff collect --arch examples/lenet5.py:LeNet5 --image-size 32 --seeds 32
+    pdiff collect --arch examples/lenet5.py:LeNet5 --image-size 32 --networks 32
 
 The constructor takes `in_channels` and `num_classes` by name, as such classes do; pdiff fills them. Written for
 pdiff.

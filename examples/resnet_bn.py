@@ -2,7 +2,7 @@
 residual block at 32 and one at 64 (stride 2, with a 1x1 projection), global average pooling, a Linear head.
 On scikit-learn's 8x8 digits it has 78k parameters and trains to about 97 % in 30 epochs:
 
-    pdiff collect --arch examples/resnet_bn.py:make --seeds 32
+    pdiff collect --arch examples/resnet_bn.py:make --networks 32
 
 Its running statistics stay out of the parameter vectors: every network pdiff evaluates from a vector gets them
 recomputed on training batches (collect --recalibrate). Written for pdiff.

@@ -264,7 +264,7 @@ def bench_seeds(dev, n: int, epochs: int) -> dict:
     """[5] N mlp3 networks on digits, stage 1 (30 epochs): trained together (pdiff's stacked, vmapped path, one
     group) vs one after another (pdiff's single-network train_network, N times). Same seeds, same recipe."""
     d = pdiff.load_data("digits").to(dev)
-    cfg = pdiff.CollectConfig(seeds=n, epochs=epochs, checkpoint_every=10**9)
+    cfg = pdiff.CollectConfig(networks=n, epochs=epochs, checkpoint_every=10**9)
     prep = pdiff.Prep(d.mean, d.std, 1, 8).to(dev)
     make = lambda s: pdiff.collect_network(pdiff.dataclasses.replace(cfg, seed=s), d, dev, weights=True)
     layout, seeds = make(0)[2], list(range(n))
@@ -281,13 +281,13 @@ def bench_seeds(dev, n: int, epochs: int) -> dict:
 
 def bench_torchrun(quick: bool) -> dict:
     """[6] The same commands in 1 process (torch's default threads) and under torchrun with 2 processes
-    (1 thread each) on the CPU: collect --seeds N and sample -n 200 (evaluation spread). Seconds from the
+    (1 thread each) on the CPU: collect --networks N and sample -n 200 (evaluation spread). Seconds from the
     commands' JSON (interpreter start excluded); wall seconds beside them."""
     tmp = Path(tempfile.mkdtemp(prefix="pdiff-bench-"))
     n, log = 50 if quick else 200, tmp / "stderr.log"
-    steps = [("collect", ["collect", "--seeds", str(n)], "total"), ("fit", ["fit", "--ae-steps", "200", "--ddpm-steps", "200"], None),
+    steps = [("collect", ["collect", "--networks", str(n)], "total"), ("fit", ["fit", "--ae-steps", "200", "--ddpm-steps", "200"], None),
              ("sample", ["sample", "-n", "200", "--sampler", "ddim"], "evaluate")]
-    err.print(f"[6] torchrun: 2 processes vs 1 on the CPU; collect --seeds {n}, sample -n 200 (stderr in {log})")
+    err.print(f"[6] torchrun: 2 processes vs 1 on the CPU; collect --networks {n}, sample -n 200 (stderr in {log})")
     res = {}
     for procs in (1, 2):
         run = tmp / f"run{procs}"
@@ -450,7 +450,7 @@ def bench_fit_quality(quick: bool) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         before, new = pdiff_before(Path(tmp)), HERE / "pdiff.py"
-        for name, args in (("quick start", []), ("200 seeds", ["--seeds", 50 if quick else 200])):
+        for name, args in (("quick start", []), ("200 seeds", ["--networks", 50 if quick else 200])):
             run = Path(tmp) / name.replace(" ", "-")
             measured(new, ["collect", "--run", run, *args], 3600)
             fit = (["--ae-steps", 100, "--ddpm-steps", 100] if quick else [])
@@ -591,7 +591,7 @@ def report_table(r: dict) -> Table:
         tb.add_row("paper scale: training FLOP/s, share of bf16 peak",
                    f"{pp['train_flops_per_s'] / 1e12:.1f} T" + (f", {share:.1%}" if share else ""), "", "", end_section=True)
     if t := r.get("torchrun"):
-        for stage, what in (("collect", f"collect --seeds {t['n_seeds']} (total)"), ("sample", "sample -n 200 (evaluate)")):
+        for stage, what in (("collect", f"collect --networks {t['n_seeds']} (total)"), ("sample", "sample -n 200 (evaluate)")):
             tb.add_row(f"{what}: 1 process / 2 processes", f"{t[stage + '_1']['seconds']:.2f} / {t[stage + '_2']['seconds']:.2f} s",
                        "", "")
             tb.add_row(f"  speed-up with 2 processes", f"{t[stage + '_1_over_2']:.2f}x", "", "")

@@ -2,7 +2,7 @@
 from several seeds, judged by pdiff's own code (measure_group, describe, judge: what `pdiff sample` runs).
 
     python experiments/calibrate_verdict.py                  # the quick start's protocol (200 snapshots), 10 collections
-    python experiments/calibrate_verdict.py --seeds-protocol # whole networks: collect --seeds 200, 10 collections
+    python experiments/calibrate_verdict.py --seeds-protocol # whole networks: collect --networks 200, 10 collections
     QUICK=1 python experiments/calibrate_verdict.py          # 2 small collections, a few minutes
 
 Groups that must read `fresh` (their share of other labels is the false-alarm rate): one half of the held-out units
@@ -117,21 +117,21 @@ def calibrate(path: Path, other: Path, halvings: int, seed: int, fitted: bool) -
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds-protocol", action="store_true", help="collect --seeds 200 (whole networks) instead")
+    ap.add_argument("--seeds-protocol", action="store_true", help="collect --networks 200 (whole networks) instead")
     ap.add_argument("--collections", type=int, default=10, help="collections made from collect seeds 0, 1000, ...")
     ap.add_argument("--halvings", type=int, default=20, help="random halvings of the held-out units per collection")
     ap.add_argument("--no-fit", action="store_true", help="leave the generated row out (no fit)")
     ap.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     a = ap.parse_args()
     quick = os.environ.get("QUICK") == "1"
-    coll = ["--seeds", 40 if quick else 200] if a.seeds_protocol else ["-k", 60 if quick else 200]
+    coll = ["--networks", 40 if quick else 200] if a.seeds_protocol else ["-k", 60 if quick else 200]
     fit = ["--ae-steps", 200, "--ddpm-steps", 400] if quick else []
     runs, halvings = (2, 10) if quick else (a.collections, a.halvings)
     total = collections.defaultdict(lambda: ("", []))
     with tempfile.TemporaryDirectory() as tmp:
         root = a.out or Path(tmp)
         paths = [root / f"{'seeds' if a.seeds_protocol else 'steps'}-{s}" for s in range(runs)]
-        for s, run in enumerate(paths):  # seeds 1000 apart: --seeds 200 collections share no network
+        for s, run in enumerate(paths):  # seeds 1000 apart: --networks 200 collections share no network
             if not (run / "snapshots.safetensors").is_file():
                 pd("collect", "--run", run, "--seed", 1000 * s, "--force", *coll, *(["--epochs", 10] if quick else []))
             if not a.no_fit and not (run / "model.safetensors").is_file():
@@ -139,7 +139,7 @@ def main():
         for s, run in enumerate(paths):
             for k, (truth, v) in calibrate(run, paths[(s + 1) % runs], halvings, s, not a.no_fit).items():
                 total[k] = (truth, total[k][1] + v)
-    print(f"| group ({'collect --seeds' if a.seeds_protocol else 'consecutive snapshots'}, {runs} collections) | "
+    print(f"| group ({'collect --networks' if a.seeds_protocol else 'consecutive snapshots'}, {runs} collections) | "
           "truth | " + " | ".join(WORDS) + " | wrong |")
     print("|---|---|" + "---|" * len(WORDS) + "---|")
     for k, (truth, v) in total.items():

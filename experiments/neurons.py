@@ -1,7 +1,7 @@
 """Whole networks as sets of neurons (issue #28): a flow-matching generator whose denoiser is equivariant to
-permuting each hidden layer's units, and the REPAIR blend baseline; main() compares them on a --seeds run.
+permuting each hidden layer's units, and the REPAIR blend baseline; main() compares them on a --networks run.
 
-    python pdiff.py collect --seeds 200 --run /work/runs/seeds200
+    python pdiff.py collect --networks 200 --run /work/runs/seeds200
     python experiments/neurons.py --run /work/runs/seeds200            # fit, sample 50, judge, Markdown table
     QUICK=1 python experiments/neurons.py --run RUN                     # tiny settings: well under a minute
 
@@ -246,14 +246,14 @@ class NeuronGenerator:
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, seed=0)
+                    exposure_t=0.5, func=0.0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
-                 seed: int = 0):
+                 func: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -268,7 +268,12 @@ class NeuronGenerator:
         after fit, this many more steps in which a share `exposure_share` of the networks learning a later layer
         see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0 ~ U[0.2 t, t],
         t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
-        first layers like the generator's own (the targets stay the network's own later layers)."""
+        first layers like the generator's own (the targets stay the network's own later layers). func: the weight of
+        a functional loss beside the velocity's: the network with the group being learnt replaced by its predicted
+        clean value (x_0 = x_t - t v) against the network itself, as logits on 256 of the probe inputs (Probes:
+        synthesised from the training networks, no data), squared error over the logits' variance, weighted by
+        (1 - t) so that it counts where the prediction can be sharp; networks whose earlier layers were dropped
+        (guidance) are left out of it."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
@@ -276,7 +281,7 @@ class NeuronGenerator:
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
-                             exposure_share=exposure_share, exposure_t=exposure_t, seed=seed)
+                             exposure_share=exposure_share, exposure_t=exposure_t, func=func, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -312,11 +317,11 @@ class NeuronGenerator:
         """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then."""
         cfg = self.settings
         self.set_stats(originals)
+        if cfg["calibrate"] or cfg["func"]:
+            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
         self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
         if cfg["exposure_steps"] and cfg["mode"] == "layers":
             self.exposure(originals, progress)
-        if cfg["calibrate"]:
-            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
         if cfg["auto_guidance"]:
             self.settings["guidance"] = self.pick_guidance(originals)
         return self
@@ -381,13 +386,15 @@ class NeuronGenerator:
             eps = _like(parts0, g)
             xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, self.per_part(t))
             target = _map2(lambda a, n: n - a, parts0, eps)
-            se, count = 0.0, 0.0
+            se, count, fl = 0.0, 0.0, 0.0
             for s in stage.unique().tolist():  # the networks learning group s: groups after it are left out
                 rows, P = (stage == s).nonzero()[:, 0], s + 1
                 pick = lambda parts: _first(_index(parts, rows), P, H)
                 pred = self.net(*pick(xt), t[rows, :P])
                 a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
                 se, count = se + a, count + b
+                if cfg["func"]:
+                    fl = fl + self.functional(parts0, xt, pred, t, rows, s, g) * len(rows) / B
             if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:
                 rows = torch.randint(0, K, (cfg["first_batch"],), generator=g)  # its tokens only)
                 t1 = torch.rand(len(rows), 1, generator=g)
@@ -396,7 +403,7 @@ class NeuronGenerator:
                 pred = self.net(*_map2(lambda a, n: _mix(a, n, t1[:, :, None]), p0, e0), t1)
                 a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
                 se, count = se + a, count + b
-            loss = se / count
+            loss = se / count + cfg["func"] * fl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -408,6 +415,27 @@ class NeuronGenerator:
                     pe.lerp_(p, 1 - d)
             if progress and (step % 100 == 0 or step == steps - 1):
                 progress(step, loss.item())
+
+    def functional(self, parts0, xt, pred, t, rows, s: int, g: torch.Generator) -> torch.Tensor:
+        """The functional loss (see __init__, func) of the networks `rows` learning group s (joint: s = H - 1 and
+        every group predicted): their logits on probe inputs with group s (joint: all) from the predicted x_0."""
+        H, P = self.graph.L - 1, s + 1
+        joint = self.settings["mode"] == "joint"
+        x0_hat = _map3(lambda a, v, tt: a - tt * v, _first(_index(xt, rows), P, H), pred,
+                       _first(self.per_part(t[rows]), P, H))
+        true = _index(parts0, rows)
+        tok, edg = list(true[0]), list(true[1])
+        for l in range(0 if joint else s, P):
+            tok[l] = x0_hat[0][l]
+            if l >= 1:
+                edg[l - 1] = x0_hat[1][l - 1]
+        glob = x0_hat[2] if P == H else true[2]
+        pr = Probes.load(self.graph.layout, self.stats["probes"])
+        inputs = pr.x[torch.randint(0, len(pr.x), (256,), generator=g)]
+        got, want = pr.forward(self.decode(tok, edg, glob), inputs), pr.forward(self.decode(*true), inputs)
+        seen = (t[rows, :s] < 1).all(1).float() if s else torch.ones(len(rows))  # earlier layers not dropped
+        err = (got - want).square().mean((1, 2)) / want.var((1, 2)).clamp_min(1e-8)
+        return ((1 - t[rows, s]) * seen * err).mean()
 
     GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
 
@@ -486,7 +514,7 @@ class NeuronGenerator:
 
 class Neurons(nn.Module):
     """NeuronGenerator as a pdiff generator: `pdiff fit --generator experiments/neurons.py:Neurons` fits it to a
-    `collect --seeds` run of an MLP, and `pdiff sample` judges its networks with pdiff's verdict, baselines and
+    `collect --networks` run of an MLP, and `pdiff sample` judges its networks with pdiff's verdict, baselines and
     --export (its networks come in an arbitrary frame: ALIGNED = False, so sample aligns them to the collection's
     reference as it aligns --judge files). Settings: DEFAULTS (E8's, the best measured at 3,000 steps: layers one
     after another, guidance 1, the output bias calibrated on probe inputs synthesised from the training networks);
@@ -894,7 +922,7 @@ def main(argv=None):
 
     run = pdiff.open_run(args.run, model=None)
     if run.collection.kind != "seeds" or not run.collection.aligned:
-        sys.exit("neurons.py compares whole networks in the aligned frame: collect with --seeds (mlp3 aligns by "
+        sys.exit("neurons.py compares whole networks in the aligned frame: collect with --networks (mlp3 aligns by "
                  "default)")
     if args.holdout is not None:  # as `pdiff fit --holdout`: whole held-out networks, never the reference
         run.split = pdiff.holdout(run.collection, len(run.snapshots), args.holdout)

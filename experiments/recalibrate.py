@@ -1,5 +1,5 @@
 """How many training batches does BatchNorm recalibration need? On an aligned collection of networks with BatchNorm
-(collect --seeds with, e.g., --arch examples/resnet_bn.py:make), the training networks, blends of 16 of them (20
+(collect --networks with, e.g., --arch examples/resnet_bn.py:make), the training networks, blends of 16 of them (20
 draws) and their weight average (the ensemble), evaluated with running statistics recomputed on B training
 batches of --batch-size for several B, and with none recomputed: the statistics of the first network, which the
 network file holds (what a blend would get if pdiff kept one network's statistics).
@@ -18,7 +18,7 @@ import pdiff  # noqa: E402
 def main(run_path: str, counts: list):
     run = pdiff.open_run(Path(run_path))
     if run.calibration is None:
-        sys.exit(f"{run_path}: not a --seeds collection of networks with BatchNorm")
+        sys.exit(f"{run_path}: not a --networks collection of networks with BatchNorm")
     train, x = run.training, run.snapshots
     picks = [torch.randperm(len(train), generator=pdiff.rng(0, "blend", i))[:16].tolist() for i in range(20)]
     groups = {"training networks": x[train], "blends of 16": torch.stack([x[[train[j] for j in p]].mean(0)

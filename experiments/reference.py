@@ -35,7 +35,7 @@ KINDS = {"mlp3 w32": ["--arch", "mlp3"], "mlp3 w128": ["--arch", "mlp3", "--widt
 def collect(run: Path, args: list):
     if (run / "snapshots.safetensors").is_file():
         return
-    r = subprocess.run([sys.executable, str(HERE.parent / "pdiff.py"), "collect", "--run", str(run), "--seeds", str(N),
+    r = subprocess.run([sys.executable, str(HERE.parent / "pdiff.py"), "collect", "--run", str(run), "--networks", str(N),
                         "--no-align", *args, *EPOCHS], capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"pdiff collect failed: {r.stderr.strip().splitlines()[-1:]}")

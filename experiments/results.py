@@ -30,7 +30,7 @@ PARTS = {
                         "truth is known, judged against each collection's held-out blocks."),
     "calibrate-seeds": ("How often the verdict is wrong: whole networks from seeds",
                         [PY, "experiments/calibrate_verdict.py", "--seeds-protocol"],
-                        "The same for `collect --seeds 200`: held-out networks are whole networks."),
+                        "The same for `collect --networks 200`: held-out networks are whole networks."),
     "whole_model": ("Whole networks from many seeds (v1 Table 3)", ["bash", "experiments/whole_model.sh"],
                     "200 seeds, aligned and not: originals, decoded, generated, average, ensemble, verdict."),
     "ablate_generator": ("pdiff's generator beside p-diff's", ["bash", "experiments/ablate_generator.sh"],

@@ -27,7 +27,7 @@ echo "|---|---|---|---|---|---|---|"
 for name in "${ORDER[@]}"; do
   for align in align no-align; do
     run="$OUT/$(tr -cd '[:alnum:]' <<<"$name")-$align"
-    pd collect --run "$run" ${ARCH[$name]} --seeds "$N" --$align $MORE >/dev/null
+    pd collect --run "$run" ${ARCH[$name]} --networks "$N" --$align $MORE >/dev/null
     pd fit --run "$run" $FIT ${GENERATOR:+--generator "$GENERATOR"} >/dev/null
     s=$(pd sample --run "$run" $SAMPLE --json)
     printf "| %s | %s | %.2f | %.2f | %.2f | %.2f / %.2f | %s |\n" "$name" "$([[ $align == align ]] && echo yes || echo no)" \

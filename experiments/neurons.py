@@ -237,7 +237,19 @@ class NeuronDenoiser(nn.Module):
 # the generator
 
 
-class NeuronGenerator:
+class Saved:
+    """A generator kept as its settings, its averaged denoiser and its standardisation (torch.save-able)."""
+
+    def state_dict(self) -> dict:
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict(state["net"])
+        self.net.load_state_dict(state["net"])
+        self.stats = state["stats"]
+
+
+class NeuronGenerator(Saved):
     """Flow matching (x_t = (1 - t) x_0 + t eps, velocity eps - x_0) on networks in graph form, standardised per
     part: each token feature centred and scaled by its spread over all units of all training networks, edges and
     the global vector likewise (statistics that no permutation changes). fit() sees only the training networks'
@@ -404,15 +416,7 @@ class NeuronGenerator:
                 a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
                 se, count = se + a, count + b
             loss = se / count + cfg["func"] * fl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                d = min(cfg["ema"], (1 + step) / (10 + step))
-                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-                    pe.lerp_(p, 1 - d)
+            _update(self.net, self.ema, opt, sched, loss, step, cfg["ema"])
             if progress and (step % 100 == 0 or step == steps - 1):
                 progress(step, loss.item())
 
@@ -502,14 +506,6 @@ class NeuronGenerator:
         if calibrate and self.settings["calibrate"]:
             x = Probes.load(self.graph.layout, self.stats["probes"]).calibrate(x)
         return x
-
-    def state_dict(self) -> dict:
-        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
-
-    def load_state_dict(self, state: dict):
-        self.ema.load_state_dict(state["net"])
-        self.net.load_state_dict(state["net"])
-        self.stats = state["stats"]
 
 
 class Neurons(nn.Module):
@@ -689,7 +685,7 @@ class OutputDenoiser(nn.Module):
         return self.z_out(h[:, 1:]), self.g_out(h[:, 0])
 
 
-class OutputStage:
+class OutputStage(Saved):
     """p(output layer | hidden layers) as a flow (x_t = (1 - t) x_0 + t eps). What the last hidden layer's unit j
     computes, in pixel terms and without data: its excitatory and inhibitory templates over the inputs
     (relu(W) @ T and relu(-W) @ T, T the layer below's templates, the first layer's own weights), its bias and
@@ -752,15 +748,7 @@ class OutputStage:
             vz, vg = self.net(f[idx], _mix(z[idx], ez, t[:, None, None]), _mix(gb[idx], eg, t[:, None]), t)
             loss = ((vz - (ez - z[idx])).square().sum() + (vg - (eg - gb[idx])).square().sum()) / \
                 (z[idx].numel() + gb[idx].numel())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                d = min(cfg["ema"], (1 + step) / (10 + step))
-                for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-                    pe.lerp_(p, 1 - d)
+            _update(self.net, self.ema, opt, sched, loss, step, cfg["ema"])
             if progress and (step % 500 == 0 or step == total - 1):
                 progress(step, loss.item())
         return self
@@ -781,13 +769,6 @@ class OutputStage:
         p[self.pairs[-1][1]] = gb * st["g"][1] + st["g"][0]
         return self.layout.pack(p, batch=1)
 
-    def state_dict(self) -> dict:
-        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
-
-    def load_state_dict(self, state: dict):
-        self.ema.load_state_dict(state["net"])
-        self.net.load_state_dict(state["net"])
-        self.stats = state["stats"]
 
 
 # helpers over (tokens list, edges list, glob) triples
@@ -823,6 +804,19 @@ def _like(parts, g):
 
 def _mix(a, n, t):  # t broadcasts
     return (1 - t) * a + t * n
+
+
+def _update(net: nn.Module, ema: nn.Module, opt, sched, loss: torch.Tensor, step: int, decay: float):
+    """One optimizer step (gradients clipped to norm 1), the schedule's, and the averaged copy's (EMA with warm-up)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        d = min(decay, (1 + step) / (10 + step))
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1 - d)
 
 
 def _se(pred, target, weight) -> tuple:

@@ -280,7 +280,7 @@ class FitConfig:
 @dataclass
 class SampleConfig:
     n: int = opt(50, "Parameter sets to generate.", "-n", min=1)
-    sampler: typing.Literal[SAMPLERS] = opt("ddpm", "ddpm (all T steps of the model, fit --timesteps) or ddim "
+    sampler: typing.Literal[SAMPLERS] = opt("ddpm", "ddpm (every step of the model's reverse process) or ddim "
                                                     "(fast, deterministic).")
     steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "

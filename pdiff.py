@@ -197,8 +197,9 @@ class CollectConfig:
         return cls(**{**PROTOCOLS[protocol], **given, "protocol": protocol})
 
     def defaults(self) -> dict:
-        """The defaults that depend on other settings, for the fields left at None: the fields keep what was asked, so
-        dataclasses.replace(cfg, networks=200) never keeps a value resolved for another setting; resolved() fills them."""
+        """The defaults that depend on other settings, for the fields left at None: the fields keep what was asked,
+        so dataclasses.replace(cfg, networks=200) never keeps a value resolved for another setting; resolved() fills
+        them."""
         params = self.params or ("all" if self.arch in ("mlp3", "convnet3") or self.networks else "norm")
         return dict(params=params,
                     epochs=self.epochs if self.epochs is not None else 0 if self.init else 2 if self.pretrained else 30,
@@ -261,9 +262,9 @@ class FitConfig:
                                  "% of each batch, so one network is also unconditioned), for sample "
                                  "--target-accuracy. The test set stays out of it.")
     holdout: float = opt(0.1, "Originals kept away from the generator, for sample's memorisation test: a share "
-                              "below 1, else a count; whole networks with --networks, otherwise snapshots spread "
-                              "through the run, each with a gap; at least 5 when above 0; 0 keeps none (the verdict is then "
-                              "unknown).", min=0)
+                              "below 1, else a count; whole networks with --networks, otherwise snapshots "
+                              "spread through the run, each with a gap; at least 5 when above 0; 0 keeps none (the "
+                              "verdict is then unknown).", min=0)
     checkpoint_every: int = opt(500, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
     input_noise: Optional[float] = None  # the stds themselves (the Python API's; default: the generator's)

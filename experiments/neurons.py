@@ -512,13 +512,14 @@ class Neurons(nn.Module):
     """NeuronGenerator as a pdiff generator: `pdiff fit --generator experiments/neurons.py:Neurons` fits it to a
     `collect --networks` run of an MLP, and `pdiff sample` judges its networks with pdiff's verdict, baselines and
     --export (its networks come in an arbitrary frame: ALIGNED = False, so sample aligns them to the collection's
-    reference as it aligns --judge files). Settings: DEFAULTS (E8's, the best measured at 3,000 steps: layers one
-    after another, guidance 1, the output bias calibrated on probe inputs synthesised from the training networks);
+    reference as it aligns --judge files). Settings: DEFAULTS (E8's at 3,000 steps: layers one after another,
+    guidance 1, the output bias calibrated on probe inputs synthesised from the training networks; with E17's
+    functional loss, func 5);
     a subclass with other DEFAULTS is another generator. The model file holds the averaged denoiser and the
     standardisation (and the probes) as buffers. It runs on the CPU."""
 
     DEFAULTS = {**NeuronGenerator.DEFAULTS, "edge_width": 24, "mode": "layers", "drop": 0.1, "guidance": 1.0,
-                "calibrate": "bias"}
+                "calibrate": "bias", "func": 5.0}
     ALIGNED = False
 
     def __init__(self, layout: pdiff.Layout, K: int, s: dict, *, condition: bool = False):

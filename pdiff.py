@@ -661,7 +661,7 @@ def user_object(option: str, value: str) -> Callable:
     if not Path(path).is_file():
         raise PdiffError(f"{option} {value}: {path} not found", 2)
     key = (path, Path(path).stat().st_mtime_ns)  # imported once per process (unless the file changes), so the
-    if key not in USER_MODULES:  # networks of --networks share their classes, as stacking them needs
+    if key not in USER_MODULES:  # many networks of --networks share their classes, as stacking them needs
         try:
             spec = importlib.util.spec_from_file_location(f"pdiff_user_{Path(path).stem}", path)
             module = importlib.util.module_from_spec(spec)
@@ -1780,7 +1780,7 @@ class Collection:
 def holdout(collection: Collection, K: int, share: float) -> Holdout:
     """Hold out `share` of the collection (below 1: a share of its networks or snapshots, at least MIN_HELD_OUT of
     them and at most half; else a count): whole networks spread through a many-seed collection, never the first (the
-    alignment reference); for one run's snapshots, snapshot_blocks."""
+    alignment reference); for one run's snapshots, held_out_snapshots."""
     seeds = collection.kind == "seeds"
     count, per = (collection.networks, collection.per_network) if seeds else (K, 1)
     n = round(share * count) if share < 1 else int(share)
@@ -1791,12 +1791,12 @@ def holdout(collection: Collection, K: int, share: float) -> Holdout:
     if seeds:
         units, unused = [[(1 + int((j + 0.5) * (count - 1) / n)) * per + i for i in range(per)] for j in range(n)], []
     else:
-        units, unused = snapshot_blocks(K, n)
+        units, unused = held_out_snapshots(K, n)
     out = {i for u in units for i in u} | set(unused)
     return Holdout([i for i in range(K) if i not in out], units)
 
 
-def snapshot_blocks(K: int, n: int) -> tuple[list, list]:
+def held_out_snapshots(K: int, n: int) -> tuple[list, list]:
     """n of one run's K snapshots held out one by one (each its own unit: one draw), spread evenly through the run,
     each with a snapshot left unused on either side where the run is long enough (so none is one step from a
     training snapshot). -> (units, unused rows). Single snapshots, not blocks of near-copies: n draws give the

@@ -65,8 +65,8 @@ from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
 __version__ = "0.2.0"
-VERSION = "4"  # of the file formats (4: collect's --seeds is --networks; 3: a validation split kept out)
-VERSIONS = {"model": "4"}  # 4: training and held-out rows recorded (held-out snapshots in blocks)
+VERSION = "5"  # of the file formats (5: a collection's kind is snapshots or networks; 4: --seeds is --networks)
+VERSIONS = {"model": "5"}  # 5: denoiser_* settings (were ddpm_*); 4: training and held-out rows recorded
 DATASETS = ("digits", "imagefolder", "mnist", "fashionmnist", "cifar10", "cifar100", "stl10", "svhn", "flowers102",
             "pets", "food101")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -253,7 +253,7 @@ class FitConfig:
                                  "--networks collections of MLPs, experiments/neurons.py:Neurons).")
     latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
-    ddpm_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
+    denoiser_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
     noise: typing.Literal["both", "input", "latent", "none"] = opt(
         "both", "p-diff's noise augmentation of the autoencoder in training: noise on the standardised parameters "
                 "(input) and on the latents; the stds are the generator's (span 0.001 and 1.0 of the latents' spread, "
@@ -283,7 +283,7 @@ class SampleConfig:
     n: int = opt(50, "Parameter sets to generate.", "-n", min=1)
     sampler: typing.Literal[SAMPLERS] = opt("ddpm", "ddpm (every step of the model's reverse process) or ddim "
                                                     "(fast, deterministic).")
-    steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
+    ddim_steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
                                 "verdict says at most `fresh`).")
     target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
@@ -306,7 +306,7 @@ class SampleConfig:
     average_m: int = 16  # originals averaged per model of the average baseline
 
 
-DDIM_STEPS = 50  # --steps default for ddim
+DDIM_STEPS = 50  # --ddim-steps default for ddim
 
 
 def autocast(device: torch.device, paper: bool = False):
@@ -531,7 +531,7 @@ class Prep(nn.Module):
     def to_dict(self, loaded: int) -> dict:  # for a user of an exported network: what loading and forward do
         return {"image_size": loaded, "channels": self.channels, "size": self.size,
                 "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
-                "steps": "images not `image_size` square were brought to it as pdiff loaded them (shorter side "
+                "preprocessing": "images not `image_size` square were brought to it as pdiff loaded them (shorter side "
                          "resized, antialiased, then centre crop); uint8 images / 255; grayscale repeated to "
                          "`channels`; resized to `size` (bilinear, antialiased) if needed; (x - mean) / std per "
                          "channel"}
@@ -1397,14 +1397,14 @@ class MLPDenoiser(nn.Module):
     added to its input; trained on standardised latents with an EMA of its weights, sampling clamped to the
     training latents' range widened by `clip` of it on each side. (Chosen over a 1-D conv U-Net over the latent
     coordinates, whose samples spread far less than the originals on the quick start's latents.)"""
-    DEFAULTS = {"ddpm_steps": 3000, "ddpm_lr": 1e-3, "ddpm_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
-                "ddpm_width": 512, "ddpm_depth": 3}
+    DEFAULTS = {"denoiser_steps": 3000, "denoiser_lr": 1e-3, "denoiser_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
+                "denoiser_width": 512, "denoiser_depth": 3}
     bf16, standardised = False, True
 
     def __init__(self, latent: int, s: Optional[dict] = None, *, temb: int = 64, condition: bool = False):
         super().__init__()
         s = s or self.DEFAULTS
-        width, depth, self.temb_dim = s["ddpm_width"], s["ddpm_depth"], temb
+        width, depth, self.temb_dim = s["denoiser_width"], s["denoiser_depth"], temb
         self.temb = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(latent, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
@@ -1430,7 +1430,8 @@ class ConvDenoiser(nn.Module):
     size) added to the input of every conv."""
 
     CHANNELS = (1, 64, 128, 256, 512, 256, 128, 64, 1)
-    DEFAULTS = {"ddpm_steps": 1000, "ddpm_lr": 1e-4, "ddpm_weight_decay": 0.0, "ema": 0.0, "clip": None}  # v3's
+    DEFAULTS = {"denoiser_steps": 1000, "denoiser_lr": 1e-4, "denoiser_weight_decay": 0.0, "ema": 0.0,
+                "clip": None}  # v3's
     bf16, standardised = True, False  # the latents as the autoencoder gives them, no EMA, no clamp
 
     def __init__(self, latent: int = 128, s: Optional[dict] = None, *, freq: int = 256, condition: bool = False):
@@ -1759,7 +1760,7 @@ class Holdout:
 @dataclass
 class Collection:
     """Where the snapshots come from, as the snapshot file records it (Collection.of a resolved CollectConfig)."""
-    kind: typing.Literal["steps", "seeds"] = "steps"  # one network's snapshots, or networks from their own seeds
+    kind: typing.Literal["snapshots", "networks"] = "snapshots"  # one run's snapshots, or networks from their own seeds
     networks: int = 1
     per_network: int = 1  # snapshots of each network
     aligned: bool = False  # hidden units permuted to match `reference`'s (--align)
@@ -1772,8 +1773,8 @@ class Collection:
     def of(cls, cfg: "CollectConfig", batchnorm: bool = False, reference_rows: list = ()) -> "Collection":
         cfg = cfg.resolved()  # (any config: its defaults filled)
         if not cfg.networks:
-            return cls("steps", 1, cfg.k)
-        return cls("seeds", cfg.networks, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
+            return cls("snapshots", 1, cfg.k)
+        return cls("networks", cfg.networks, cfg.k or 1, cfg.align, *((cfg.match, cfg.reference) if cfg.align else ()),
                    list(reference_rows), cfg.recalibrate if batchnorm else 0)
 
 
@@ -1781,14 +1782,14 @@ def holdout(collection: Collection, K: int, share: float) -> Holdout:
     """Hold out `share` of the collection (below 1: a share of its networks or snapshots, at least MIN_HELD_OUT of
     them and at most half; else a count): whole networks spread through a many-seed collection, never the first (the
     alignment reference); for one run's snapshots, held_out_snapshots."""
-    seeds = collection.kind == "seeds"
-    count, per = (collection.networks, collection.per_network) if seeds else (K, 1)
+    whole = collection.kind == "networks"
+    count, per = (collection.networks, collection.per_network) if whole else (K, 1)
     n = round(share * count) if share < 1 else int(share)
     n = max(n, min(MIN_HELD_OUT, count // 2)) if 0 < share < 1 else n
     if n >= count and n:
-        raise PdiffError(f"--holdout {share:g} would hold out {n} of {count} {'networks' if seeds else 'snapshots'}"
+        raise PdiffError(f"--holdout {share:g} would hold out {n} of {count} {collection.kind}"
                          "; at least one must remain to fit", 2)
-    if seeds:
+    if whole:
         units, unused = [[(1 + int((j + 0.5) * (count - 1) / n)) * per + i for i in range(per)] for j in range(n)], []
     else:
         units, unused = held_out_snapshots(K, n)
@@ -2477,10 +2478,10 @@ def generator_parts(name: str) -> tuple[str, str]:
 def generator_settings(cfg: "FitConfig") -> dict:
     """Every setting of the generator cfg names: its parts' defaults, then what the command line gave. Recorded in
     the model file as resolved, and read back from there (a later default never changes a fitted model)."""
-    given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "ddpm_steps", "input_noise", "latent_noise")}
+    given = {k: getattr(cfg, k) for k in ("latent", "ae_steps", "denoiser_steps", "input_noise", "latent_noise")}
     if user_arch(cfg.generator):  # your own: its class's DEFAULTS (the options above are the built-in ones')
         if any(v is not None for v in given.values()) or cfg.noise != "both":
-            raise PdiffError(f"--latent, --ae-steps, --ddpm-steps and --noise set the built-in generators; "
+            raise PdiffError(f"--latent, --ae-steps, --denoiser-steps and --noise set the built-in generators; "
                              f"{cfg.generator} takes its class's DEFAULTS", 2)
         return {**user_object("--generator", cfg.generator).DEFAULTS, "seed": cfg.seed}
     ae, dn = generator_parts(cfg.generator)
@@ -2530,8 +2531,8 @@ def fit_diffusion(denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, s
     """The DDPM on standardised latents zs (K, latent), AdamW with a cosine schedule. Returns the EMA of the
     denoiser's weights (decay 0: the weights themselves) with its buffers as they ended. cond (K,): each latent's
     standardised accuracy, dropped (NaN) for a tenth of every batch (classifier-free guidance's dropout)."""
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=s["ddpm_lr"], weight_decay=s["ddpm_weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["ddpm_steps"]))
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=s["denoiser_lr"], weight_decay=s["denoiser_weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s["denoiser_steps"]))
     avg = torch.optim.swa_utils.AveragedModel(denoiser, multi_avg_fn=ema(s["ema"]))
 
     def loss(step):
@@ -2545,7 +2546,8 @@ def fit_diffusion(denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, s
             return diffusion.loss(eps, zs[i], g)
 
     denoiser.train()
-    loop.run("diffusion", s["ddpm_steps"], loss, opt, sched=sched, after=lambda step: avg.update_parameters(denoiser),
+    loop.run("diffusion", s["denoiser_steps"], loss, opt, sched=sched,
+             after=lambda step: avg.update_parameters(denoiser),
              keep={"denoiser": denoiser, "ema": avg, "opt_dn": opt, "sched_dn": sched})
     for mine, now in zip(avg.module.buffers(), denoiser.buffers()):  # BatchNorm's statistics: the latest
         mine.copy_(now)
@@ -2756,7 +2758,7 @@ def held_out_group(run: Run, ruler: Ruler) -> tuple:
 def reference(run: Run) -> str:
     """What the held-out originals are, in words: how many independent draws."""
     units = run.units
-    if run.collection.kind == "seeds":
+    if run.collection.kind == "networks":
         return f"{len(units)} held-out networks"
     return f"one run: {len(units)} of its snapshots, each kept apart by a gap"
 
@@ -2913,11 +2915,11 @@ def into_frame(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     """The reverse steps cfg asks of a model with T diffusion steps (ddpm: all T); T=None only checks usage."""
-    if cfg.sampler == "ddpm" and (cfg.steps is not None or cfg.eta):
-        raise PdiffError("--steps (and eta) apply to --sampler ddim", 2)
-    if T is not None and cfg.steps is not None and cfg.steps > T:
-        raise PdiffError(f"--steps can be at most the model's T ({T})", 2)
-    return None if T is None else T if cfg.sampler == "ddpm" else cfg.steps or min(DDIM_STEPS, T)
+    if cfg.sampler == "ddpm" and (cfg.ddim_steps is not None or cfg.eta):
+        raise PdiffError("--ddim-steps (and eta) apply to --sampler ddim", 2)
+    if T is not None and cfg.ddim_steps is not None and cfg.ddim_steps > T:
+        raise PdiffError(f"--ddim-steps can be at most the model's T ({T})", 2)
+    return None if T is None else T if cfg.sampler == "ddpm" else cfg.ddim_steps or min(DDIM_STEPS, T)
 
 
 def plot(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout, path: Path):

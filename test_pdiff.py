@@ -27,7 +27,7 @@ import pdiff
 
 HERE = Path(__file__).resolve().parent
 runner = CliRunner()
-FAST_FIT = ["--ae-steps", "400", "--ddpm-steps", "800"]  # the suite's shorter fit; defaults are 1500 / 3000
+FAST_FIT = ["--ae-steps", "400", "--denoiser-steps", "800"]  # the suite's shorter fit; defaults are 1500 / 3000
 
 
 def cli(*args):
@@ -444,7 +444,7 @@ def test_judge_says_unknown_where_no_difference_could_show():
 
 
 def test_holdout_keeps_whole_networks_and_blocks_of_one_run_apart():
-    steps = pdiff.Collection("steps", 1, 200)
+    steps = pdiff.Collection("snapshots", 1, 200)
     h = pdiff.holdout(steps, 200, 0.1)  # 20 single snapshots, every 10th, a snapshot unused on either side
     assert h.units == [[5 + 10 * j] for j in range(20)]
     assert len(h.training) == 200 - 20 - 40 and not set(h.training) & set(h.held_out)
@@ -453,7 +453,7 @@ def test_holdout_keeps_whole_networks_and_blocks_of_one_run_apart():
     assert len(pdiff.holdout(steps, 20, 0.1).units) == 5  # at least a handful
     assert pdiff.holdout(steps, 1, 0.1).units == []  # nothing to spare
     assert pdiff.holdout(steps, 6, 5).training == [2]  # a count may leave one to fit (ablate_k.sh's K=1); no gap
-    seeds = pdiff.Collection("seeds", 10, 3)
+    seeds = pdiff.Collection("networks", 10, 3)
     h = pdiff.holdout(seeds, 30, 0.1)  # 5 of 10 networks, all 3 snapshots of each, never the first
     assert h.units == [[3, 4, 5], [9, 10, 11], [15, 16, 17], [21, 22, 23], [27, 28, 29]]
     assert h.training == [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20, 24, 25, 26]
@@ -526,7 +526,7 @@ def test_noise_units():
 
 def test_noise_baseline_with_zero_std_reproduces_originals(digits_run):
     run = pdiff.open_run(digits_run, model="default")
-    cfg = pdiff.SampleConfig(n=8, sampler="ddim", steps=10, noise_std="0")
+    cfg = pdiff.SampleConfig(n=8, sampler="ddim", ddim_steps=10, noise_std="0")
     rep = pdiff.sample(cfg, run).report
     noise = rep["baselines"]["noise-0"]
     assert noise["nearest_distance"]["median"] == 0.0 and noise["nearest_distance"]["min"] == 0.0
@@ -595,7 +595,7 @@ def test_sample_json_keys_and_plot(sampled):
 def test_plot_panels_show_every_group_and_the_trajectories(digits_run):
     import matplotlib.pyplot as plt
     run = pdiff.open_run(digits_run, model="default")
-    s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", steps=10), run, trace=True, keep=True)
+    s = pdiff.sample(pdiff.SampleConfig(n=12, sampler="ddim", ddim_steps=10), run, trace=True, keep=True)
     fig = pdiff.figure(s, run.model, run.snapshots[run.training], run.layout)
     a, b, c, d, e, f, right = fig.axes  # right: panel d's accuracy axis
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
@@ -631,14 +631,14 @@ def test_baselines_ensemble_and_noise_levels(digits_run, sampled):
     assert ens["to_mean"] == 0.0 and ens["label"] == "averaging"
     d = [rep["baselines"][f"noise-{s}"]["nearest_distance"]["median"] for s in ("0.001", "0.05", "0.15")]
     assert d[0] < d[1] < d[2]
-    cfg = pdiff.SampleConfig(n=20, sampler="ddim", steps=10, noise_std="0.15", noise_units="spread")
+    cfg = pdiff.SampleConfig(n=20, sampler="ddim", ddim_steps=10, noise_std="0.15", noise_units="spread")
     d = pdiff.sample(cfg, run).report["baselines"]["noise-0.15"]["nearest_distance"]["median"]
     assert d == pytest.approx(0.15 * rep["params"]**0.5, rel=0.1)  # std s in D standardised coordinates: s sqrt(D)
 
 
 def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
     out = tmp_path / "best.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--steps", 20, "--export", out, "--json",
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--ddim-steps", 20, "--export", out, "--json",
             "--save", tmp_path / "sets.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -647,7 +647,7 @@ def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     inp = json.loads(meta["input"])  # how to prepare images, as the file says: used here with plain torch
-    assert (inp["channels"], inp["size"]) == (1, 8) and "mean" in inp["steps"]
+    assert (inp["channels"], inp["size"]) == (1, 8) and "mean" in inp["preprocessing"]
     d = pdiff.load_data("digits")
     mean, std = (torch.tensor(inp[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
     x = (d.x_test.float() / 255 - mean) / std
@@ -667,11 +667,11 @@ def test_named_models_beside_the_default(digits_run, tmp_path):
     run = tmp_path / "named"
     shutil.copytree(digits_run, run)
     default = read(run / "model.safetensors")
-    r = cli("fit", "--run", run, "--name", "tiny", "--ae-steps", 20, "--ddpm-steps", 20, "--latent", 16, "--json")
+    r = cli("fit", "--run", run, "--name", "tiny", "--ae-steps", 20, "--denoiser-steps", 20, "--latent", 16, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"] == "tiny" and (run / "model-tiny.safetensors").exists()
     assert all(torch.equal(v, read(run / "model.safetensors")[k]) for k, v in default.items())  # untouched
-    r = cli("sample", "--run", run, "--model", "tiny", "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    r = cli("sample", "--run", run, "--model", "tiny", "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["model"] == "tiny"
     r = cli("sample", "--run", run, "--model", "nope", "-n", 4)
     assert r.exit_code == 1 and "--name nope" in r.stderr
@@ -708,8 +708,8 @@ def test_same_seed_same_json(tmp_path):
     for name in ("a", "b"):
         run = tmp_path / name
         assert cli("collect", "--run", run, "--epochs", 3, "-k", 20).exit_code == 0
-        assert cli("fit", "--run", run, "--ae-steps", 40, "--ddpm-steps", 40).exit_code == 0
-        r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--steps", 20)
+        assert cli("fit", "--run", run, "--ae-steps", 40, "--denoiser-steps", 40).exit_code == 0
+        r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--ddim-steps", 20)
         assert r.exit_code == 0, r.output
         rep = json.loads(r.stdout)
         rep.pop("seconds"), rep.pop("run")
@@ -766,8 +766,8 @@ def test_verdict_calibration_on_the_quick_start(digits_run, sampled, tmp_path):
 def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
     run = tmp_path / "seeds"
     assert cli("collect", "--run", run, "--networks", 100, "--epochs", 10).exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 200, "--ddpm-steps", 400).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--steps", 20, "--json")
+    assert cli("fit", "--run", run, "--ae-steps", 200, "--denoiser-steps", 400).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--ddim-steps", 20, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["held_out"]["units"] == 10 and rep["original"]["count"] == 90
@@ -791,7 +791,7 @@ def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
 def test_judge_reads_state_dicts_sample_files_and_refuses_the_rest(digits_run, sampled, tmp_path):
     rep, out = sampled
     best = tmp_path / "best.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--steps", 10, "--export", best, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--ddim-steps", 10, "--export", best, "--json")
     with safe_open(str(best), "pt") as f:
         exported = json.loads(f.metadata()["accuracy"])
     got = json.loads(cli("sample", "--run", digits_run, "--judge", best, "--json").stdout)  # a whole state dict
@@ -814,8 +814,8 @@ def test_judge_reads_state_dicts_sample_files_and_refuses_the_rest(digits_run, s
 def test_without_held_out_originals_the_verdict_is_unknown(tmp_path):
     run = tmp_path / "k30"
     assert cli("collect", "--run", run, "--epochs", 5, "-k", 30).exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 50, "--ddpm-steps", 50, "--holdout", 0).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--steps", 10)
+    assert cli("fit", "--run", run, "--ae-steps", 50, "--denoiser-steps", 50, "--holdout", 0).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--ddim-steps", 10)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["verdict"]["label"] == "unknown" and rep["held_out"] is None and rep["original"]["count"] == 30
@@ -988,7 +988,7 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["sample", "-n", "0"], 2, "'-n'"), (["sample", "--sampler", "euler"], 2, "'euler' is not one of"),
     (["collect", "--params", "zzz*"], 2, "'zzz*' matches no parameter"), (["collect", "--data", "mnist", "--no-download"], 1, "--no-download"),
     (["fit"], 1, "pdiff collect --run"), (["sample"], 1, "pdiff collect --run"),
-    (["sample", "--steps", "10"], 2, "apply to --sampler ddim"),
+    (["sample", "--ddim-steps", "10"], 2, "apply to --sampler ddim"),
     (["sample", "--plot", "out.pdf"], 2, "should end in .png"), (["sample", "-n", "abc"], 2, "valid integer"),
     (["sample", "--bogus"], 2, "No such option: --bogus"), (["collect", "--lr"], 2, "'--lr'"),
     (["fit", "--generator", "span+unet"], 2, "unknown --generator 'span+unet'"),
@@ -1101,7 +1101,7 @@ def test_bad_files_are_refused_and_nothing_changes(digits_run, tmp_path):
     # a model from another run (different seed): names both files
     other = tmp_path / "other"
     assert cli("collect", "--run", other, "--epochs", 1, "-k", 3, "--seed", 1).exit_code == 0
-    assert cli("fit", "--run", other, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    assert cli("fit", "--run", other, "--ae-steps", 5, "--denoiser-steps", 5).exit_code == 0
     run = tmp_path / "mixed"
     shutil.copytree(digits_run, run)
     shutil.copy(other / "model.safetensors", run / "model.safetensors")
@@ -1168,7 +1168,7 @@ def test_fit_killed_and_resumed_equals_uninterrupted(digits_run, tmp_path, phase
         d.mkdir()
         for f in ("network.safetensors", "snapshots.safetensors"):
             shutil.copy(digits_run / f, d / f)
-    args = ["--ae-steps", 150, "--ddpm-steps", 300, "--checkpoint-every", 25]
+    args = ["--ae-steps", 150, "--denoiser-steps", 300, "--checkpoint-every", 25]
     assert cli("fit", "--run", ref, *args).exit_code == 0
     ck = run / "fit-checkpoint.safetensors"
     code, _ = run_until(["fit", "--run", run, *args], until=lambda: checkpoint_phase(ck) == phase)
@@ -1207,7 +1207,7 @@ def test_resume_on_a_finished_stage_says_so_and_exits_0(tmp_path):
         assert json.loads(r.stdout) == json.loads(first.stdout)
     r = cli("collect", "--run", run, "--resume", "-k", 10)  # not what the finished run was made with
     assert r.exit_code == 2 and "-k 10 contradicts the finished" in r.stderr
-    fitted = cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5, "--json")
+    fitted = cli("fit", "--run", run, "--ae-steps", 5, "--denoiser-steps", 5, "--json")
     r = cli("fit", "--run", run, "--resume", "--json")
     assert r.exit_code == 0 and "already finished" in r.stderr and json.loads(r.stdout) == json.loads(fitted.stdout)
     r = cli("fit", "--run", run, "--resume", "--latent", 8)
@@ -1221,17 +1221,17 @@ def test_resume_on_a_finished_stage_says_so_and_exits_0(tmp_path):
 def test_fit_replaces_a_model_only_with_force(tmp_path):
     run = tmp_path / "r"
     assert cli("collect", "--run", run, "--epochs", 1, "-k", 4).exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 5, "--denoiser-steps", 5).exit_code == 0
     before = folder_state(run)
-    r = cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5)
+    r = cli("fit", "--run", run, "--ae-steps", 6, "--denoiser-steps", 5)
     assert r.exit_code == 1 and "--force" in r.stderr and folder_state(run) == before
     r = cli("fit", "--run", run, "--latent", 5000, "--force")  # more than D = 3,466: refused before anything goes
     assert r.exit_code == 2 and "more than the 3466 parameters" in r.stderr and folder_state(run) == before
     small = tmp_path / "small"  # D = 10 < the default --latent 16: a fit with --latent 4 resumes without it
     assert cli("collect", "--run", small, "--epochs", 1, "-k", 5, "--params", "5.bias").exit_code == 0
-    assert cli("fit", "--run", small, "--latent", 4, "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    assert cli("fit", "--run", small, "--latent", 4, "--ae-steps", 5, "--denoiser-steps", 5).exit_code == 0
     assert cli("fit", "--run", small, "--resume").exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 6, "--ddpm-steps", 5, "--force").exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 6, "--denoiser-steps", 5, "--force").exit_code == 0
     assert folder_state(run)["model.safetensors"] != before["model.safetensors"]
     assert "--force" in cli("fit", "--help").stdout
     r = cli("collect", "--run", run, "--epochs", 1, "-k", 3, "--force")  # a new collection: the old model goes
@@ -1243,7 +1243,7 @@ def test_signal_during_the_final_evaluation_exits_130_and_resumes(tmp_path, monk
     """SIGINT arriving while collect evaluates its snapshots or fit its round trip: checkpoint, exit 130."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     collect = ["--epochs", 2, "-k", 20] if stage != "seeds" else ["--epochs", 2, "--networks", 6]
-    fit = ["--ae-steps", 20, "--ddpm-steps", 20, "--name", "abl"]
+    fit = ["--ae-steps", 20, "--denoiser-steps", 20, "--name", "abl"]
     stage, model = ("collect" if stage == "seeds" else stage), "model-abl"
     assert cli("collect", "--run", ref, *collect).exit_code == 0
     if stage == "fit":
@@ -1278,7 +1278,7 @@ def test_failed_sets_keep_their_place_in_json_and_file(digits_run, tmp_path, mon
 
     monkeypatch.setattr(pdiff.LatentDiffusion, "draw", with_a_failure)
     out = tmp_path / "gen.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 6, "--sampler", "ddim", "--steps", 5, "--save", out, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 6, "--sampler", "ddim", "--ddim-steps", 5, "--save", out, "--json")
     assert r.exit_code == 0, r.output
     gen = json.loads(r.stdout)["generated"]
     saved = read(out)
@@ -1319,7 +1319,7 @@ def test_data_found_from_any_folder_and_overridable(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # collect's relative --data-dir was recorded as an absolute path
-    assert cli("fit", "--run", tmp_path / "run", "--ae-steps", 5, "--ddpm-steps", 5).exit_code == 0
+    assert cli("fit", "--run", tmp_path / "run", "--ae-steps", 5, "--denoiser-steps", 5).exit_code == 0
     shutil.move(tmp_path / "data", tmp_path / "moved")
     r = cli("sample", "--run", tmp_path / "run", "-n", 2, "--sampler", "ddim")
     assert r.exit_code == 1 and "--data-dir" in r.stderr
@@ -1328,7 +1328,7 @@ def test_data_found_from_any_folder_and_overridable(tmp_path, monkeypatch):
 
 
 def test_steps_are_limited_by_the_models_T(digits_run):
-    r = cli("sample", "--run", digits_run, "--sampler", "ddim", "--steps", 1001)
+    r = cli("sample", "--run", digits_run, "--sampler", "ddim", "--ddim-steps", 1001)
     assert r.exit_code == 2 and "at most the model's T (1000)" in r.stderr
 
 
@@ -1451,7 +1451,7 @@ def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
     r = cli("collect", "--run", tmp_path / "k", "--networks", 3, "--epochs", 5, "-k", 4, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["snapshots"]["count"] == 12  # K = N x k
     with safe_open(str(tmp_path / "k" / "snapshots.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["collection"]) == {"kind": "seeds", "networks": 3, "per_network": 4,
+        assert json.loads(f.metadata()["collection"]) == {"kind": "networks", "networks": 3, "per_network": 4,
                                                           "aligned": True, "match": "weights", "reference": "first",
                                                           "reference_rows": [3], "recalibrated": 0}
 
@@ -1472,7 +1472,7 @@ def test_merge_many_and_the_mean_reference(tmp_path):
     assert r.exit_code == 0, r.stderr
     with safe_open(str(tmp_path / "r" / "snapshots.safetensors"), "pt") as f:
         made = json.loads(f.metadata()["collection"])["reference_rows"]
-    held = pdiff.holdout(pdiff.Collection("seeds", 6), 6, pdiff.FitConfig().holdout).held_out
+    held = pdiff.holdout(pdiff.Collection("networks", 6), 6, pdiff.FitConfig().holdout).held_out
     assert made == [0, 2, 4] and held == [1, 3, 5]
     r = cli("fit", "--run", tmp_path / "r", "--holdout", 2)  # networks 2 and 4
     assert r.exit_code == 2 and "would hold out networks that made this collection's alignment reference" in r.stderr
@@ -1642,8 +1642,8 @@ def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch, monke
     assert ("recalibrated" in rep) == (arch == "resnet_bn")
     with safe_open(str(run / "snapshots.safetensors"), "pt") as f:  # the default matching: activations with BatchNorm
         assert json.loads(f.metadata()["collection"])["match"] == ("activations" if arch == "resnet_bn" else "weights")
-    assert cli("fit", "--run", run, "--ae-steps", 30, "--ddpm-steps", 30).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--steps", 10, "--json", "--export",
+    assert cli("fit", "--run", run, "--ae-steps", 30, "--denoiser-steps", 30).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--ddim-steps", 10, "--json", "--export",
             tmp_path / "best.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -1769,9 +1769,9 @@ def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["params"] == 2 * 8 + 2 * 16 and rep["snapshots"]["median"] > 50  # norm: the last two norm layers
-    assert cli("fit", "--run", run, "--ae-steps", 20, "--ddpm-steps", 20).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 20, "--denoiser-steps", 20).exit_code == 0
     monkeypatch.chdir(tmp_path.parent)  # the file's absolute path was recorded
-    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
     (tmp_path / "mynet.py").write_text(MYNET.replace("nn.Linear(8 * size * size, 16)", "nn.Linear(8 * size * size, 24)")
                                        .replace("LayerNorm(16)", "LayerNorm(24)").replace("Linear(16, classes)",
@@ -1846,8 +1846,8 @@ def test_image_folder_and_a_torchvision_arch_end_to_end(tmp_path):
             tmp_path / "pngs", "--epochs", 1, "-k", 6, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["snapshots"]["count"] == 6
-    assert cli("fit", "--run", run, "--ae-steps", 20, "--ddpm-steps", 20).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--steps", 5, "--json")
+    assert cli("fit", "--run", run, "--ae-steps", 20, "--denoiser-steps", 20).exit_code == 0
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
     (tmp_path / "pngs" / "test").rename(tmp_path / "pngs" / "elsewhere")
     r = cli("collect", "--run", tmp_path / "r2", "--data", "imagefolder", "--data-dir", tmp_path / "pngs")
@@ -1871,9 +1871,9 @@ def one_process(*args):
 
 
 def test_torchrun_sample_equals_one_process(digits_run):
-    two = torchrun("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--steps", 20, "--json")
+    two = torchrun("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--ddim-steps", 20, "--json")
     assert two.returncode == 0, two.stderr[-2000:]
-    one = one_process("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--steps", 20, "--json")
+    one = one_process("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--ddim-steps", 20, "--json")
     a, b = json.loads(two.stdout), json.loads(one.stdout)  # rank 0 alone prints: one JSON document
     a.pop("seconds"), b.pop("seconds")
     assert a == b
@@ -1940,14 +1940,14 @@ def test_the_autoencoder_works_in_the_span_of_the_training_originals(tmp_path):
     torch.testing.assert_close(m.parameters_of(m.coordinates(v)), proj, atol=1e-4, rtol=0)
     run = tmp_path / "r"
     assert cli("collect", "--run", run, "--epochs", 1, "-k", 5).exit_code == 0
-    r = cli("fit", "--run", run, "--ae-steps", 1, "--ddpm-steps", 1, "--json")
+    r = cli("fit", "--run", run, "--ae-steps", 1, "--denoiser-steps", 1, "--json")
     assert json.loads(r.stdout)["pca"]["rel_error"] < 1e-3
 
 
 def test_force_keeps_everything_when_the_new_collect_is_refused(tmp_path):
     run = tmp_path / "r"
     assert cli("collect", "--run", run, "--epochs", 1, "-k", 3).exit_code == 0
-    assert cli("fit", "--run", run, "--ae-steps", 2, "--ddpm-steps", 2).exit_code == 0
+    assert cli("fit", "--run", run, "--ae-steps", 2, "--denoiser-steps", 2).exit_code == 0
     before = folder_state(run)
     r = cli("collect", "--run", run, "--force", "--networks", 2, "--arch", "squeezenet1_1", "--epochs", 0)
     assert r.exit_code == 2 and "node 'cat' (cat) concatenates" in r.stderr and folder_state(run) == before
@@ -2004,7 +2004,7 @@ def test_conv_autoencoder_norm_modes():
 def test_paper_generator_combines_with_pdiffs(tmp_path, generator):
     run = tmp_path / "r"
     assert cli("collect", "--run", run, "--epochs", 2, "-k", 30).exit_code == 0
-    r = cli("fit", "--run", run, "--generator", generator, "--ae-steps", 2, "--ddpm-steps", 2, "--json")
+    r = cli("fit", "--run", run, "--generator", generator, "--ae-steps", 2, "--denoiser-steps", 2, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     conv_ae, conv_dn = generator in ("v3", "conv+mlp"), generator in ("v3", "span+conv")
@@ -2015,10 +2015,10 @@ def test_paper_generator_combines_with_pdiffs(tmp_path, generator):
     assert isinstance(m.ae, pdiff.ConvAE if conv_ae else pdiff.SpanAE)
     assert isinstance(m.denoiser, pdiff.ConvDenoiser if conv_dn else pdiff.MLPDenoiser)
     assert m.s["latent"] == (128 if conv_ae else 16) == len(m.z_mean)  # each part's defaults, resolved and recorded
-    assert (m.s["ddpm_lr"], m.s["ema"], m.s["ddpm_weight_decay"]) == ((1e-4, 0.0, 0.0) if conv_dn else (1e-3, 0.999, 0.01))
+    assert (m.s["denoiser_lr"], m.s["ema"], m.s["denoiser_weight_decay"]) == ((1e-4, 0.0, 0.0) if conv_dn else (1e-3, 0.999, 0.01))
     assert m.z_lo.isinf().all() == conv_dn  # p-diff's sampling clamps nothing
     assert (m.z_std.item() == 1.0) == conv_dn  # p-diff's denoiser learns the latents as they come
-    r = cli("sample", "--run", run, "-n", 3, "--sampler", "ddim", "--steps", 4, "--json")
+    r = cli("sample", "--run", run, "-n", 3, "--sampler", "ddim", "--ddim-steps", 4, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["generated"]["count"] == 3 and rep["generated"]["label"] == "unknown"  # 3 against 5: too few to tell
@@ -2039,7 +2039,7 @@ def test_seeds_of_a_users_own_module_class(tmp_path):
 
 
 def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
-    r = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--steps", 10, "--min-accuracy", 96.5, "--json",
+    r = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--ddim-steps", 10, "--min-accuracy", 96.5, "--json",
             "--save", digits_run.parent / "picked.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -2049,7 +2049,7 @@ def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
     picked = read(digits_run.parent / "picked.safetensors")["samples"]
     val = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, picked, run.data.x_val, run.data.y_val))
     assert val.min() >= 96.5
-    plain = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--steps", 10, "--json", "--save",
+    plain = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--ddim-steps", 10, "--json", "--save",
                 digits_run.parent / "plain.safetensors")
     first = read(digits_run.parent / "plain.safetensors")["samples"]  # round 0 is the plain sample's draw
     first_val = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, first, run.data.x_val, run.data.y_val))
@@ -2058,7 +2058,7 @@ def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
     # same latents; decoded in another batch (the kept rows of several rounds), a float's last bit may differ
     for name, b in rep["baselines"].items():  # every baseline picked alike, from as many draws of its own
         assert b["count"] + b["failed"] <= 5 and b["drawn"] == (1 if name == "ensemble" else g["drawn"]), name
-    r = cli("sample", "--run", digits_run, "-n", 3, "--sampler", "ddim", "--steps", 5, "--min-accuracy", 100, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 3, "--sampler", "ddim", "--ddim-steps", 5, "--min-accuracy", 100, "--json")
     g = json.loads(r.stdout)["generated"]  # out of reach: the bound stops it, and the report says so
     assert r.exit_code == 0 and g["count"] == 0 and g["drawn"] == 3 * pdiff.MAX_ROUNDS
     assert json.loads(r.stdout)["verdict"] == {"label": "unknown", "text": "none of the 60 sets drawn reached "
@@ -2068,7 +2068,7 @@ def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
 def test_target_accuracy_steers_a_conditioned_model(tmp_path):
     run = tmp_path / "c"
     assert cli("collect", "--run", run, "--epochs", 3, "-k", 60).exit_code == 0
-    assert cli("fit", "--run", run, "--condition", "--ae-steps", 300, "--ddpm-steps", 1500).exit_code == 0
+    assert cli("fit", "--run", run, "--condition", "--ae-steps", 300, "--denoiser-steps", 1500).exit_code == 0
     got = {}
     for target in (90, 95):  # within the originals' validation accuracies (57 to 96 %)
         r = cli("sample", "--run", run, "-n", 20, "--sampler", "ddim", "--target-accuracy", target, "--json")
@@ -2081,7 +2081,7 @@ def test_target_accuracy_steers_a_conditioned_model(tmp_path):
     assert got[95][1] - got[90][1] > 1.5  # and on the test set, which it never saw: 94.43 against 92.34
     r = cli("fit", "--run", tmp_path / "c", "--name", "p", "--condition", "--generator", "v3")
     assert r.exit_code == 2 and "--condition needs pdiff's denoiser" in r.output
-    assert cli("fit", "--run", run, "--name", "plain", "--ae-steps", 10, "--ddpm-steps", 10).exit_code == 0
+    assert cli("fit", "--run", run, "--name", "plain", "--ae-steps", 10, "--denoiser-steps", 10).exit_code == 0
     r = cli("sample", "--run", run, "--model", "plain", "--target-accuracy", 95)
     assert r.exit_code == 2 and "--target-accuracy needs a model fitted with --condition" in r.output
 

@@ -191,7 +191,7 @@ def warm_generate(run: Path, dev, repeat: int) -> dict:
 def bench_quickstart(device: str, quick: bool, keep: bool, repeat: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="pdiff-bench-"))
     run, log = tmp / "run", tmp / "stderr.log"
-    fit_args = ["--ae-steps", "300", "--ddpm-steps", "600"] if quick else []
+    fit_args = ["--ae-steps", "300", "--denoiser-steps", "600"] if quick else []
     err.print(f"[2,3] digits quick start in {run} (stderr of the stages in {log})" + (f"; fit {' '.join(fit_args)}" if quick else ""))
     wall, out = {}, {}
     for stage, args in [("collect", ["collect"]), ("fit", ["fit", *fit_args]),
@@ -285,7 +285,7 @@ def bench_torchrun(quick: bool) -> dict:
     commands' JSON (interpreter start excluded); wall seconds beside them."""
     tmp = Path(tempfile.mkdtemp(prefix="pdiff-bench-"))
     n, log = 50 if quick else 200, tmp / "stderr.log"
-    steps = [("collect", ["collect", "--networks", str(n)], "total"), ("fit", ["fit", "--ae-steps", "200", "--ddpm-steps", "200"], None),
+    steps = [("collect", ["collect", "--networks", str(n)], "total"), ("fit", ["fit", "--ae-steps", "200", "--denoiser-steps", "200"], None),
              ("sample", ["sample", "-n", "200", "--sampler", "ddim"], "evaluate")]
     err.print(f"[6] torchrun: 2 processes vs 1 on the CPU; collect --networks {n}, sample -n 200 (stderr in {log})")
     res = {}
@@ -354,8 +354,8 @@ def bench_paper(dev, quick: bool) -> dict:
     t_train, _, _ = timed(lambda: pdiff.train_network(cfg, d, net, prep, pdiff.Loop()), dev)
     t_snap, _, snaps = timed(lambda: pdiff.collect_snapshots(cfg, d, net, prep, layout, pdiff.Loop()), dev)
     t_eval, _, correct = timed(lambda: pdiff.evaluate(net, prep, layout, snaps, d.x_test, d.y_test), dev)
-    fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "ddpm_steps": 50} if quick else {}))
-    collection = pdiff.Collection("steps", 1, k)
+    fit_cfg = pdiff.FitConfig(**({"ae_steps": 50, "denoiser_steps": 50} if quick else {}))
+    collection = pdiff.Collection("snapshots", 1, k)
     split = pdiff.holdout(collection, k, fit_cfg.holdout)
     t_fit, _, model = timed(lambda: pdiff.fit(fit_cfg, snaps, split.training, layout, device=dev), dev)
     val_correct = pdiff.evaluate(net, prep, layout, snaps, d.x_val, d.y_val)  # no validation split here: (k, 0)
@@ -453,7 +453,7 @@ def bench_fit_quality(quick: bool) -> dict:
         for name, args in (("quick start", []), ("200 seeds", ["--networks", 50 if quick else 200])):
             run = Path(tmp) / name.replace(" ", "-")
             measured(new, ["collect", "--run", run, *args], 3600)
-            fit = (["--ae-steps", 100, "--ddpm-steps", 100] if quick else [])
+            fit = (["--ae-steps", 100, "--denoiser-steps", 100] if quick else [])
             f = {"now": measured(new, ["fit", "--run", run, *fit], 3600),
                  "before": measured(before, ["fit", "--run", run, "--name", "before", *fit], 3600)}
             row = {f"{who}_fit_s": f[who]["seconds"] for who in f}

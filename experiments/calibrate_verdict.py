@@ -77,7 +77,7 @@ def known_groups(run: pdiff.Run, other: torch.Tensor, g: torch.Generator) -> dic
     out = {"another collection": ("fresh", fresh(N)), "training originals": ("copying", copies(N)),
            "+ noise 0.01 spread": ("copying", near(N)), "mean of 16": ("averaging", pick(16)),
            "mean of 4": ("averaging", pick(4)), "midpoint of 2 random": ("averaging", pick(2))}
-    if run.collection.kind != "seeds":  # consecutive snapshots: neighbours along the run
+    if run.collection.kind != "networks":  # consecutive snapshots: neighbours along the run
         i = torch.randint(0, K - 1, (N,), generator=g)
         out["midpoint of 2 adjacent"] = ("copying", (x[i] + x[i + 1]) / 2)
     for share in (0.1, 0.25, 0.5):
@@ -125,7 +125,7 @@ def main():
     a = ap.parse_args()
     quick = os.environ.get("QUICK") == "1"
     coll = ["--networks", 40 if quick else 200] if a.seeds_protocol else ["-k", 60 if quick else 200]
-    fit = ["--ae-steps", 200, "--ddpm-steps", 400] if quick else []
+    fit = ["--ae-steps", 200, "--denoiser-steps", 400] if quick else []
     runs, halvings = (2, 10) if quick else (a.collections, a.halvings)
     total = collections.defaultdict(lambda: ("", []))
     with tempfile.TemporaryDirectory() as tmp:

@@ -916,7 +916,7 @@ def main(argv=None):
         settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
 
     run = pdiff.open_run(args.run, model=None)
-    if run.collection.kind != "seeds" or not run.collection.aligned:
+    if run.collection.kind != "networks" or not run.collection.aligned:
         sys.exit("neurons.py compares whole networks in the aligned frame: collect with --networks (mlp3 aligns by "
                  "default)")
     if args.holdout is not None:  # as `pdiff fit --holdout`: whole held-out networks, never the reference

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/common.sh"
 export COLUMNS=${COLUMNS:-120}
 [[ $SCALE == quick ]] && q=(--epochs 2 -k 30) || q=()
-[[ $SCALE == quick ]] && f=(--ae-steps 30 --ddpm-steps 30) || f=()
+[[ $SCALE == quick ]] && f=(--ae-steps 30 --denoiser-steps 30) || f=()
 step() {  # step NAME ARGS...: run pdiff, keep its table (stderr, no progress bars) and its wall time
   local start=$SECONDS
   if ! $PDIFF "$@" --run "$OUT/run" 2>"$OUT/$1.txt" >/dev/null; then

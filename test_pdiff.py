@@ -2231,6 +2231,10 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"held-out originals", "generated (neurons)", "generated, not calibrated",
                          "diagnostic: held-out layer 1, rest generated"}
     assert 0 <= rows["generated (neurons)"]["median"] <= 100
+    # --min-accuracy: rounds of 10 until 10 reach it on the validation split, at most 20 rounds (pdiff's rule)
+    rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30"])
+    kept, drawn = map(int, re.search(r"(\d+) of (\d+) drawn", rows["generated (neurons)"]["seconds"]).groups())
+    assert kept == rows["generated (neurons)"]["n"] <= 10 and drawn % 10 == 0 and (kept == 10 or drawn == 200)
 
 
 def test_every_experiment_script_parses():

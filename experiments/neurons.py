@@ -905,6 +905,9 @@ def main(argv=None):
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
     ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
                     "(--set then changes sampling settings only: sample_steps, guidance)")
+    ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
+                    "networks at a time (at most 20 n) until n reach this validation accuracy (%%); every baseline "
+                    "is picked alike from as many draws of its own; the test set only grades")
     args = ap.parse_args(argv)
     quick = os.environ.get("QUICK") == "1"
     torch.set_num_threads(int(os.environ.get("NEURONS_THREADS", 1)))  # 2 threads on 2 shared cores: 40x slower
@@ -964,15 +967,29 @@ def main(argv=None):
         t0 = time.perf_counter()
         gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
         fit_s = time.perf_counter() - t0
+    val = lambda sets: pdiff.validation_accuracy(run, pdiff.Group(len(sets), lambda i: sets[i]), path)
+
+    def pick(make) -> tuple:  # make(i): round i's n raw networks -> (n networks, drawn), as pdiff.generated picks
+        if args.min_accuracy is None:
+            return make(0), n
+        kept, rounds = [], 0
+        while sum(map(len, kept)) < n and rounds < pdiff.MAX_ROUNDS:
+            sets, rounds = make(rounds), rounds + 1
+            kept.append(sets[val(sets) >= args.min_accuracy])
+        return torch.cat(kept)[:n], rounds * n
+
+    alike = lambda sets: sets if args.min_accuracy is None else sets[val(sets) >= args.min_accuracy][:n]
+    draws = lambda i, **kw: gen.sample(n, torch.Generator().manual_seed(args.seed + 1 + 1000 * i), **kw)
     t0 = time.perf_counter()
-    raw = gen.sample(n, torch.Generator().manual_seed(args.seed + 1))
+    raw, drawn = pick(draws)
     sample_s = time.perf_counter() - t0
     sets = pdiff.align_to(raw, ref_vec, run.layout, spec)
     if args.save:
         torch.save(sets, args.save)
-    rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s"}
+    chosen = f", {len(sets)} of {drawn} drawn" if args.min_accuracy is not None else ""
+    rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s{chosen}"}
     if gen.settings["calibrate"]:  # ablation: the same networks without the output-bias calibration
-        plain = gen.sample(n, torch.Generator().manual_seed(args.seed + 1), calibrate=False)
+        plain, _ = pick(lambda i: draws(i, calibrate=False))
         rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout, spec))
     if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
         done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
@@ -982,16 +999,17 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(args.seed + 2)
     m = min(16, len(train))
-    if not args.no_baselines:
-        picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(n)]
+    if not args.no_baselines:  # each from as many draws as the generated networks took (all kept without selection)
+        picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(drawn)]
         avg = torch.stack([x_train[p].mean(0) for p in picks])
-        rows[f"average of {m}"] = judge(avg)
+        rows[f"average of {m}"] = judge(alike(avg))
         rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
         xr = repair_inputs(run, seed=args.seed)
-        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(
-            torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)]))
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
+            torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)])))
         sd = x_train.std(0)
-        rows["gaussian (per coordinate)"] = judge(x_train.mean(0) + sd * torch.randn(n, x_train.shape[1], generator=g))
+        rows["gaussian (per coordinate)"] = judge(alike(
+            x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))
 
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")

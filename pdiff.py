@@ -1588,12 +1588,10 @@ def evaluate(net, prep, layout: Layout, sets: torch.Tensor, x: torch.Tensor, y: 
     if len(sets):
         net.eval()
         path = path or eval_path(net, prep, layout, x, calibrate)
-        if calibrate is not None:
-            evaluate_recalibrated(net, prep, layout, sets, x, y, correct, batch, memory, calibrate, path == "batched")
-        elif path == "batched":
+        if path == "batched" and calibrate is None:
             evaluate_batched(net, prep, layout, sets, x, y, correct, batch, memory)
-        else:
-            evaluate_loop(net, prep, layout, sets, x, y, correct, batch)
+        else:  # one set at a time, or BatchNorm statistics recomputed first (vmapped when batched)
+            evaluate_recalibrated(net, prep, layout, sets, x, y, correct, batch, memory, calibrate, path == "batched")
     correct[~torch.isfinite(sets).all(1)] = False  # a failed set counts as wrong everywhere
     return correct
 
@@ -1638,24 +1636,15 @@ def evaluate_batched(net, prep, layout: Layout, sets, x, y, correct, batch: int,
                 correct[s:s + chunk, i:i + batch] = (logits.argmax(-1) == yb).cpu()
 
 
-def evaluate_loop(net, prep, layout: Layout, sets, x, y, correct, batch: int):
-    """The reference path: one full forward pass of the whole network per parameter set."""
-    for k, vec in enumerate(sets):
-        p = layout.unflatten(vec.to(x.device))
-        for i in range(0, len(y), batch):
-            with autocast(x.device):
-                logits = functional_call(net, p, (prep(x[i:i + batch]),))
-            correct[k, i:i + batch] = (logits.argmax(-1) == y[i:i + batch]).cpu()
-
-
 def evaluate_recalibrated(net, prep, layout: Layout, sets, x, y, correct, batch: int, memory: int,
-                          xs: torch.Tensor, batched: bool):
+                          xs: Optional[torch.Tensor], batched: bool):
     """Networks with BatchNorm whose vectors carry no running statistics: per set, fresh statistics averaged over
     the training batches xs (B, b, C, H, W) uint8, BatchNorm layers in train mode and everything else in eval mode
     (momentum 1 / (i + 1) at batch i: each batch counts equally), then the test set in eval mode with them.
     batched: a chunk of sets at once under vmap, their statistics stacked beside their parameters; else one set at
-    a time (the reference path, which a test holds equal)."""
-    dev, stats = x.device, running_statistics(net)
+    a time (the reference path, which a test holds equal). xs=None: the net's own statistics, no recalibration;
+    unbatched, that is the plain loop path (one full forward pass of the whole network per set)."""
+    dev, stats = x.device, running_statistics(net) if xs is not None else {}
     call = lambda p, b, h: functional_call(net, (p, b), (h,))
     one = lambda d: {k: v[0] for k, v in d.items()}  # views: the loop's updates land in the stacked tensors
     many = vmap(call, in_dims=(0, 0, None)) if batched else lambda p, b, h: call(one(p), one(b), h)[None]
@@ -1668,7 +1657,7 @@ def evaluate_recalibrated(net, prep, layout: Layout, sets, x, y, correct, batch:
         p = layout.unflatten(sets[s:s + chunk].to(dev))  # {name: (c, ...)}
         b = {k: v.expand(len(sets[s:s + chunk]), *v.shape).clone() for k, v in stats.items()}
         with autocast(dev), batchnorm_training(net) as momentum:
-            for i, xb in enumerate(xs):
+            for i, xb in enumerate(() if xs is None else xs):
                 momentum(1 / (i + 1))
                 many(p, b, prep(xb.to(dev)))
         for i in range(0, len(y), batch):

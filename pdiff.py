@@ -171,8 +171,8 @@ class CollectConfig:
     checkpoint_every: int = opt(200, "Steps between checkpoints (--resume continues from the last one).", min=1)
     seed: int = opt(0, "Seeds everything; same seed, same numbers on CPU.")
     # Not options: the Python API's. With --networks and BatchNorm, every network evaluated from a parameter vector (the
-    # originals, blends, baselines, generated) gets running statistics from this many training batches of
-    # --batch-size (the vectors carry none; experiments/recalibrate.py measures 1 to 50).
+    # originals, blends, baselines, generated) gets running statistics from this many training batches of --batch-size
+    # (the vectors carry none).
     recalibrate: int = 20
     # Set by --protocol, not options of their own.
     weight_decay: float = 5e-4  # stage 1's (every protocol's)
@@ -311,8 +311,7 @@ DDIM_STEPS = 50  # --ddim-steps default for ddim
 
 def autocast(device: torch.device, paper: bool = False):
     """bf16 on CUDA; CPU and MPS run float32 so CPU results are exact and repeatable. paper=True (p-diff's
-    generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16), and
-    about twice as fast there as float32 (experiments/bench_pdiff.py --only paper-cost)."""
+    generator): bf16 on the CPU too, as the v3 code trains and samples (accelerate's mixed precision bf16)."""
     if device.type == "cuda" or paper and device.type == "cpu":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -788,8 +787,8 @@ def select_params(net: nn.Module, patterns: str, *, fallback: bool = False) -> L
 def tensor_stats(layout: Layout, x: torch.Tensor, rows=None, *, chunk: int = 1 << 22) -> tuple:
     """Standardisation of the originals x[rows] (K, D) -> (mean, std), both (D,), stored with the model: centred per
     coordinate, scaled per tensor by the originals' spread around that centre (their RMS deviation). A block of
-    columns at a time, so no second copy of a large collection is made. (Consecutive snapshots differ by ~1e-4 of
-    their values; scaling by the values' own std would hide that spread under the autoencoder's input noise.)"""
+    columns at a time, so no second copy of a large collection is made. (Scaled by the spread, not the values' std,
+    which would hide the snapshots' small differences under the autoencoder's input noise.)"""
     rows = slice(None) if rows is None else rows
     mean, std, start = torch.zeros(x.shape[1]), [], 0
     for size in layout.sizes:
@@ -1205,8 +1204,7 @@ class SpanAE(nn.Module):
     Encoder: the first `latent` coordinates (the principal directions), whitened, fixed; only an offset trains.
     Decoder: those coordinates back, plus a residual MLP whose last layer starts at zero, so it starts as exactly
     PCA and learns what a linear map misses. Everything it outputs lies in the span (a generated network is an
-    affine combination of training originals); what that costs where held-out networks lie off it is measured
-    in docs/RESULTS.md (experiments/bench_pdiff.py --only fit-quality)."""
+    affine combination of training originals)."""
     DEFAULTS = {"latent": 16, "ae_steps": 1500, "ae_lr": 1e-3, "ae_weight_decay": 0.01, "input_noise": 0.001,
                 "latent_noise": 1.0, "ae_width": 256}  # latent noise in units of the latents' spread (whitened)
     bf16 = False  # float32 everywhere: exact and repeatable on the CPU
@@ -1308,7 +1306,7 @@ class ConvAE(nn.Module):
     CHANNELS = (64, 128, 256, 256, 32)
     DEFAULTS = {"latent": 128, "ae_steps": 500, "ae_lr": 2e-5, "ae_weight_decay": 0.0, "input_noise": 0.001,
                 "latent_noise": 0.1}  # v3's (workspace/main/cifar100_resnet18.py)
-    bf16 = True  # as the v3 code trains and samples (accelerate's bf16), on the CPU too: about twice as fast there
+    bf16 = True  # as the v3 code trains and samples (accelerate's bf16), on the CPU too
     ordered = False
 
     def __init__(self, D: int, K: int = 0, s: Optional[dict] = None, *, norm: str = "batch"):
@@ -1395,8 +1393,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:  # (B,) -> (B
 class MLPDenoiser(nn.Module):
     """pdiff's eps(x_t, t) for latents (B, latent): an MLP of residual blocks, the sinusoidal timestep embedding
     added to its input; trained on standardised latents with an EMA of its weights, sampling clamped to the
-    training latents' range widened by `clip` of it on each side. (Chosen over a 1-D conv U-Net over the latent
-    coordinates, whose samples spread far less than the originals on the quick start's latents.)"""
+    training latents' range widened by `clip` of it on each side."""
     DEFAULTS = {"denoiser_steps": 3000, "denoiser_lr": 1e-3, "denoiser_weight_decay": 0.01, "ema": 0.999, "clip": 0.1,
                 "denoiser_width": 512, "denoiser_depth": 3}
     bf16, standardised = False, True
@@ -1789,9 +1786,7 @@ def holdout(collection: Collection, K: int, share: float) -> Holdout:
 def held_out_snapshots(K: int, n: int) -> tuple[list, list]:
     """n of one run's K snapshots held out one by one (each its own unit: one draw), spread evenly through the run,
     each with a snapshot left unused on either side where the run is long enough (so none is one step from a
-    training snapshot). -> (units, unused rows). Single snapshots, not blocks of near-copies: n draws give the
-    verdict n independent values to rank against (blocks of 2 gave half as many, and too little power to tell
-    midpoints of two snapshots from held-out ones)."""
+    training snapshot). -> (units, unused rows). One snapshot per unit: n independent values to rank."""
     gap = 1 if 3 * n < K else 0
     units = [[min(max(gap, int((j + 0.5) * K / n)), K - 1 - gap)] for j in range(n)]
     return units, [i for (u,) in units for i in (u - gap, u + gap)] if gap else []
@@ -1894,11 +1889,11 @@ edge_rank = lambda m: max(1, round(ZONE * (m + 1)))  # the zone's edge: the j-th
 def zone_test(a: torch.Tensor, n: int, ref: torch.Tensor, sign: int) -> dict:
     """How many of a group's n models (a: the finite values; failed sets count in n, outside the zone) lie beyond the
     j-th most extreme of the m held-out units' values ref, j = ZONE (m + 1) rounded, at least 1: the most extreme
-    one for m < 30 (the lower side for sign -1). If the
-    group's models were drawn like the held-out ones, the count k would follow a beta-binomial(n, j, m + 1 - j)
-    distribution (all n + m ranks equally likely; about a share j / (m + 1) of them beyond the edge, and with few
-    held-out units a wide spread around it): p = P(K >= k). Exact copies or blends among fresh-looking models show
-    here while a location test, seeing half above and half below, would not (Meehan et al. 2020 test per cell)."""
+    one for m < 30 (the lower side for sign -1). If the group's models were drawn like the held-out ones, the count
+    k would follow a beta-binomial(n, j, m + 1 - j) distribution (all n + m ranks equally likely; about a share
+    j / (m + 1) of them beyond the edge, and with few held-out units a wide spread around it): p = P(K >= k). Exact
+    copies or blends among fresh-looking models show here while a location test, seeing half above and half below,
+    would not (Meehan et al. 2020 test per cell)."""
     from scipy import stats
 
     m = len(ref)
@@ -2238,9 +2233,9 @@ def train_stacked(cfg: CollectConfig, data: Data, seeds: list, nets: list, prep:
     vmapped forward and backward per step, one optimizer (SGD and AdamW act per element, so these are N independent
     trainings). Buffers (BatchNorm's running statistics) are stacked beside them, each network's moving as they
     would alone (vmap cannot write a batched update into one shared buffer); they stay out of the rows, and
-    evaluation recomputes them. Each network draws its own batches from its own seed. Results are bit-identical
-    for a seed whatever the group around it (with BatchNorm, equal to ~1e-5: vmap batches its arithmetic
-    differently). Writes rows (N, max(k, 1), D); returns the buffers {name: (N, ...)}."""
+    evaluation recomputes them. Each network draws its own batches from its own seed. A seed's result does not
+    depend on the group around it (up to vmap's rounding with BatchNorm). Writes rows (N, max(k, 1), D); returns
+    the buffers {name: (N, ...)}."""
     cfg = cfg.resolved()  # (any config: its defaults filled)
     stacked = torch.func.stack_module_state(nets)
     params, buffers = State(stacked[0]), State(stacked[1])  # {name: (N, ...)}
@@ -3638,7 +3633,7 @@ def settled(cfg: CollectConfig, given: set, d: Data, net: nn.Module, layout: Lay
     """The settings only the data and the network decide, as the artifacts record them."""
     if not cfg.snapshot_every:  # one epoch of stage-2 steps (--protocol v1)
         cfg = dataclasses.replace(cfg, snapshot_every=batches(cfg, d, "snapshot")[1])
-    if cfg.align and cfg.match is None:  # what won where measured (experiments/reference.py)
+    if cfg.align and cfg.match is None:  # what won where measured
         cfg = dataclasses.replace(cfg, match="activations" if running_statistics(net) else "weights")
     if cfg.params == "norm" and "params" not in given and not norm_layers(net):  # the default, with nothing
         cfg = dataclasses.replace(cfg, params="all", snapshot_lr=cfg.snapshot_lr if "snapshot_lr" in given else None)

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                           track)
 from rich.table import Table
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -393,6 +394,7 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
     """One split of a torchvision data set -> (x (N, C, H, W) uint8, y (N,), classes)."""
     import numpy as np
     from torchvision import datasets
+    from torchvision.transforms.functional import pil_to_tensor
 
     if name == "imagefolder":
         return image_folder(root, train, image_size)
@@ -411,7 +413,9 @@ def torchvision_split(name: str, root: str, download: bool, train: bool, image_s
         ds = fetch(cls, name, root, which)
     if name in ("flowers102", "pets", "food101"):  # image files of many sizes, read one by one
         classes = 102 if name == "flowers102" else len(ds.classes)  # Flowers102.classes: torchvision 0.21 on
-        return pil_images(ds, image_size or 64), torch.as_tensor(ds._labels, dtype=torch.int64), classes
+        x = torch.stack([resized(pil_to_tensor(ds[i][0].convert("RGB"))[None], image_size or 64)[0]
+                         for i in track(range(len(ds)), "reading images", console=err, transient=True)])
+        return x, torch.as_tensor(ds._labels, dtype=torch.int64), classes
     x = torch.as_tensor(np.asarray(ds.data))
     x = x[:, None] if x.ndim == 3 else x if name in ("stl10", "svhn") else x.permute(0, 3, 1, 2)  # to (N, C, H, W)
     y = ds.labels if name in ("stl10", "svhn") else ds.targets
@@ -466,7 +470,7 @@ def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
     if ds.classes != train_classes:
         raise PdiffError(f"{found[0]} has the classes {ds.classes[:5]}..., train/ has {train_classes[:5]}...: "
                          "each split needs the same class folders")
-    images = [ds[i][0] for i in track(range(len(ds)), f"reading {found[0].name}/")]
+    images = [ds[i][0] for i in track(range(len(ds)), f"reading {found[0].name}/", console=err, transient=True)]
     if len({im.shape[0] for im in images}) > 1:
         images = [im.expand(3, -1, -1) for im in images]
     if len({im.shape[1:] for im in images}) > 1 or image_size or images[0].shape[1] != images[0].shape[2]:
@@ -474,24 +478,10 @@ def image_folder(root: str, train: bool, image_size: Optional[int]) -> tuple:
     return torch.stack(images), torch.as_tensor(ds.targets, dtype=torch.int64), len(ds.classes)
 
 
-def pil_images(ds, size: int) -> torch.Tensor:  # a torchvision data set of PIL images -> (N, 3, size, size) uint8
-    from torchvision.transforms.functional import pil_to_tensor
-
-    return torch.stack([resized(pil_to_tensor(ds[i][0].convert("RGB"))[None], size)[0]
-                        for i in track(range(len(ds)), "reading images")])
-
-
 def resized(x: torch.Tensor, size: int) -> torch.Tensor:  # (N, C, H, W) uint8: shorter side to size, centre crop
     from torchvision.transforms.functional import center_crop, resize
 
     return center_crop(resize(x, size, antialias=True), size)
-
-
-def track(items, description: str):
-    """A progress bar for reading files (they may be many)."""
-    from rich.progress import track as rich_track
-
-    return rich_track(items, description=description, console=err, transient=True)
 
 
 def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -850,7 +850,6 @@ class Units:
     into: list  # the weights that compute a unit: the out axis of its Linear / Conv
     own: list  # a unit's own numbers: bias, normalisation weight and bias, running statistics, depthwise filter
     out: list  # the weights that read it: the in axis of every layer it feeds
-    nodes: list  # the graph nodes that make it
 
     @property
     def axes(self) -> list:
@@ -908,8 +907,7 @@ def symmetry(net: nn.Module, shape: tuple) -> list[Units]:
             if ins and what not in NO_UNITS:
                 refuse("returns several tensors")
         elif node.op == "call_module":
-            state[node] = module_units(g, gm.get_submodule(node.target), f"{node.target}.", node.name, ins,
-                                       meta.shape, refuse)
+            state[node] = module_units(g, gm.get_submodule(node.target), f"{node.target}.", ins, meta.shape, refuse)
         else:
             state[node] = function_units(g, what, ins, meta.shape, refuse)
     return g.units(dict(itertools.chain(net.named_parameters(), net.named_buffers())))
@@ -922,14 +920,14 @@ def op_name(gm, node) -> str:  # what a node does: a module's class, a function'
 
 
 class UnitGraph:
-    """symmetry()'s bookkeeping: groups of units as a union-find forest (group 0: fixed), each group's width and
-    the nodes that make it, and the tensor axes found so far."""
+    """symmetry()'s bookkeeping: groups of units as a union-find forest (group 0: fixed), each group's width, and
+    the tensor axes found so far."""
 
     def __init__(self):
-        self.parent, self.width, self.nodes, self.entries = [0], [0], [[]], []  # entries: (group, kind, entry)
+        self.parent, self.width, self.entries = [0], [0], []  # entries: (group, kind, entry)
 
-    def new(self, n: int, node: str) -> int:
-        self.parent.append(len(self.parent)), self.width.append(n), self.nodes.append([node])
+    def new(self, n: int) -> int:
+        self.parent.append(len(self.parent)), self.width.append(n)
         return len(self.parent) - 1
 
     def find(self, u: int) -> int:
@@ -954,19 +952,16 @@ class UnitGraph:
         for u, kind, entry in self.entries:
             root = self.find(u)
             if root:
-                units = groups.setdefault(root, Units(self.width[root], [], [], [], []))
+                units = groups.setdefault(root, Units(self.width[root], [], [], []))
                 if entry not in units.axes:
                     getattr(units, kind).append(entry)
-        for u in range(1, len(self.parent)):
-            if self.find(u) in groups:
-                groups[self.find(u)].nodes += self.nodes[u]
         for units in groups.values():  # what the graph said about shapes, checked against the tensors
             for name, axis, r in units.axes:
                 assert tensors[name].shape[axis] == units.n * r, (name, axis, r, units.n)
         return [groups[u] for u in sorted(groups)]
 
 
-def module_units(g: UnitGraph, m: nn.Module, prefix: str, node: str, ins: list, shape, refuse) -> tuple:
+def module_units(g: UnitGraph, m: nn.Module, prefix: str, ins: list, shape, refuse) -> tuple:
     """A module's node -> (group, r) of its output, recording which of its tensors' axes index units."""
     if len(ins) != 1:
         refuse("takes several tensors")
@@ -978,7 +973,7 @@ def module_units(g: UnitGraph, m: nn.Module, prefix: str, node: str, ins: list, 
         if len(shape_in) != 2 and not conv or conv and r != 1:
             refuse("reads an axis other than the units'")
         g.add(u, "out", prefix + "weight", 1, r)
-        new = g.new(shape[1], node)
+        new = g.new(shape[1])
         g.add(new, "into", prefix + "weight", 0, 1)
         own(new, ["bias"], 1)
         return new, 1
@@ -1503,17 +1498,13 @@ class Diffusion(nn.Module):
         at the end."""
         x = randn((n, dim), g, self.betas.device)  # x_T
         ts = list(reversed(range(self.T))) if sampler == "ddpm" else self.ddim_times(steps)
+        trace, tick = trace or (lambda t, x: None), tick or (lambda: None)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            if trace:
-                trace(t, x)
-            if sampler == "ddpm":
-                x = self.ddpm_step(model, x, t, g, clip)
-            else:
-                x = self.ddim_step(model, x, t, t_prev, eta, g, clip)
-            if tick:
-                tick()
-        if trace:
-            trace(-1, x)
+            trace(t, x)
+            x = self.ddpm_step(model, x, t, g, clip) if sampler == "ddpm" else \
+                self.ddim_step(model, x, t, t_prev, eta, g, clip)
+            tick()
+        trace(-1, x)
         return x
 
 

@@ -2687,11 +2687,9 @@ def describe(g: Measured, run: Run, ref: Optional[tuple]) -> dict:
     """One group's report row: accuracy summary, failed sets, exact copies (named: training, held-out or unused
     originals, or repeats within the group), novelty numbers, and the label from judge() against ref = (the
     held-out originals' per-model numbers, their units)."""
-    rows, held = g.copy_of[g.copy_of >= 0].tolist(), set(run.held_out)
-    kind = lambda i: "held_out" if i in held else "training" if i in run.training_set else "unused"
-    copies = {"training": [], "held_out": [], "unused": []}
-    for i in sorted(set(rows)):
-        copies[kind(i)].append(i)
+    rows, held, train = g.copy_of[g.copy_of >= 0].tolist(), set(run.held_out), set(run.training)
+    kind = lambda i: "held_out" if i in held else "training" if i in train else "unused"
+    copies = {k: [i for i in sorted(set(rows)) if kind(i) == k] for k in ("training", "held_out", "unused")}
     row = {**summary(g.accuracy), "failed": int(g.accuracy.isnan().sum()), "copies": len(rows) + g.repeats,
            "copied": {k: v for k, v in copies.items() if v} | ({"repeats": g.repeats} if g.repeats else {}),
            **novelty(g.m, g.correct)}
@@ -3173,7 +3171,6 @@ class Run:
     fit_config: Optional[FitConfig] = None
 
     training = property(lambda r: r.split.training)  # rows the generator and the baselines are made from
-    training_set = property(lambda r: set(r.split.training))
     units = property(lambda r: r.split.units)  # held-out units: lists of rows, each one independent draw
     held_out = property(lambda r: r.split.held_out)  # their rows
 

@@ -3205,8 +3205,8 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     collected = Collection(**meta["collection"])
     run = Run(path, cfg, net, prep, layout, t["snapshots"].float(), t["correct"].bool(), t["val_correct"].bool(), d,
               {"network": net_id, "snapshots": meta["id"]}, collected, holdout(collected, K, FitConfig().holdout))
-    if collected.aligned:  # files from before the reference was stored: the first network's last row
-        run.reference = t.get("reference", t["snapshots"][collected.per_network - 1]).float()
+    if collected.aligned:  # collect stores the reference whenever it aligns
+        run.reference = t["reference"].float()
     if collected.recalibrated:
         run.calibration = calibration_batches(d, collected.recalibrated, cfg.batch_size, cfg.seed)
     if model is not None:

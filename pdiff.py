@@ -3552,33 +3552,31 @@ def open_stage(run: Path, stage: str, ck: Path, cfg, given: set, *, resume: bool
                              f"or pass --force to replace it{more}")
         return cfg, Loop(ck, kind, {"config": dataclasses.asdict(cfg), "parents": parents}, every=cfg.checkpoint_every)
     t, meta = load_artifact(ck, kind)
-    with checkpoint_errors(TypeError):
-        saved = type(cfg)(**meta["config"])
-        saved = dataclasses.replace(saved, checkpoint_every=cfg.checkpoint_every) if "checkpoint_every" in given \
-            else saved
-    agree(cfg, saved, given, f"the checkpoint in {ck}")
+    saved = agree(cfg, meta, given, f"the checkpoint in {ck}")
+    saved = dataclasses.replace(saved, checkpoint_every=cfg.checkpoint_every) if "checkpoint_every" in given else saved
     for kind_, expected in parents.items():
         check_parent(ck, meta, kind_, expected, f"pdiff {stage} --force")
     return saved, Loop(ck, kind, {"config": dataclasses.asdict(saved), "parents": parents},
                        every=saved.checkpoint_every, resume=(t, meta))
 
 
-def agree(cfg, saved, given: set, where: str):
-    """--resume: every option given on the command line must say what the run was started with."""
+def agree(cfg, meta: dict, given: set, where: str):
+    """--resume: every option given on the command line must say what the run was started with -> meta's config."""
+    with checkpoint_errors(TypeError):
+        saved = type(cfg)(**meta["config"])
     for name in sorted(given - {"checkpoint_every"}):
         if hasattr(cfg, name) and getattr(cfg, name) != getattr(saved, name):
             new, old = getattr(cfg, name), getattr(saved, name)
             flag = lambda v: f"--{'no-' * (v is False)}{name.replace('_', '-')}{'' if isinstance(v, bool) else f' {v}'}"
             raise PdiffError(f"{flag(new)} contradicts {where} ({flag(old)}); leave it out to resume, or start "
                              "again with --force", 2)
+    return saved
 
 
 def finished(path: Path, kind: str, stage: str, cfg, given: set, json_out: bool):
     """--resume on a stage that already finished: say so and repeat its report; exit 0."""
     _, meta = load_artifact(path, kind)
-    with checkpoint_errors(TypeError):
-        saved = type(cfg)(**meta["config"])
-    agree(cfg, saved, given, f"the finished {path}")
+    agree(cfg, meta, given, f"the finished {path}")
     report = meta.get("report", {})
     err.print(table(f"{stage} already finished: {path} is complete; nothing to resume",
                     {k: v for k, v in report.items() if isinstance(v, dict) and "median" in v}))

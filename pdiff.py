@@ -3569,7 +3569,7 @@ def agree(cfg, meta: dict, given: set, where: str):
             new, old = getattr(cfg, name), getattr(saved, name)
             flag = lambda v: f"--{'no-' * (v is False)}{name.replace('_', '-')}{'' if isinstance(v, bool) else f' {v}'}"
             raise PdiffError(f"{flag(new)} contradicts {where} ({flag(old)}); leave it out to resume, or start "
-                             "again with --force", 2)
+                             "a new run with it (--run NEW; --force would replace this one)", 2)
     return saved
 
 

@@ -1003,7 +1003,7 @@ def main(argv=None):
         picks = [torch.randperm(len(train), generator=g)[:m] for _ in range(drawn)]
         avg = torch.stack([x_train[p].mean(0) for p in picks])
         rows[f"average of {m}"] = judge(alike(avg))
-        rows["ensemble (weight average)"] = judge(x_train.mean(0, keepdim=True))
+        rows["ensemble (weight average)"] = judge(alike(x_train.mean(0, keepdim=True)))
         xr = repair_inputs(run, seed=args.seed)
         rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
             torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)])))

@@ -441,7 +441,7 @@ class NeuronGenerator(Saved):
         err = (got - want).square().mean((1, 2)) / want.var((1, 2)).clamp_min(1e-8)
         return ((1 - t[rows, s]) * seen * err).mean()
 
-    GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0)  # what pick_guidance chooses from
+    GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # what pick_guidance chooses from
 
     @torch.no_grad()
     def pick_guidance(self, originals: torch.Tensor, n: int = 32, steps: int = None) -> float:

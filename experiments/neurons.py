@@ -978,7 +978,12 @@ def main(argv=None):
             kept.append(sets[val(sets) >= args.min_accuracy])
         return torch.cat(kept)[:n], rounds * n
 
-    alike = lambda sets: sets if args.min_accuracy is None else sets[val(sets) >= args.min_accuracy][:n]
+    def alike(sets: torch.Tensor) -> torch.Tensor:  # a baseline's draws, picked by pdiff's own rule (selected)
+        if args.min_accuracy is None:
+            return sets
+        kept = pdiff.selected(run, pdiff.Group(len(sets), lambda i: sets[i]), args.min_accuracy, n, path)
+        return kept.make(list(range(kept.n)))
+
     draws = lambda i, **kw: gen.sample(n, torch.Generator().manual_seed(args.seed + 1 + 1000 * i), **kw)
     t0 = time.perf_counter()
     raw, drawn = pick(draws)

@@ -2127,6 +2127,51 @@ def test_neuron_denoiser_is_equivariant_to_permuting_hidden_units():
     assert torch.allclose(g.split(done)[0][0], g.split(x[:2])[0][0], atol=1e-6) and not torch.allclose(done, x[:2])
 
 
+def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_layer_1():
+    """The stochastic step (eta) with the true velocity of one clean point x_0 lands on the flow's marginal at t2:
+    (1 - t2) x_0 + t2 * unit noise, whatever eta; eta 0 is Euler's step. spread() matches units one to one."""
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 64), torch.randn(20000, 64, generator=g)
+    for eta, t, t2 in ((0.0, 0.7, 0.5), (1.0, 0.7, 0.5), (0.5, 1.0, 0.9), (1.0, 0.3, 0.05)):
+        gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, eta=eta)
+        y = (1 - t) * x0 + t * eps
+        v = eps - x0  # the true velocity for this x_0
+        got = gen.step(y, v, t, t2, g)
+        noise = (got - (1 - t2) * x0) / t2
+        assert abs(noise.std().item() - 1) < 0.01 and noise.mean().abs() < 0.01
+        kept = (noise * eps).mean().item()  # the share of the old noise kept: DDIM's sqrt(1 - (s / t2)^2)
+        s = eta * t2 * (1 - ((1 - t) * t2 / ((1 - t2) * t)) ** 2) ** 0.5
+        assert abs(kept - (1 - (s / t2) ** 2) ** 0.5) < 0.02
+        if not eta:
+            assert torch.allclose(got, y + (t2 - t) * v, atol=1e-6)
+    x = torch.randn(6, layout.D, generator=g)
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=2, batch=4, mode="layers")
+    gen.set_stats(x)
+    mean = x.mean(0)
+    p = layout.unflatten(mean[None].clone())
+    p = {k: v[0] for k, v in p.items()}
+    p["1.weight"], p["1.bias"] = p["1.weight"][[2, 0, 1, 4, 3]], p["1.bias"][[2, 0, 1, 4, 3]]  # its units reordered
+    same = layout.pack(p)
+    assert gen.spread(same[None], mean).item() < 1e-9  # matched one to one: no spread
+    p["1.bias"] = p["1.bias"] + torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])  # one unit moved by 1 in its bias
+    sd = gen.stats["tokens"][0][1][0]  # the bias's spread over units and networks
+    assert torch.isclose(gen.spread(layout.pack(p)[None], mean), (1 / sd) ** 2, rtol=1e-4).all()
+    gen.fit(x)
+    T = gen.pick_temperature(x, n=4, steps=2)
+    assert T in gen.TEMPERATURES and set(gen.temperature_scores) == set(gen.TEMPERATURES)
+    a, b = (nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, mode="layers", temperature=T0)
+            for T0 in (1.0, 2.0))
+    for m in (a, b):
+        m.set_stats(x)  # untrained (zero velocity): the samples are the starting noise, decoded
+    one, two = (m.sample(3, torch.Generator().manual_seed(1), steps=2, stop=1) for m in (a, b))
+    g1, g2 = gen.graph.split(one), gen.graph.split(two)
+    m1 = gen.stats["tokens"][0][0]
+    assert torch.allclose(g2[0][0] - m1, 2 * (g1[0][0] - m1), atol=1e-5)  # hidden layer 1: twice the noise
+    assert torch.allclose(g2[0][1], g1[0][1])  # the later layers: the flow's own noise
+
+
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)

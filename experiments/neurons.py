@@ -241,12 +241,17 @@ class Saved:
     """A generator kept as its settings, its averaged denoiser and its standardisation (torch.save-able)."""
 
     def state_dict(self) -> dict:
-        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
+        first = getattr(self, "first", None)
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats} | (
+            {"first": first.state_dict()} if first is not None else {})
 
     def load_state_dict(self, state: dict):
         self.ema.load_state_dict(state["net"])
         self.net.load_state_dict(state["net"])
         self.stats = state["stats"]
+        if "first" in state:
+            self.first = self.first_net().requires_grad_(False)
+            self.first.load_state_dict(state["first"])
 
 
 class NeuronGenerator(Saved):
@@ -258,14 +263,16 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, func=0.0, seed=0)
+                    exposure_t=0.5, func=0.0, eta=0.0, first_steps=0, first_width=0, first_depth=0,
+                    temperature=1.0, auto_temperature=False, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
-                 func: float = 0.0, seed: int = 0):
+                 func: float = 0.0, eta: float = 0.0, first_steps: int = 0, first_width: int = 0,
+                 first_depth: int = 0, temperature: float = 1.0, auto_temperature: bool = False, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -285,7 +292,14 @@ class NeuronGenerator(Saved):
         clean value (x_0 = x_t - t v) against the network itself, as logits on 256 of the probe inputs (Probes:
         synthesised from the training networks, no data), squared error over the logits' variance, weighted by
         (1 - t) so that it counts where the prediction can be sharp; networks whose earlier layers were dropped
-        (guidance) are left out of it."""
+        (guidance) are left out of it. eta: the sampler's stochasticity (0: Euler steps of the ODE; 1: ancestral
+        steps, each re-drawing the share of noise that DDPM's posterior would, as DDIM's eta). first_steps: hidden
+        layer 1 is made by a denoiser of its own (width first_width, depth first_depth; 0: as the main one), fitted
+        on hidden layer 1 alone for this many steps after the main fit (cheap: one layer's tokens, no edges).
+        temperature: the scale of the noise hidden layer 1 starts from (1: the flow's own; flows that fit imperfectly
+        make their samples too alike, a temperature above 1 spreads them; the noise a stochastic step re-draws for
+        it is scaled alike). auto_temperature (mode layers): fit() ends by choosing it with pick_temperature (from
+        the training networks only)."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
@@ -293,12 +307,15 @@ class NeuronGenerator(Saved):
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
-                             exposure_share=exposure_share, exposure_t=exposure_t, func=func, seed=seed)
+                             exposure_share=exposure_share, exposure_t=exposure_t, func=func, eta=eta,
+                             first_steps=first_steps, first_width=first_width, first_depth=first_depth,
+                             temperature=temperature, auto_temperature=auto_temperature, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None  # per part: (mean, std)
+        self.first = None  # hidden layer 1's own (averaged) denoiser, where first_steps
 
     # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
     def set_stats(self, x: torch.Tensor):
@@ -334,9 +351,42 @@ class NeuronGenerator(Saved):
         self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
         if cfg["exposure_steps"] and cfg["mode"] == "layers":
             self.exposure(originals, progress)
+        if cfg["first_steps"]:
+            self.fit_first(originals, progress)
+        if cfg["auto_temperature"]:
+            self.settings["temperature"] = self.pick_temperature(originals)
         if cfg["auto_guidance"]:
             self.settings["guidance"] = self.pick_guidance(originals)
         return self
+
+    def first_net(self) -> "NeuronDenoiser":
+        cfg = self.settings
+        return NeuronDenoiser(self.graph, width=cfg["first_width"] or cfg["width"], edge_width=cfg["edge_width"],
+                              depth=cfg["first_depth"] or cfg["depth"], heads=cfg["heads"], products=cfg["products"])
+
+    def fit_first(self, originals: torch.Tensor, progress=None):
+        """Hidden layer 1's own denoiser (first_steps; see __init__): the flow on layer 1's tokens alone."""
+        cfg, H = self.settings, self.graph.L - 1
+        torch.manual_seed(cfg["seed"] + 5)
+        net = self.first_net()
+        ema = copy.deepcopy(net).requires_grad_(False)
+        x0 = _first(self.encode(originals), 1, H)
+        g = torch.Generator().manual_seed(cfg["seed"] + 5)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        steps = cfg["first_steps"]
+        warm = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(1.0, s / steps)))))
+        for step in range(steps):
+            p0 = _index(x0, torch.randint(0, len(originals), (cfg["batch"],), generator=g))
+            t = torch.rand(cfg["batch"], 1, generator=g)
+            e0 = _like(p0, g)
+            pred = net(*_map2(lambda a, n: _mix(a, n, t[:, :, None]), p0, e0), t)
+            a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
+            _update(net, ema, opt, sched, a / b, step, cfg["ema"])
+            if progress and (step % 100 == 0 or step == steps - 1):
+                progress(step, (a / b).item())
+        self.first = ema
 
     def exposure(self, originals: torch.Tensor, progress=None):
         """The exposure_steps more steps (see __init__), from the averaged (EMA) model, at a third of the rate."""
@@ -441,6 +491,48 @@ class NeuronGenerator(Saved):
         err = (got - want).square().mean((1, 2)) / want.var((1, 2)).clamp_min(1e-8)
         return ((1 - t[rows, s]) * seen * err).mean()
 
+    def step(self, y: torch.Tensor, v: torch.Tensor, t: float, t2: float, g: torch.Generator,
+             scale: float = 1.0) -> torch.Tensor:
+        """One reverse step of the flow from time t to t2 < t for y with velocity v: Euler (eta 0), or DDIM's
+        stochastic step in the flow's terms (alpha = 1 - t, sigma = t): x_0 and the noise as v predicts them, the
+        noise partly re-drawn (eta 1: the share DDPM's posterior re-draws), the new noise times `scale`."""
+        eta = self.settings["eta"]
+        if not eta or t2 <= 0:
+            return y + (t2 - t) * v
+        x0, eps = y - t * v, y + (1 - t) * v
+        s = eta * t2 * max(0.0, 1 - ((1 - t) * t2 / ((1 - t2) * t)) ** 2) ** 0.5
+        return (1 - t2) * x0 + (t2 ** 2 - s ** 2) ** 0.5 * eps + s * scale * torch.randn(y.shape, generator=g)
+
+    TEMPERATURES = (1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.15)  # what pick_temperature chooses from
+
+    def spread(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw -> (B,) the squared distance of each network's hidden layer 1 to mean's (D,), its units matched
+        to mean's one to one (linear assignment: any frame), each part scaled by the training networks' spread."""
+        from scipy.optimize import linear_sum_assignment  # scikit-learn's scipy
+
+        (a,), (b,) = _first(self.encode(x), 1, self.graph.L - 1)[0], _first(self.encode(mean[None]), 1,
+                                                                          self.graph.L - 1)[0]
+        cost = torch.cdist(a, b.expand(len(a), -1, -1)).square()  # (B, n_1, n_1)
+        return torch.stack([c[linear_sum_assignment(c.numpy())].sum() for c in cost])
+
+    @torch.no_grad()
+    def pick_temperature(self, originals: torch.Tensor, n: int = 64, steps: int = None) -> float:
+        """The temperature whose hidden layers 1 lie as far from the training networks' mean layer 1 as the training
+        networks' own (each against the mean of the others; units matched one to one, so any frame; no held-out
+        network, no data): the median spread (see spread) compared, the closest on TEMPERATURES. This is the
+        statistic the verdict's blend test reads for that layer, matched on the training networks: what it buys is
+        spread, and accuracy at that spread is what the verdict then tells."""
+        K, total = len(originals), originals.sum(0)
+        target = torch.stack([self.spread(x[None], (total - x) / (K - 1)) for x in originals]).median()
+        steps, scores = steps or min(50, self.settings["sample_steps"]), {}
+        for T in self.TEMPERATURES:
+            self.settings["temperature"] = T
+            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 9), steps=steps, stop=1,
+                            calibrate=False)
+            scores[T] = (self.spread(x, total / K).median() / target).log().abs().item()
+        self.temperature_scores = scores
+        return min(scores, key=scores.get)
+
     GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # what pick_guidance chooses from
 
     @torch.no_grad()
@@ -460,10 +552,12 @@ class NeuronGenerator(Saved):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
-               start: int = 0, guidance: float = None, calibrate: bool = True, tick=None) -> torch.Tensor:
+               start: int = 0, stop: int = None, guidance: float = None, calibrate: bool = True,
+               tick=None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
-        layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion)."""
+        layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion); stop
+        (mode layers): the layers from `stop` on left as noise (pick_temperature reads hidden layer 1 alone)."""
         steps = steps or self.settings["sample_steps"]
         guidance = self.settings["guidance"] if guidance is None else guidance
         if guidance and not self.settings["drop"]:
@@ -471,13 +565,14 @@ class NeuronGenerator(Saved):
         B = n
         shapes = self.encode(torch.zeros(1, self.graph.layout.D))
         x = _map(lambda a: torch.randn((B, *a.shape[1:]), generator=generator), shapes)
+        x = ([x[0][0] * self.settings["temperature"]] + x[0][1:], x[1], x[2])  # hidden layer 1's start: temperature
         if start:
             if self.settings["mode"] != "layers":
                 raise ValueError("completion needs mode layers (a model trained with clean earlier layers)")
             keep = self.per_part(torch.tensor([[float(l < start) for l in range(self.graph.L - 1)]]).expand(B, -1))
             x = _map3(lambda a, k, m: a * (1 - m) + k * m, x, self.encode(given), keep)
         ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
-        stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, H)]
+        stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, stop or H)]
         for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
             P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
             mask = _first(self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H)), P, H)
@@ -493,12 +588,15 @@ class NeuronGenerator(Saved):
             for i in range(steps):
                 t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
                 y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
-                v = self.ema(*y_in, t)
+                model = self.first if groups == [0] and self.first is not None else self.ema
+                v = model(*y_in, t)
                 if w:
                     tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
                     v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
-                y = _map3(lambda a, u, m: a + (ts[i + 1] - ts[i]) * u * m, y, v, mask)
+                temp = self.settings["temperature"] if groups == [0] else 1.0
+                y = _map3(lambda a, u, m: a + m * (self.step(a, u, ts[i].item(), ts[i + 1].item(), generator,
+                                                             temp) - a), y, v, mask)
                 if tick is not None and groups == stages[-1]:  # (a progress bar of `steps`: the last stage's)
                     tick()
             x = _put(x, y, P, H)
@@ -535,6 +633,7 @@ class Neurons(nn.Module):
         for name, shape in shapes.items():
             self.register_buffer(name + "_mean", torch.zeros(shape))
             self.register_buffer(name + "_std", torch.ones(shape))
+        self.register_buffer("temperature", torch.tensor(float(s["temperature"])))  # as fit() left it (auto)
         if s["calibrate"]:
             self.register_buffer("probes_x", torch.zeros(Probes(layout).mixes, g.n_in))
             self.register_buffer("probes_target", torch.zeros(g.n_out))
@@ -555,6 +654,7 @@ class Neurons(nn.Module):
                               *((f"edges{k}", v) for k, v in enumerate(st["edges"])), ("glob", st["glob"])]:
             getattr(self, name + "_mean").copy_(m)
             getattr(self, name + "_std").copy_(sd)
+        self.temperature.fill_(self.gen.settings["temperature"])
         if self.s["calibrate"]:
             self.probes_x.copy_(st["probes"]["x"])
             self.probes_target.copy_(st["probes"]["target"])
@@ -574,7 +674,7 @@ class Neurons(nn.Module):
         model's sample_steps; the sampler makes no other difference)."""
         if target is not None:
             raise pdiff.PdiffError("the neuron generator has no --target-accuracy (it is fitted without --condition)", 2)
-        self.gen.stats = self.stats()
+        self.gen.stats, self.gen.settings["temperature"] = self.stats(), self.temperature.item()
         return self.gen.sample(n, g, steps=steps, tick=tick)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -948,18 +1048,25 @@ def main(argv=None):
     if args.load_model:
         state = torch.load(args.load_model, weights_only=False)
         gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
-                                                                  if k in ("sample_steps", "guidance",
+                                                                  if k in ("sample_steps", "guidance", "eta", "temperature", "auto_temperature",
                                                                            "auto_guidance", "calibrate",
                                                                            "exposure_steps", "exposure_share",
-                                                                           "exposure_t")}))
+                                                                           "exposure_t", "first_steps",
+                                                                           "first_width", "first_depth")}))
         gen.load_state_dict(state)
         fit_s = float("nan")
         if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
             t0 = time.perf_counter()
             gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
             fit_s = time.perf_counter() - t0
+        if "first_steps" in settings and gen.first is None:  # hidden layer 1's own denoiser, for the loaded model
+            t0 = time.perf_counter()
+            gen.fit_first(x_train, progress=lambda s, l: print(f"first step {s} loss {l:.4f}", file=sys.stderr))
+            fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
+        if gen.settings["auto_temperature"]:
+            gen.settings["temperature"] = gen.pick_temperature(x_train)
         if gen.settings["auto_guidance"]:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
     else:
@@ -1018,6 +1125,9 @@ def main(argv=None):
 
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")
+    if hasattr(gen, "temperature_scores"):
+        print("pick_temperature (|log| of generated to training hidden-layer-1 spread around their mean, per "
+              "temperature): " + ", ".join(f"{T:g}: {v:.4f}" for T, v in gen.temperature_scores.items()) + "\n")
     if hasattr(gen, "guidance_scores"):
         print("pick_guidance (mean |log RMS ratio| to the training networks, per weight): " + ", ".join(
             f"{w:g}: {v:.4f}" for w, v in gen.guidance_scores.items()) + "\n")

@@ -241,17 +241,12 @@ class Saved:
     """A generator kept as its settings, its averaged denoiser and its standardisation (torch.save-able)."""
 
     def state_dict(self) -> dict:
-        first = getattr(self, "first", None)
-        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats} | (
-            {"first": first.state_dict()} if first is not None else {})
+        return {"settings": dict(self.settings), "net": self.ema.state_dict(), "stats": self.stats}
 
     def load_state_dict(self, state: dict):
         self.ema.load_state_dict(state["net"])
         self.net.load_state_dict(state["net"])
         self.stats = state["stats"]
-        if "first" in state:
-            self.first = self.first_net().requires_grad_(False)
-            self.first.load_state_dict(state["first"])
 
 
 class NeuronGenerator(Saved):
@@ -263,16 +258,16 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, func=0.0, eta=0.0, first_steps=0, first_width=0, first_depth=0,
-                    temperature=1.0, auto_temperature=False, seed=0)
+                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0,
+                    auto_temperature=False, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
-                 func: float = 0.0, eta: float = 0.0, first_steps: int = 0, first_width: int = 0,
-                 first_depth: int = 0, temperature: float = 1.0, auto_temperature: bool = False, seed: int = 0):
+                 func: float = 0.0, eta: float = 0.0, temperature: float = 1.0, auto_temperature: bool = False,
+                 seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -293,9 +288,7 @@ class NeuronGenerator(Saved):
         synthesised from the training networks, no data), squared error over the logits' variance, weighted by
         (1 - t) so that it counts where the prediction can be sharp; networks whose earlier layers were dropped
         (guidance) are left out of it. eta: the sampler's stochasticity (0: Euler steps of the ODE; 1: ancestral
-        steps, each re-drawing the share of noise that DDPM's posterior would, as DDIM's eta). first_steps: hidden
-        layer 1 is made by a denoiser of its own (width first_width, depth first_depth; 0: as the main one), fitted
-        on hidden layer 1 alone for this many steps after the main fit (cheap: one layer's tokens, no edges).
+        steps, each re-drawing the share of noise that DDPM's posterior would, as DDIM's eta).
         temperature: the scale of the noise hidden layer 1 starts from (1: the flow's own; flows that fit imperfectly
         make their samples too alike, a temperature above 1 spreads them; the noise a stochastic step re-draws for
         it is scaled alike). auto_temperature (mode layers): fit() ends by choosing it with pick_temperature (from
@@ -308,14 +301,12 @@ class NeuronGenerator(Saved):
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
                              exposure_share=exposure_share, exposure_t=exposure_t, func=func, eta=eta,
-                             first_steps=first_steps, first_width=first_width, first_depth=first_depth,
                              temperature=temperature, auto_temperature=auto_temperature, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None  # per part: (mean, std)
-        self.first = None  # hidden layer 1's own (averaged) denoiser, where first_steps
 
     # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
     def set_stats(self, x: torch.Tensor):
@@ -351,42 +342,11 @@ class NeuronGenerator(Saved):
         self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
         if cfg["exposure_steps"] and cfg["mode"] == "layers":
             self.exposure(originals, progress)
-        if cfg["first_steps"]:
-            self.fit_first(originals, progress)
         if cfg["auto_temperature"]:
             self.settings["temperature"] = self.pick_temperature(originals)
         if cfg["auto_guidance"]:
             self.settings["guidance"] = self.pick_guidance(originals)
         return self
-
-    def first_net(self) -> "NeuronDenoiser":
-        cfg = self.settings
-        return NeuronDenoiser(self.graph, width=cfg["first_width"] or cfg["width"], edge_width=cfg["edge_width"],
-                              depth=cfg["first_depth"] or cfg["depth"], heads=cfg["heads"], products=cfg["products"])
-
-    def fit_first(self, originals: torch.Tensor, progress=None):
-        """Hidden layer 1's own denoiser (first_steps; see __init__): the flow on layer 1's tokens alone."""
-        cfg, H = self.settings, self.graph.L - 1
-        torch.manual_seed(cfg["seed"] + 5)
-        net = self.first_net()
-        ema = copy.deepcopy(net).requires_grad_(False)
-        x0 = _first(self.encode(originals), 1, H)
-        g = torch.Generator().manual_seed(cfg["seed"] + 5)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=0.0)
-        steps = cfg["first_steps"]
-        warm = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
-            math.pi * min(1.0, s / steps)))))
-        for step in range(steps):
-            p0 = _index(x0, torch.randint(0, len(originals), (cfg["batch"],), generator=g))
-            t = torch.rand(cfg["batch"], 1, generator=g)
-            e0 = _like(p0, g)
-            pred = net(*_map2(lambda a, n: _mix(a, n, t[:, :, None]), p0, e0), t)
-            a, b = _se(pred, _map2(lambda a, n: n - a, p0, e0), _map(lambda a: torch.ones(()), p0))
-            _update(net, ema, opt, sched, a / b, step, cfg["ema"])
-            if progress and (step % 100 == 0 or step == steps - 1):
-                progress(step, (a / b).item())
-        self.first = ema
 
     def exposure(self, originals: torch.Tensor, progress=None):
         """The exposure_steps more steps (see __init__), from the averaged (EMA) model, at a third of the rate."""
@@ -588,8 +548,7 @@ class NeuronGenerator(Saved):
             for i in range(steps):
                 t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
                 y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
-                model = self.first if groups == [0] and self.first is not None else self.ema
-                v = model(*y_in, t)
+                v = self.ema(*y_in, t)
                 if w:
                     tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
@@ -1004,7 +963,8 @@ def main(argv=None):
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
     ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
-                    "(--set then changes sampling settings only: sample_steps, guidance)")
+                    "(--set then changes sampling settings only: sample_steps, guidance, eta, temperature, ...; and "
+                    "exposure_steps fine-tunes it)")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
                     "networks at a time (at most 20 n) until n reach this validation accuracy (%%); every baseline "
                     "is picked alike from as many draws of its own; the test set only grades")
@@ -1047,21 +1007,15 @@ def main(argv=None):
 
     if args.load_model:
         state = torch.load(args.load_model, weights_only=False)
-        gen = NeuronGenerator(run.layout, **(state["settings"] | {k: v for k, v in settings.items()
-                                                                  if k in ("sample_steps", "guidance", "eta", "temperature", "auto_temperature",
-                                                                           "auto_guidance", "calibrate",
-                                                                           "exposure_steps", "exposure_share",
-                                                                           "exposure_t", "first_steps",
-                                                                           "first_width", "first_depth")}))
+        saved = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
+        sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",
+                    "calibrate", "exposure_steps", "exposure_share", "exposure_t")
+        gen = NeuronGenerator(run.layout, **(saved | {k: v for k, v in settings.items() if k in sampling}))
         gen.load_state_dict(state)
         fit_s = float("nan")
         if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
             t0 = time.perf_counter()
             gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
-            fit_s = time.perf_counter() - t0
-        if "first_steps" in settings and gen.first is None:  # hidden layer 1's own denoiser, for the loaded model
-            t0 = time.perf_counter()
-            gen.fit_first(x_train, progress=lambda s, l: print(f"first step {s} loss {l:.4f}", file=sys.stderr))
             fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()

@@ -2133,7 +2133,7 @@ def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_l
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(1, 64), torch.randn(20000, 64, generator=g)
+    x0, eps = torch.randn(1, 64, generator=g), torch.randn(20000, 64, generator=g)
     for eta, t, t2 in ((0.0, 0.7, 0.5), (1.0, 0.7, 0.5), (0.5, 1.0, 0.9), (1.0, 0.3, 0.05)):
         gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, eta=eta)
         y = (1 - t) * x0 + t * eps
@@ -2143,7 +2143,9 @@ def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_l
         assert abs(noise.std().item() - 1) < 0.01 and noise.mean().abs() < 0.01
         kept = (noise * eps).mean().item()  # the share of the old noise kept: DDIM's sqrt(1 - (s / t2)^2)
         s = eta * t2 * (1 - ((1 - t) * t2 / ((1 - t2) * t)) ** 2) ** 0.5
-        assert abs(kept - (1 - (s / t2) ** 2) ** 0.5) < 0.02
+        assert abs(kept - (1 - (s / t2) ** 2) ** 0.5) < 0.005
+        if eta == 1:  # DDPM's posterior keeps alpha_t sigma_s / (alpha_s sigma_t) of the old noise
+            assert abs(kept - (1 - t) * t2 / ((1 - t2) * t)) < 0.005
         if not eta:
             assert torch.allclose(got, y + (t2 - t) * v, atol=1e-6)
     x = torch.randn(6, layout.D, generator=g)
@@ -2161,15 +2163,23 @@ def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_l
     gen.fit(x)
     T = gen.pick_temperature(x, n=4, steps=2)
     assert T in gen.TEMPERATURES and set(gen.temperature_scores) == set(gen.TEMPERATURES)
-    a, b = (nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, mode="layers", temperature=T0)
-            for T0 in (1.0, 2.0))
-    for m in (a, b):
-        m.set_stats(x)  # untrained (zero velocity): the samples are the starting noise, decoded
-    one, two = (m.sample(3, torch.Generator().manual_seed(1), steps=2, stop=1) for m in (a, b))
-    g1, g2 = gen.graph.split(one), gen.graph.split(two)
-    m1 = gen.stats["tokens"][0][0]
-    assert torch.allclose(g2[0][0] - m1, 2 * (g1[0][0] - m1), atol=1e-5)  # hidden layer 1: twice the noise
-    assert torch.allclose(g2[0][1], g1[0][1])  # the later layers: the flow's own noise
+    assert gen.settings["temperature"] == 1.0  # picking left the setting as it was
+    for mode, eta in (("layers", 0.0), ("joint", 1.0)):
+        a, b = (nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, mode=mode, eta=eta,
+                                   temperature=T0) for T0 in (1.0, 2.0))
+        for m in (a, b):
+            m.set_stats(x)  # untrained (zero velocity): the samples are linear in the noise drawn
+        one, two = (m.sample(3, torch.Generator().manual_seed(1), steps=3) for m in (a, b))
+        g1, g2 = gen.graph.split(one), gen.graph.split(two)
+        m1 = a.stats["tokens"][0][0]
+        assert torch.allclose(g2[0][0] - m1, 2 * (g1[0][0] - m1), atol=1e-5)  # hidden layer 1: twice the noise
+        assert torch.allclose(g2[0][1], g1[0][1]) and torch.allclose(g2[1][0], g1[1][0])  # the rest: the flow's
+        assert torch.allclose(g2[2], g1[2])  # own noise
+    old = {k: v for k, v in nm.Neurons.DEFAULTS.items() if k not in ("eta", "temperature", "auto_temperature")}
+    model = nm.Neurons(layout, 6, old | {"calibrate": "", "width": 16, "edge_width": 8, "depth": 2, "heads": 2})
+    state = {k: v for k, v in model.state_dict().items() if k != "temperature"}  # a file from before them
+    model.load_state_dict(state)  # reads, at the defaults
+    assert model.temperature.item() == 1.0 and model.s["eta"] == 0.0
 
 
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():

@@ -482,7 +482,7 @@ class NeuronGenerator(Saved):
         network, no data): the median spread (see spread) compared, the closest on TEMPERATURES. This is the
         statistic the verdict's blend test reads for that layer, matched on the training networks: what it buys is
         spread, and accuracy at that spread is what the verdict then tells."""
-        K, total = len(originals), originals.sum(0)
+        K, total, kept = len(originals), originals.sum(0), self.settings["temperature"]
         target = torch.stack([self.spread(x[None], (total - x) / (K - 1)) for x in originals]).median()
         steps, scores = steps or min(50, self.settings["sample_steps"]), {}
         for T in self.TEMPERATURES:
@@ -490,7 +490,7 @@ class NeuronGenerator(Saved):
             x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 9), steps=steps, stop=1,
                             calibrate=False)
             scores[T] = (self.spread(x, total / K).median() / target).log().abs().item()
-        self.temperature_scores = scores
+        self.settings["temperature"], self.temperature_scores = kept, scores
         return min(scores, key=scores.get)
 
     GUIDANCE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # what pick_guidance chooses from
@@ -536,6 +536,7 @@ class NeuronGenerator(Saved):
         for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
             P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
             mask = _first(self.per_part(torch.tensor([[float(l in groups) for l in range(H)]]).expand(B, H)), P, H)
+            temps = ([self.settings["temperature"] if l == 0 else 1.0 for l in range(P)], [1.0] * (P - 1), 1.0)
             y = _first(x, P, H)
             tau = self.settings["cond_noise"] / 2 if first > 0 else 0.0  # the layers before, seen a little noised:
             if tau:  # as they were in training (the cascade's conditioning augmentation); the output keeps them clean
@@ -553,9 +554,8 @@ class NeuronGenerator(Saved):
                     tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
                     v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
-                temp = self.settings["temperature"] if groups == [0] else 1.0
-                y = _map3(lambda a, u, m: a + m * (self.step(a, u, ts[i].item(), ts[i + 1].item(), generator,
-                                                             temp) - a), y, v, mask)
+                y = _mapn(lambda a, u, m, T: a + m * (self.step(a, u, ts[i].item(), ts[i + 1].item(), generator,
+                                                                T) - a), y, v, mask, temps)
                 if tick is not None and groups == stages[-1]:  # (a progress bar of `steps`: the last stage's)
                     tick()
             x = _put(x, y, P, H)
@@ -583,6 +583,7 @@ class Neurons(nn.Module):
         super().__init__()
         if condition:
             raise pdiff.PdiffError("the neuron generator does not learn accuracies: fit it without --condition", 2)
+        s = {**NeuronGenerator.DEFAULTS, **s}  # a model file from before a setting was added: its default
         self.s, self.T = s, s["sample_steps"]
         self.gen = NeuronGenerator(layout, **{k: s[k] for k in NeuronGenerator.DEFAULTS})
         self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
@@ -599,6 +600,9 @@ class Neurons(nn.Module):
 
     def to(self, *args, **kwargs):  # NeuronGenerator makes its tensors on the CPU: it stays there
         return self
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # a file from before the
+        return super().load_state_dict({"temperature": self.temperature.clone(), **state}, strict, assign)  # buffer
 
     def bind(self, originals: torch.Tensor, rows: list):
         pass
@@ -838,12 +842,16 @@ def _map(f, parts):
 
 
 def _map2(f, p, q):
-    return _map3(lambda a, b, _: f(a, b), p, q, p)
+    return _mapn(f, p, q)
 
 
 def _map3(f, p, q, r):
-    return ([f(a, b, c) for a, b, c in zip(p[0], q[0], r[0])], [f(a, b, c) for a, b, c in zip(p[1], q[1], r[1])],
-            None if p[2] is None else f(p[2], q[2], r[2]))
+    return _mapn(f, p, q, r)
+
+
+def _mapn(f, *ps):  # f over the matching parts of several (tokens, edges, glob)
+    return ([f(*a) for a in zip(*(p[0] for p in ps))], [f(*a) for a in zip(*(p[1] for p in ps))],
+            None if ps[0][2] is None else f(*(p[2] for p in ps)))
 
 
 def _first(parts, P: int, H: int):  # the first P groups of H
@@ -1019,9 +1027,9 @@ def main(argv=None):
             fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
-        if gen.settings["auto_temperature"]:
+        if gen.settings["auto_temperature"] and "temperature" not in settings:  # a value given wins
             gen.settings["temperature"] = gen.pick_temperature(x_train)
-        if gen.settings["auto_guidance"]:
+        if gen.settings["auto_guidance"] and "guidance" not in settings:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
     else:
         gen = NeuronGenerator(run.layout, seed=args.seed, **settings)

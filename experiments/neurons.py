@@ -258,8 +258,7 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0,
-                    auto_temperature=False, seed=0)
+                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0, auto_temperature=False, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -515,7 +514,7 @@ class NeuronGenerator(Saved):
                start: int = 0, stop: int = None, guidance: float = None, calibrate: bool = True,
                tick=None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
-        Euler steps of the flow from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
+        Steps of the flow (step: Euler's, or stochastic with eta) from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
         layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion); stop
         (mode layers): the layers from `stop` on left as noise (pick_temperature reads hidden layer 1 alone)."""
         steps = steps or self.settings["sample_steps"]

@@ -469,8 +469,7 @@ class NeuronGenerator(Saved):
         to mean's one to one (linear assignment: any frame), each part scaled by the training networks' spread."""
         from scipy.optimize import linear_sum_assignment  # scikit-learn's scipy
 
-        (a,), (b,) = _first(self.encode(x), 1, self.graph.L - 1)[0], _first(self.encode(mean[None]), 1,
-                                                                          self.graph.L - 1)[0]
+        a, b = self.encode(x)[0][0], self.encode(mean[None])[0][0]  # hidden layer 1's tokens
         cost = torch.cdist(a, b.expand(len(a), -1, -1)).square()  # (B, n_1, n_1)
         return torch.stack([c[linear_sum_assignment(c.numpy())].sum() for c in cost])
 
@@ -514,9 +513,10 @@ class NeuronGenerator(Saved):
                start: int = 0, stop: int = None, guidance: float = None, calibrate: bool = True,
                tick=None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
-        Steps of the flow (step: Euler's, or stochastic with eta) from t = 1 (noise) to t = 0. given (n, D) and start (mode layers): the hidden
-        layers before `start` taken from `given`, the rest generated for them (a diagnostic: completion); stop
-        (mode layers): the layers from `stop` on left as noise (pick_temperature reads hidden layer 1 alone)."""
+        Steps of the flow (step: Euler's, or stochastic with eta) from t = 1 (noise) to t = 0. given (n, D) and
+        start (mode layers): the hidden layers before `start` taken from `given`, the rest generated for them (a
+        diagnostic: completion); stop (mode layers): the layers from `stop` on left as noise (pick_temperature reads
+        hidden layer 1 alone)."""
         steps = steps or self.settings["sample_steps"]
         guidance = self.settings["guidance"] if guidance is None else guidance
         if guidance and not self.settings["drop"]:

@@ -2182,6 +2182,40 @@ def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_l
     assert model.temperature.item() == 1.0 and model.s["eta"] == 0.0
 
 
+def test_neuron_autoguidance_guides_hidden_layer_1_away_from_a_worse_model():
+    """v = (1 + w) v - w v(worse) on hidden layer 1 only: a worse model equal to the model changes nothing; an
+    untrained (zero-velocity) worse model scales layer 1's velocity by 1 + w; a model of other networks is refused."""
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    x = torch.randn(6, layout.D, generator=torch.Generator().manual_seed(0))
+    kw = dict(width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers", sample_steps=4)
+    good = nm.NeuronGenerator(layout, **kw).fit(x)
+    draw = lambda m: m.sample(3, torch.Generator().manual_seed(1))
+    plain = draw(good)
+    guided = nm.NeuronGenerator(layout, **kw, autoguidance=2.0)
+    guided.load_state_dict(good.state_dict())
+    assert torch.equal(draw(guided), plain)  # no worse model: no guidance
+    twin = nm.NeuronGenerator(layout, **kw)
+    twin.load_state_dict(good.state_dict())
+    assert torch.allclose(draw(guided.guide_with(twin)), plain, atol=1e-5)  # (1 + w) v - w v = v
+    zero = nm.NeuronGenerator(layout, **kw)  # a "worse" model whose velocity is 0
+    zero.set_stats(x)
+    for p in zero.ema.parameters():
+        p.data.zero_()
+    one = dict(kw, sample_steps=1)  # one Euler step from the noise: layer 1 = noise - (1 + w) v(noise)
+    layer1 = lambda m: m.graph.split(m.sample(3, torch.Generator().manual_seed(1), stop=1, calibrate=False))[0][0]
+    plain1, tripled = nm.NeuronGenerator(layout, **one), nm.NeuronGenerator(layout, **one, autoguidance=2.0)
+    for m in (plain1, tripled):
+        m.load_state_dict(good.state_dict())
+    noise = layer1(zero)
+    assert (layer1(plain1) - noise).abs().max() > 1e-3
+    assert torch.allclose(layer1(tripled.guide_with(zero)) - noise, 3 * (layer1(plain1) - noise), atol=1e-4)
+    other = nm.NeuronGenerator(layout, **kw)
+    other.set_stats(x + 1)
+    with pytest.raises(ValueError, match="same networks"):
+        guided.guide_with(other)
+
+
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)

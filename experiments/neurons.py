@@ -258,7 +258,8 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0, auto_temperature=False, seed=0)
+                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0, auto_temperature=False, autoguidance=0.0,
+                    seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -266,7 +267,7 @@ class NeuronGenerator(Saved):
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  func: float = 0.0, eta: float = 0.0, temperature: float = 1.0, auto_temperature: bool = False,
-                 seed: int = 0):
+                 autoguidance: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -291,7 +292,11 @@ class NeuronGenerator(Saved):
         temperature: the scale of the noise hidden layer 1 starts from (1: the flow's own; flows that fit imperfectly
         make their samples too alike, a temperature above 1 spreads them; the noise a stochastic step re-draws for
         it is scaled alike). auto_temperature (mode layers): fit() ends by choosing it with pick_temperature (from
-        the training networks only)."""
+        the training networks only). autoguidance: hidden layer 1 (made first, unconditioned: classifier-free guidance
+        has nothing to guide it with) guided by a worse model of itself (guide_with: the same networks, fitted
+        shorter), v = (1 + w) v - w v(worse) (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+        Itself", arXiv 2406.02507): where the worse model errs, the good one errs alike and more mildly, and the
+        difference points toward the data."""
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
@@ -300,12 +305,23 @@ class NeuronGenerator(Saved):
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
                              exposure_share=exposure_share, exposure_t=exposure_t, func=func, eta=eta,
-                             temperature=temperature, auto_temperature=auto_temperature, seed=seed)
+                             temperature=temperature, auto_temperature=auto_temperature,
+                             autoguidance=autoguidance, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None  # per part: (mean, std)
+        self.worse = None  # the averaged denoiser of a worse model of the same networks (autoguidance)
+
+    def guide_with(self, worse: "NeuronGenerator") -> "NeuronGenerator":
+        """worse: a generator of the same layout fitted on the same networks (the same standardisation), worse
+        (shorter or smaller): hidden layer 1 is guided away from its errors (autoguidance, see __init__)."""
+        same = all(torch.equal(a[0], b[0]) for a, b in zip(self.stats["tokens"], worse.stats["tokens"]))
+        if not same:
+            raise ValueError("autoguidance needs a worse model of the same networks (their standardisation differs)")
+        self.worse = worse.ema
+        return self
 
     # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
     def set_stats(self, x: torch.Tensor):
@@ -549,6 +565,9 @@ class NeuronGenerator(Saved):
                 t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
                 y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
                 v = self.ema(*y_in, t)
+                ag = self.settings["autoguidance"] if first == 0 and self.worse is not None else 0.0
+                if ag:  # hidden layer 1: guided away from the worse model's velocity
+                    v = _map2(lambda c, u: (1 + ag) * c - ag * u, v, self.worse(*y_in, t))
                 if w:
                     tu = torch.where(torch.arange(P)[None] < first, 1.0, t)
                     vu = self.ema(*_map3(lambda a, b, m: a * m + b * (1 - m), y, blind, seen), tu)
@@ -972,6 +991,8 @@ def main(argv=None):
     ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
                     "(--set then changes sampling settings only: sample_steps, guidance, eta, temperature, ...; and "
                     "exposure_steps fine-tunes it)")
+    ap.add_argument("--worse-model", type=Path, default=None, help="with --load-model: a saved generator of the "
+                    "same networks, fitted shorter, that guides hidden layer 1 (--set autoguidance=W)")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
                     "networks at a time (at most 20 n) until n reach this validation accuracy (%%); every baseline "
                     "is picked alike from as many draws of its own; the test set only grades")
@@ -1016,9 +1037,15 @@ def main(argv=None):
         state = torch.load(args.load_model, weights_only=False)
         saved = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
         sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",
-                    "calibrate", "exposure_steps", "exposure_share", "exposure_t")
+                    "calibrate", "exposure_steps", "exposure_share", "exposure_t", "autoguidance")
         gen = NeuronGenerator(run.layout, **(saved | {k: v for k, v in settings.items() if k in sampling}))
         gen.load_state_dict(state)
+        if args.worse_model:
+            worse = torch.load(args.worse_model, weights_only=False)
+            kept = {k: v for k, v in worse["settings"].items() if k in NeuronGenerator.DEFAULTS}
+            other = NeuronGenerator(run.layout, **kept)
+            other.load_state_dict(worse)
+            gen.guide_with(other)
         fit_s = float("nan")
         if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
             t0 = time.perf_counter()

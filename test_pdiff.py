@@ -2236,6 +2236,15 @@ def test_neuron_functional_loss_is_zero_for_the_true_velocity():
         assert loss > 1e-3  # another network, another function
         if t[3, 0] == 1:  # the last network's layer 1 was dropped (pure noise, for guidance): it counts nothing
             assert gen.functional(parts0, xt, nm._index(wrong, [3]), t, torch.tensor([3]), 1, g) == 0
+    # exposure_target function: a network seen with another first layer (swapped) is compared with its own function
+    t = torch.full((4, 2), 0.3)
+    swapped = ([nm._index(parts0, [1, 0, 3, 2])[0][0]] + parts0[0][1:], parts0[1], parts0[2])
+    xt = nm._map3(lambda a, n, tt: nm._mix(a, n, tt), swapped, eps, gen.per_part(t))
+    true_v = nm._first(nm._map2(lambda a, n: n - a, swapped, eps), 2, H)
+    assert gen.functional(swapped, xt, true_v, t, rows, 1, g).abs() < 1e-9  # the swapped network's own
+    assert gen.functional(swapped, xt, true_v, t, rows, 1, g, want=parts0) > 1e-3  # not the original's function
+    with pytest.raises(ValueError, match="func > 0"):
+        nm.NeuronGenerator(layout, exposure_target="function")
     fitted = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers",
                                 func=1.0).fit(x)
     assert fitted.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()

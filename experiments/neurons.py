@@ -258,16 +258,16 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, func=0.0, eta=0.0, temperature=1.0, auto_temperature=False, autoguidance=0.0,
-                    seed=0)
+                    exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
+                    auto_temperature=False, autoguidance=0.0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
-                 func: float = 0.0, eta: float = 0.0, temperature: float = 1.0, auto_temperature: bool = False,
-                 autoguidance: float = 0.0, seed: int = 0):
+                 exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
+                 auto_temperature: bool = False, autoguidance: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -282,7 +282,10 @@ class NeuronGenerator(Saved):
         after fit, this many more steps in which a share `exposure_share` of the networks learning a later layer
         see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0 ~ U[0.2 t, t],
         t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
-        first layers like the generator's own (the targets stay the network's own later layers). func: the weight of
+        first layers like the generator's own (exposure_target params: the targets stay the network's own later
+        layers; function: those networks learn through the functional loss alone, toward the network's own
+        function, so that the later layers are made to compute, with the re-made first layer, what the network
+        computes, not to copy layers that fit another first layer). func: the weight of
         a functional loss beside the velocity's: the network with the group being learnt replaced by its predicted
         clean value (x_0 = x_t - t v) against the network itself, as logits on 256 of the probe inputs (Probes:
         synthesised from the training networks, no data), squared error over the logits' variance, weighted by
@@ -297,6 +300,8 @@ class NeuronGenerator(Saved):
         shorter), v = (1 + w) v - w v(worse) (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
         Itself", arXiv 2406.02507): where the worse model errs, the good one errs alike and more mildly, and the
         difference points toward the data."""
+        if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
+            raise ValueError("exposure_target: params, or function (with func > 0)")
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
@@ -304,7 +309,8 @@ class NeuronGenerator(Saved):
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
-                             exposure_share=exposure_share, exposure_t=exposure_t, func=func, eta=eta,
+                             exposure_share=exposure_share, exposure_t=exposure_t,
+                             exposure_target=exposure_target, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
                              autoguidance=autoguidance, seed=seed)
         torch.manual_seed(seed)
@@ -415,11 +421,13 @@ class NeuronGenerator(Saved):
                     before = torch.where(torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, before)
                 t = torch.where(ids < stage[:, None], before, t)
             weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
-            parts0 = _index(x0, idx)
+            parts0 = own = _index(x0, idx)
             if pool is not None:  # exposure: the first layer as the model re-makes it, for later layers' learning
                 swap = (stage > 0) & (torch.rand(B, generator=g) < share)
                 alt = pool[idx, torch.randint(0, pool.shape[1], (B,), generator=g)]
                 parts0 = ([torch.where(swap[:, None, None], alt, parts0[0][0])] + parts0[0][1:], parts0[1], parts0[2])
+                if cfg["exposure_target"] == "function":  # their velocity's targets fit another first layer
+                    weight = weight * (~swap).float()[:, None]
             eps = _like(parts0, g)
             xt = _map3(lambda a, n, tt: _mix(a, n, tt), parts0, eps, self.per_part(t))
             target = _map2(lambda a, n: n - a, parts0, eps)
@@ -431,7 +439,8 @@ class NeuronGenerator(Saved):
                 a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
                 se, count = se + a, count + b
                 if cfg["func"]:
-                    fl = fl + self.functional(parts0, xt, pred, t, rows, s, g) * len(rows) / B
+                    fl = fl + self.functional(parts0, xt, pred, t, rows, s, g, want=own if cfg[
+                        "exposure_target"] == "function" else parts0) * len(rows) / B
             if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:
                 rows = torch.randint(0, K, (cfg["first_batch"],), generator=g)  # its tokens only)
                 t1 = torch.rand(len(rows), 1, generator=g)
@@ -445,9 +454,10 @@ class NeuronGenerator(Saved):
             if progress and (step % 100 == 0 or step == steps - 1):
                 progress(step, loss.item())
 
-    def functional(self, parts0, xt, pred, t, rows, s: int, g: torch.Generator) -> torch.Tensor:
+    def functional(self, parts0, xt, pred, t, rows, s: int, g: torch.Generator, want=None) -> torch.Tensor:
         """The functional loss (see __init__, func) of the networks `rows` learning group s (joint: s = H - 1 and
-        every group predicted): their logits on probe inputs with group s (joint: all) from the predicted x_0."""
+        every group predicted): their logits on probe inputs with group s (joint: all) from the predicted x_0,
+        against the networks `want` (default parts0: the networks themselves)."""
         H, P = self.graph.L - 1, s + 1
         joint = self.settings["mode"] == "joint"
         x0_hat = _map3(lambda a, v, tt: a - tt * v, _first(_index(xt, rows), P, H), pred,
@@ -461,7 +471,8 @@ class NeuronGenerator(Saved):
         glob = x0_hat[2] if P == H else true[2]
         pr = Probes.load(self.graph.layout, self.stats["probes"])
         inputs = pr.x[torch.randint(0, len(pr.x), (256,), generator=g)]
-        got, want = pr.forward(self.decode(tok, edg, glob), inputs), pr.forward(self.decode(*true), inputs)
+        got = pr.forward(self.decode(tok, edg, glob), inputs)
+        want = pr.forward(self.decode(*_index(parts0 if want is None else want, rows)), inputs)
         seen = (t[rows, :s] < 1).all(1).float() if s else torch.ones(len(rows))  # earlier layers not dropped
         err = (got - want).square().mean((1, 2)) / want.var((1, 2)).clamp_min(1e-8)
         return ((1 - t[rows, s]) * seen * err).mean()
@@ -1037,7 +1048,7 @@ def main(argv=None):
         state = torch.load(args.load_model, weights_only=False)
         saved = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
         sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",
-                    "calibrate", "exposure_steps", "exposure_share", "exposure_t", "autoguidance")
+                    "calibrate", "exposure_steps", "exposure_share", "exposure_t", "exposure_target", "autoguidance")
         gen = NeuronGenerator(run.layout, **(saved | {k: v for k, v in settings.items() if k in sampling}))
         gen.load_state_dict(state)
         if args.worse_model:

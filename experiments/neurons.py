@@ -489,7 +489,8 @@ class NeuronGenerator(Saved):
         s = eta * t2 * max(0.0, 1 - ((1 - t) * t2 / ((1 - t2) * t)) ** 2) ** 0.5
         return (1 - t2) * x0 + (t2 ** 2 - s ** 2) ** 0.5 * eps + s * scale * torch.randn(y.shape, generator=g)
 
-    TEMPERATURES = (0.9, 0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.15)  # what pick_temperature picks from
+    # what pick_temperature picks from (below 1 for a first layer already too wide, as autoguidance makes it)
+    TEMPERATURES = (0.8, 0.85, 0.9, 0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.15)
 
     def spread(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """(B, D) raw -> (B,) the squared distance of each network's hidden layer 1 to mean's (D,), its units matched

@@ -283,8 +283,7 @@ class FitConfig:
 class SampleConfig:
     n: int = opt(50, "Parameter sets to generate.", "-n", min=1)
     sampler: typing.Literal[SAMPLERS] = opt("ddpm", "ddpm (every step of the model's reverse process) or ddim "
-                                                    "(fast, deterministic).")
-    ddim_steps: Optional[int] = opt(None, "DDIM steps, spaced evenly over the model's T (default 50).", min=1)
+                                                    "(50 steps spaced over them, deterministic).")
     baselines: bool = opt(True, "Also evaluate the noise / average / gaussian / ensemble baselines (without them the "
                                 "verdict says at most `fresh`).")
     target_accuracy: Optional[float] = opt(None, "Generate at this validation accuracy in % (a model fitted with "
@@ -300,14 +299,12 @@ class SampleConfig:
     noise_std: str = "0.001,0.01,0.05,0.15,0.5,1"  # noise baselines: a training original plus noise of each of these
     # stds, in noise_units (the reference code's 0.001, 0.05, 0.15 among them): the curve of accuracy against
     # novelty that noise alone buys
+    ddim_steps: int = 50  # --sampler ddim's steps, spaced evenly over the model's T (at most T)
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 as noisy as DDPM
     noise_units: typing.Literal["values", "spread", "raw"] = "values"  # of noise_std: values, the std of each
     # tensor's values in that original (the reference code's); spread, pdiff's standardised units (the originals'
     # per-tensor spread); raw, parameter units (arXiv 2506.07998)
     average_m: int = 16  # originals averaged per model of the average baseline
-
-
-DDIM_STEPS = 50  # --ddim-steps default for ddim
 
 
 def autocast(device: torch.device, paper: bool = False):
@@ -2878,11 +2875,9 @@ def into_frame(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def sampler_steps(cfg: SampleConfig, T: Optional[int]) -> Optional[int]:
     """The reverse steps cfg asks of a model with T diffusion steps (ddpm: all T); T=None only checks usage."""
-    if cfg.sampler == "ddpm" and (cfg.ddim_steps is not None or cfg.eta):
-        raise PdiffError("--ddim-steps (and eta) apply to --sampler ddim", 2)
-    if T is not None and cfg.ddim_steps is not None and cfg.ddim_steps > T:
-        raise PdiffError(f"--ddim-steps can be at most the model's T ({T})", 2)
-    return None if T is None else T if cfg.sampler == "ddpm" else cfg.ddim_steps or min(DDIM_STEPS, T)
+    if cfg.sampler == "ddpm" and cfg.eta:
+        raise PdiffError("eta applies to the ddim sampler", 2)
+    return None if T is None else T if cfg.sampler == "ddpm" else min(cfg.ddim_steps, T)
 
 
 def plot(s: Sampled, model: Optional[nn.Module], originals: torch.Tensor, layout: Layout, path: Path):

@@ -638,7 +638,7 @@ def test_baselines_ensemble_and_noise_levels(digits_run, sampled):
 
 def test_export_loads_strictly_into_the_collected_network(digits_run, tmp_path):
     out = tmp_path / "best.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--ddim-steps", 20, "--export", out, "--json",
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--export", out, "--json",
             "--save", tmp_path / "sets.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -671,7 +671,7 @@ def test_named_models_beside_the_default(digits_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"] == "tiny" and (run / "model-tiny.safetensors").exists()
     assert all(torch.equal(v, read(run / "model.safetensors")[k]) for k, v in default.items())  # untouched
-    r = cli("sample", "--run", run, "--model", "tiny", "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
+    r = cli("sample", "--run", run, "--model", "tiny", "-n", 4, "--sampler", "ddim", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["model"] == "tiny"
     r = cli("sample", "--run", run, "--model", "nope", "-n", 4)
     assert r.exit_code == 1 and "--name nope" in r.stderr
@@ -709,7 +709,7 @@ def test_same_seed_same_json(tmp_path):
         run = tmp_path / name
         assert cli("collect", "--run", run, "--epochs", 3, "-k", 20).exit_code == 0
         assert cli("fit", "--run", run, "--ae-steps", 40, "--denoiser-steps", 40).exit_code == 0
-        r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--ddim-steps", 20)
+        r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim")
         assert r.exit_code == 0, r.output
         rep = json.loads(r.stdout)
         rep.pop("seconds"), rep.pop("run")
@@ -767,7 +767,7 @@ def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
     run = tmp_path / "seeds"
     assert cli("collect", "--run", run, "--networks", 100, "--epochs", 10).exit_code == 0
     assert cli("fit", "--run", run, "--ae-steps", 200, "--denoiser-steps", 400).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--ddim-steps", 20, "--json")
+    r = cli("sample", "--run", run, "-n", 30, "--sampler", "ddim", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["held_out"]["units"] == 10 and rep["original"]["count"] == 90
@@ -791,7 +791,7 @@ def test_verdict_calibration_on_many_seeds_and_permuted_networks(tmp_path):
 def test_judge_reads_state_dicts_sample_files_and_refuses_the_rest(digits_run, sampled, tmp_path):
     rep, out = sampled
     best = tmp_path / "best.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--ddim-steps", 10, "--export", best, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 8, "--sampler", "ddim", "--export", best, "--json")
     with safe_open(str(best), "pt") as f:
         exported = json.loads(f.metadata()["accuracy"])
     got = json.loads(cli("sample", "--run", digits_run, "--judge", best, "--json").stdout)  # a whole state dict
@@ -815,7 +815,7 @@ def test_without_held_out_originals_the_verdict_is_unknown(tmp_path):
     run = tmp_path / "k30"
     assert cli("collect", "--run", run, "--epochs", 5, "-k", 30).exit_code == 0
     assert cli("fit", "--run", run, "--ae-steps", 50, "--denoiser-steps", 50, "--holdout", 0).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim", "--ddim-steps", 10)
+    r = cli("sample", "--run", run, "-n", 10, "--json", "--sampler", "ddim")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["verdict"]["label"] == "unknown" and rep["held_out"] is None and rep["original"]["count"] == 30
@@ -988,7 +988,6 @@ def test_paper_data_sets_from_torchvision_files(tmp_path, monkeypatch, name):
     (["sample", "-n", "0"], 2, "'-n'"), (["sample", "--sampler", "euler"], 2, "'euler' is not one of"),
     (["collect", "--params", "zzz*"], 2, "'zzz*' matches no parameter"), (["collect", "--data", "mnist", "--no-download"], 1, "--no-download"),
     (["fit"], 1, "pdiff collect --run"), (["sample"], 1, "pdiff collect --run"),
-    (["sample", "--ddim-steps", "10"], 2, "apply to --sampler ddim"),
     (["sample", "--plot", "out.pdf"], 2, "should end in .png"), (["sample", "-n", "abc"], 2, "valid integer"),
     (["sample", "--bogus"], 2, "No such option: --bogus"), (["collect", "--lr"], 2, "'--lr'"),
     (["fit", "--generator", "span+unet"], 2, "unknown --generator 'span+unet'"),
@@ -1278,7 +1277,7 @@ def test_failed_sets_keep_their_place_in_json_and_file(digits_run, tmp_path, mon
 
     monkeypatch.setattr(pdiff.LatentDiffusion, "draw", with_a_failure)
     out = tmp_path / "gen.safetensors"
-    r = cli("sample", "--run", digits_run, "-n", 6, "--sampler", "ddim", "--ddim-steps", 5, "--save", out, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 6, "--sampler", "ddim", "--save", out, "--json")
     assert r.exit_code == 0, r.output
     gen = json.loads(r.stdout)["generated"]
     saved = read(out)
@@ -1327,9 +1326,12 @@ def test_data_found_from_any_folder_and_overridable(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
 
 
-def test_steps_are_limited_by_the_models_T(digits_run):
-    r = cli("sample", "--run", digits_run, "--sampler", "ddim", "--ddim-steps", 1001)
-    assert r.exit_code == 2 and "at most the model's T (1000)" in r.stderr
+def test_steps_are_limited_by_the_models_T():
+    steps = lambda T, **kw: pdiff.sampler_steps(pdiff.SampleConfig(**kw), T)
+    assert steps(1000) == 1000 and steps(1000, sampler="ddim") == 50 and steps(20, sampler="ddim") == 20
+    assert steps(1000, sampler="ddim", ddim_steps=1001) == 1000 and steps(None, sampler="ddim") is None
+    with pytest.raises(pdiff.PdiffError, match="eta applies to the ddim sampler"):
+        steps(None, eta=1.0)
 
 
 def test_off_span_leaves_each_original_out():
@@ -1643,7 +1645,7 @@ def test_seeds_of_lenet5_and_a_batchnorm_resnet_end_to_end(tmp_path, arch, monke
     with safe_open(str(run / "snapshots.safetensors"), "pt") as f:  # the default matching: activations with BatchNorm
         assert json.loads(f.metadata()["collection"])["match"] == ("activations" if arch == "resnet_bn" else "weights")
     assert cli("fit", "--run", run, "--ae-steps", 30, "--denoiser-steps", 30).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--ddim-steps", 10, "--json", "--export",
+    r = cli("sample", "--run", run, "-n", 6, "--sampler", "ddim", "--json", "--export",
             tmp_path / "best.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -1771,7 +1773,7 @@ def test_network_from_your_own_file_end_to_end(tmp_path, monkeypatch):
     assert rep["params"] == 2 * 8 + 2 * 16 and rep["snapshots"]["median"] > 50  # norm: the last two norm layers
     assert cli("fit", "--run", run, "--ae-steps", 20, "--denoiser-steps", 20).exit_code == 0
     monkeypatch.chdir(tmp_path.parent)  # the file's absolute path was recorded
-    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
     (tmp_path / "mynet.py").write_text(MYNET.replace("nn.Linear(8 * size * size, 16)", "nn.Linear(8 * size * size, 24)")
                                        .replace("LayerNorm(16)", "LayerNorm(24)").replace("Linear(16, classes)",
@@ -1847,7 +1849,7 @@ def test_image_folder_and_a_torchvision_arch_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["snapshots"]["count"] == 6
     assert cli("fit", "--run", run, "--ae-steps", 20, "--denoiser-steps", 20).exit_code == 0
-    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--ddim-steps", 5, "--json")
+    r = cli("sample", "--run", run, "-n", 4, "--sampler", "ddim", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["generated"]["count"] == 4
     (tmp_path / "pngs" / "test").rename(tmp_path / "pngs" / "elsewhere")
     r = cli("collect", "--run", tmp_path / "r2", "--data", "imagefolder", "--data-dir", tmp_path / "pngs")
@@ -1871,9 +1873,9 @@ def one_process(*args):
 
 
 def test_torchrun_sample_equals_one_process(digits_run):
-    two = torchrun("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--ddim-steps", 20, "--json")
+    two = torchrun("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--json")
     assert two.returncode == 0, two.stderr[-2000:]
-    one = one_process("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--ddim-steps", 20, "--json")
+    one = one_process("sample", "--run", digits_run, "-n", 12, "--sampler", "ddim", "--json")
     a, b = json.loads(two.stdout), json.loads(one.stdout)  # rank 0 alone prints: one JSON document
     a.pop("seconds"), b.pop("seconds")
     assert a == b
@@ -2018,7 +2020,7 @@ def test_paper_generator_combines_with_pdiffs(tmp_path, generator):
     assert (m.s["denoiser_lr"], m.s["ema"], m.s["denoiser_weight_decay"]) == ((1e-4, 0.0, 0.0) if conv_dn else (1e-3, 0.999, 0.01))
     assert m.z_lo.isinf().all() == conv_dn  # p-diff's sampling clamps nothing
     assert (m.z_std.item() == 1.0) == conv_dn  # p-diff's denoiser learns the latents as they come
-    r = cli("sample", "--run", run, "-n", 3, "--sampler", "ddim", "--ddim-steps", 4, "--json")
+    r = cli("sample", "--run", run, "-n", 3, "--sampler", "ddim", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["generated"]["count"] == 3 and rep["generated"]["label"] == "unknown"  # 3 against 5: too few to tell
@@ -2039,7 +2041,7 @@ def test_seeds_of_a_users_own_module_class(tmp_path):
 
 
 def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
-    r = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--ddim-steps", 10, "--min-accuracy", 96.5, "--json",
+    r = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--min-accuracy", 96.5, "--json",
             "--save", digits_run.parent / "picked.safetensors")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -2049,7 +2051,7 @@ def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
     picked = read(digits_run.parent / "picked.safetensors")["samples"]
     val = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, picked, run.data.x_val, run.data.y_val))
     assert val.min() >= 96.5
-    plain = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--ddim-steps", 10, "--json", "--save",
+    plain = cli("sample", "--run", digits_run, "-n", 5, "--sampler", "ddim", "--json", "--save",
                 digits_run.parent / "plain.safetensors")
     first = read(digits_run.parent / "plain.safetensors")["samples"]  # round 0 is the plain sample's draw
     first_val = pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, first, run.data.x_val, run.data.y_val))
@@ -2058,7 +2060,7 @@ def test_min_accuracy_draws_until_n_sets_reach_it(digits_run):
     # same latents; decoded in another batch (the kept rows of several rounds), a float's last bit may differ
     for name, b in rep["baselines"].items():  # every baseline picked alike, from as many draws of its own
         assert b["count"] + b["failed"] <= 5 and b["drawn"] == (1 if name == "ensemble" else g["drawn"]), name
-    r = cli("sample", "--run", digits_run, "-n", 3, "--sampler", "ddim", "--ddim-steps", 5, "--min-accuracy", 100, "--json")
+    r = cli("sample", "--run", digits_run, "-n", 3, "--sampler", "ddim", "--min-accuracy", 100, "--json")
     g = json.loads(r.stdout)["generated"]  # out of reach: the bound stops it, and the report says so
     assert r.exit_code == 0 and g["count"] == 0 and g["drawn"] == 3 * pdiff.MAX_ROUNDS
     assert json.loads(r.stdout)["verdict"] == {"label": "unknown", "text": "none of the 60 sets drawn reached "

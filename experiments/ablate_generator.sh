@@ -11,7 +11,7 @@ GENERATORS=${GENERATORS:-"span span+conv conv+mlp v3"}
 ARCH=$([[ $SCALE == paper ]] && echo resnet18 || echo mlp3)
 if [[ ${PROTOCOL:-steps} == seeds ]]; then COLLECT="--networks $([[ $SCALE == quick ]] && echo 20 || echo 200)"
 else COLLECT="-k $([[ $SCALE == quick ]] && echo 40 || echo 200)"; fi
-[[ $SCALE == quick ]] && FIT="--ae-steps 2 --denoiser-steps 2" && SAMPLE="-n 4 --sampler ddim --ddim-steps 5"
+[[ $SCALE == quick ]] && FIT="--ae-steps 2 --denoiser-steps 2" && SAMPLE="-n 4 --sampler ddim"
 pd collect --run "$OUT/run" --arch "$ARCH" $COLLECT $NET >/dev/null
 header "generator (fit s)"
 for gen in $GENERATORS; do

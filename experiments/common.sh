@@ -9,7 +9,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PDIFF=${PDIFF:-"python3 $here/../pdiff.py"}
 if [[ -z ${OUT:-} ]]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 if [[ ${QUICK:-0} == 1 ]]; then
-  SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --denoiser-steps 30"; SAMPLE="-n 8 --sampler ddim --ddim-steps 10"
+  SCALE=quick; NET="--epochs 2"; FIT="--ae-steps 30 --denoiser-steps 30"; SAMPLE="-n 8 --sampler ddim"
 elif [[ ${SCALE:-} == paper ]]; then  # the v3 code's protocol (README: "The paper's protocols")
   NET="--data cifar100 --protocol v3"; FIT=""; SAMPLE="-n 200"
 else

@@ -706,7 +706,10 @@ def net_stages(net: nn.Module) -> Optional[list[tuple[str, nn.Module]]]:
 @dataclass
 class Layout:
     names: list
-    shapes: list
+    shapes: list  # tuples (a file's lists become tuples, so that layouts compare equal)
+
+    def __post_init__(self):
+        self.shapes = [tuple(s) for s in self.shapes]
 
     @property
     def sizes(self):
@@ -728,17 +731,9 @@ class Layout:
 
     def load(self, net: nn.Module, vec: torch.Tensor):
         """Copy a (D,) vector into net's selected parameters."""
-        p = dict(net.named_parameters())
         with torch.no_grad():
             for n, t in self.unflatten(vec).items():
-                p[n].copy_(t)
-
-    def to_dict(self) -> dict:
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
-
-    @staticmethod
-    def from_dict(d: dict) -> "Layout":
-        return Layout(list(d["names"]), [tuple(x) for x in d["shapes"]])
+                net.get_parameter(n).copy_(t)
 
 
 def norm_layers(net: nn.Module) -> list[str]:  # the names of its normalisation layers with weights, in order
@@ -1132,12 +1127,8 @@ class ByActivations:
 
 
 def align_to(sets: torch.Tensor, ref: torch.Tensor, layout: Layout, spec: list[Units], seed: int = 0, *,
-             match: Optional[Callable] = None) -> torch.Tensor:
-    """(n, D) -> (n, D): each set's hidden units permuted, on its own, to match the reference network ref (D,), by
-    `match` (default: by_weights)."""
-    r, match = layout.unflatten(ref), match or by_weights(spec, seed)
-    out = [layout.pack(permuted(p, spec, match(r, p))) for p in map(layout.unflatten, sets)]
-    return torch.stack(out) if out else sets
+             match: Optional[Callable] = None) -> torch.Tensor:  # (n, D): align, each set on its own
+    return align(sets, layout, spec, 1, ref, seed, match=match)
 
 
 def align(vectors: torch.Tensor, layout: Layout, spec: list[Units], per: int, ref: torch.Tensor,
@@ -1380,9 +1371,8 @@ class MLPDenoiser(nn.Module):
                 "denoiser_width": 512, "denoiser_depth": 3}
     bf16, standardised = False, True
 
-    def __init__(self, latent: int, s: Optional[dict] = None, *, temb: int = 64, condition: bool = False):
+    def __init__(self, latent: int, s: dict, *, temb: int = 64, condition: bool = False):
         super().__init__()
-        s = s or self.DEFAULTS
         width, depth, self.temb_dim = s["denoiser_width"], s["denoiser_depth"], temb
         self.temb = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(latent, width)
@@ -1578,15 +1568,13 @@ def eval_path(net, prep, layout: Layout, x: torch.Tensor, calibrate: Optional[to
     vmap's own refusals (data-dependent control flow, .item(), ...) mean "loop"; any other error is a bug and
     propagates."""
     net.eval()
-    front, tail = split_net(net, prep, layout)
-    sets = layout.flatten(net).to(x.device).expand(2, -1)
+    sets, y = layout.flatten(net).to(x.device).expand(2, -1), torch.zeros(2, dtype=torch.long, device=x.device)
+    probe = (net, prep, layout, sets, x[:2], y, torch.zeros(2, 2, dtype=torch.bool), 2, EVAL_MEMORY)
     try:
-        if calibrate is not None:
-            evaluate_recalibrated(net, prep, layout, sets, x[:2], torch.zeros(2, dtype=torch.long, device=x.device),
-                                  torch.zeros(2, 2, dtype=torch.bool), 2, EVAL_MEMORY, calibrate[:1, :2], True)
-            return "batched"
-        with autocast(x.device):
-            vmap(lambda q, h: run_tail(tail, q, h), in_dims=(0, None))(layout.unflatten(sets), front(x[:2]))
+        if calibrate is None:
+            evaluate_batched(*probe)
+        else:
+            evaluate_recalibrated(*probe, calibrate[:1, :2], True)
     except RuntimeError as e:
         if not str(e).startswith("vmap"):
             raise
@@ -2133,8 +2121,7 @@ def collect_snapshots(cfg: CollectConfig, data: Data, net: nn.Module, prep: nn.M
     schedule), for snapshot_optimizer continue (--protocol v1). shortcut=False lets gradients flow through the frozen
     part (the benchmark's naive path)."""
     cfg = cfg.resolved()  # (any config: its defaults filled)
-    named = dict(net.named_parameters())
-    selected = [named[n] for n in layout.names]
+    selected = [net.get_parameter(n) for n in layout.names]
     net.requires_grad_(not shortcut)
     for p in selected:
         p.requires_grad_(True)
@@ -2521,7 +2508,6 @@ def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, 
     """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
     settings = generator_settings(cfg)
     model = make_generator(cfg.generator, layout, len(rows), settings, condition=cfg.condition).to(device)
-    model.bind(originals, rows)
     model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)
     return model
 
@@ -2743,11 +2729,10 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     t1 = time.perf_counter()
     m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
     ref = (m_held, len(run.units)) if run.units else None
-    rows, per_model, kept, measured = {}, {}, {}, {}
+    rows, per_model, measured = {}, {}, {}
     for g, group in groups.items():
         measured[g] = measure_group(run, ruler, group, path, g == name or keep and g.startswith("noise"))
-        rows[g], per_model[g], kept[g] = describe(measured[g], run, ref), per_model_values(measured[g].m), \
-            measured[g].sets
+        rows[g], per_model[g] = describe(measured[g], run, ref), per_model_values(measured[g].m)
         rows[g] |= {"drawn": group.drawn} if group.drawn is not None else {}
     m_train = ruler.measure_training()
     per_model |= {"original": per_model_values(m_train)} | ({"held-out": per_model_values(m_held)} if ref else {})
@@ -2765,7 +2750,7 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     if trajectory:
         report["trajectory"] = along(run, ruler, trajectory, path)
     per_model.pop("decoded", None)
-    kept = {k: v for k, v in kept.items() if v is not None} | (
+    kept = {k: m.sets for k, m in measured.items() if m.sets is not None} | (
         {"held-out": run.snapshots[run.held_out]} if keep else {})
     return Sampled(report, name, kept, measured[name].accuracy, per_model, trajectory, val)
 
@@ -2849,7 +2834,7 @@ def read_judged(path: Path, run: Run) -> torch.Tensor:
     except Exception as e:  # not safetensors, truncated, ...
         raise PdiffError(f"--judge {path} is not a readable safetensors file ({one_line(e)})") from None
     L = run.layout
-    if meta.get("layout") and Layout.from_dict(json.loads(meta["layout"])) != L:
+    if meta.get("layout") and Layout(**json.loads(meta["layout"])) != L:
         raise PdiffError(f"--judge {path}: its parameter layout differs from this run's", 2)
     flat = [t for t in tensors.values() if t.ndim == 2 and t.shape[1] == L.D and t.is_floating_point()]
     if all(n in tensors for n in L.names):
@@ -3185,7 +3170,7 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
     t, meta = load_artifact(snap_path, "snapshots", f" (collect did not finish in '{path}': `pdiff collect "
                                                     "--resume` or `--force`)")
     check_parent(snap_path, meta, "network", net_id, "pdiff collect --force")
-    if Layout.from_dict(meta.get("layout", {"names": [], "shapes": []})) != layout:
+    if Layout(**meta.get("layout", {"names": [], "shapes": []})) != layout:
         raise PdiffError(f"{snap_path}: its parameter layout differs from {FILES['network']}")
     K = len(t.get("snapshots", []))
     if t.get("snapshots", torch.zeros(0)).shape[1:] != (layout.D,) or not all(len(t.get(k, [])) == K for k in (
@@ -3232,7 +3217,7 @@ def open_network(run: Path, device) -> tuple:
                                                                 f"--run {run}` first)"
     t, meta = load_artifact(path, "network", hint)
     try:
-        cfg, inp, layout = CollectConfig(**meta["config"]), meta["input"], Layout.from_dict(meta["layout"])
+        cfg, inp, layout = CollectConfig(**meta["config"]), meta["input"], Layout(**meta["layout"])
     except (KeyError, TypeError) as e:
         raise PdiffError(f"{path}: metadata incomplete ({one_line(e)})") from None
     try:
@@ -3432,7 +3417,8 @@ def options(version: Annotated[bool, typer.Option("--version", callback=show_ver
     pass
 
 DEFAULT_RUN = Path("pdiff-run")
-RunOpt = Annotated[Path, typer.Option("--run", help="Run folder: collect writes it, fit and sample read it.")]
+RunOpt = Annotated[Path, typer.Option("--run", file_okay=False,
+                                      help="Run folder: collect writes it, fit and sample read it.")]
 DeviceOpt = Annotated[str, typer.Option(help=f"{' | '.join(DEVICES)} (auto: cuda, then mps, then cpu).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint an interrupted run left; "
@@ -3506,11 +3492,6 @@ def one_line_errors(name: str, kw: dict):
         print(f"pdiff: error: process {rank()}: {why} ({one_line(e)[:200]}); the last checkpoint stands",
               file=sys.stderr)
         raise typer.Exit(1)
-
-
-def check_run(run: Path):
-    if run.exists() and not run.is_dir():
-        raise PdiffError(f"--run '{run}' is a file, not a run folder", 2)
 
 
 def check_outputs(run: Path, outputs: dict):
@@ -3620,7 +3601,6 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     """Train a network, then keep training only the parameters to generate and save K snapshots of them.
     An existing run is replaced only with --force (its models and checkpoints go with it)."""
     t0 = time.perf_counter()
-    check_run(run)
     dev = pick_device(device)
     snap_path = run / FILES["snapshots"]
     cfg, loop = open_stage(run, "collect", run / FILES["collect-checkpoint"], cfg.resolved(), given, resume=resume,
@@ -3630,7 +3610,7 @@ def collect_cmd(cfg: CollectConfig, given: set, force: ForceOpt = False, resume:
     d = load_data(cfg.data, cfg.data_dir, cfg.download, cfg.image_size, validation=cfg.validation).to(dev)
     net, prep, layout, inp = collect_network(cfg, d, dev, weights=not loop.state, fallback="params" not in given)
     cfg = settled(cfg, given, d, net, layout)
-    meta = {"config": dataclasses.asdict(cfg), "layout": layout.to_dict()}
+    meta = {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(layout)}
     spec = symmetry(net, prep.shape) if cfg.align else None  # a network pdiff cannot align: refused before training
     calibrate = calibration_batches(d, cfg.recalibrate, cfg.batch_size, cfg.seed) \
         if cfg.networks and running_statistics(net) else None  # the vectors do not carry running statistics
@@ -3676,7 +3656,6 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     """Train the parameter autoencoder on the snapshots, then the latent DDPM; report the round trip.
     An existing model of the same name is replaced only with --force."""
     t0 = time.perf_counter()
-    check_run(run)
     dev = pick_device(device)
     if rank() != 0:  # fit is small: under torchrun rank 0 fits alone and the others are done
         return
@@ -3750,11 +3729,9 @@ def sample_cmd(cfg: SampleConfig,
     """Generate parameter sets from noise (or take --judge's), load them into the network, and report accuracy
     and novelty: every group judged against originals that fit held out."""
     t0 = time.perf_counter()
-    check_run(run)
     check_outputs(run, {"--save": (save, ".safetensors"), "--plot": (plot_file, ".png"),
                         "--export": (export, ".safetensors")})
     dev = pick_device(device)
-    sampler_steps(cfg, None), noise_levels(cfg)  # usage errors before anything loads
     fitted = judge_file is None or model_files(run, model)[0].is_file()  # --judge needs no model
     r = open_run(run, dev, model=model if fitted else None, data_dir=data_dir)
     judged = read_judged(judge_file, r) if judge_file is not None else None
@@ -3763,7 +3740,7 @@ def sample_cmd(cfg: SampleConfig,
                    validation=export is not None)
     if save:
         save_artifact(save, "samples", {"samples": s.sets[s.name], "accuracies": s.accuracies},
-                      {"config": dataclasses.asdict(cfg), "layout": r.layout.to_dict(), "parents": r.ids})
+                      {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(r.layout), "parents": r.ids})
         err.print(f"wrote {save}: {len(s.accuracies)} {s.name} sets and their accuracies")
     if plot_file and rank() == 0:
         plot(s, r.model, r.snapshots[r.training], r.layout, plot_file)
@@ -3780,10 +3757,10 @@ def sample_cmd(cfg: SampleConfig,
 
 
 @command(short="Show what a run folder holds.")
-def info_cmd(run: Annotated[Path, typer.Argument(help="The run folder.")] = DEFAULT_RUN, json_out: JsonOpt = False):
+def info_cmd(run: Annotated[Path, typer.Argument(file_okay=False, help="The run folder.")] = DEFAULT_RUN,
+             json_out: JsonOpt = False):
     """Show what a run folder holds: the network, the collection, each fitted model (its generator, its settings,
     what it held out), and any checkpoint an interrupted stage left. Reads the files' own records; nothing loads."""
-    check_run(run)
     if not run.is_dir():
         raise PdiffError(f"run folder '{run}' does not exist")
     report = {"run": str(run)}

@@ -2166,6 +2166,12 @@ def test_neuron_sampler_step_keeps_the_flows_marginals_and_temperature_spreads_l
     T = gen.pick_temperature(x, n=4, steps=2)
     assert T in gen.TEMPERATURES and set(gen.temperature_scores) == set(gen.TEMPERATURES)
     assert gen.settings["temperature"] == 1.0  # picking left the setting as it was
+    size = lambda v: layout.unflatten(v)["1.weight"].flatten(1).norm(dim=1)  # whole networks: any measure of them
+    gen.settings["temperature"] = 1.04
+    target = size(gen.sample(2, torch.Generator().manual_seed(gen.settings["seed"] + 9), steps=2)).median()
+    gen.settings["temperature"] = 1.0
+    assert gen.pick_temperature(x, n=4, steps=2, whole=(size, target)) == 1.04  # the one that measures as asked
+    assert gen.temperature_scores[1.04] == 0 and min(v for T, v in gen.temperature_scores.items() if T != 1.04) > 0
     for mode, eta in (("layers", 0.0), ("joint", 1.0)):
         a, b = (nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, mode=mode, eta=eta,
                                    temperature=T0) for T0 in (1.0, 2.0))
@@ -2327,7 +2333,8 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "mode=layers", "drop=0.1", "guidance=1",
-                    "calibrate=bias"])
+                    "calibrate=bias", "--whole-temperature"])
+    assert "whole-network distance to their mean" in capsys.readouterr().out  # the temperature picked on them
     assert set(rows) == {"held-out originals", "generated (neurons)", "generated, not calibrated",
                          "diagnostic: held-out layer 1, rest generated"}
     assert 0 <= rows["generated (neurons)"]["median"] <= 100

@@ -502,20 +502,27 @@ class NeuronGenerator(Saved):
         return torch.stack([c[linear_sum_assignment(c.numpy())].sum() for c in cost])
 
     @torch.no_grad()
-    def pick_temperature(self, originals: torch.Tensor, n: int = 64, steps: int = None) -> float:
+    def pick_temperature(self, originals: torch.Tensor, n: int = 64, steps: int = None, whole=None) -> float:
         """The temperature whose hidden layers 1 lie as far from the training networks' mean layer 1 as the training
         networks' own (each against the mean of the others; units matched one to one, so any frame; no held-out
         network, no data): the median spread (see spread) compared, the closest on TEMPERATURES. This is the
         statistic the verdict's blend test reads for that layer, matched on the training networks: what it buys is
-        spread, and accuracy at that spread is what the verdict then tells."""
+        spread, and accuracy at that spread is what the verdict then tells. whole = (measure, target): the same
+        for whole networks instead (n // 2 of them, finished and calibrated): measure(x (B, D) raw) -> (B,) their
+        distances to the training networks' mean in the caller's frame, target the distance an independent network
+        has (autoguidance spreads the later layers too, which layer 1's statistic does not see)."""
         K, total, kept = len(originals), originals.sum(0), self.settings["temperature"]
-        target = torch.stack([self.spread(x[None], (total - x) / (K - 1)) for x in originals]).median()
+        if whole is None:
+            target = torch.stack([self.spread(x[None], (total - x) / (K - 1)) for x in originals]).median()
+            measure = lambda x: self.spread(x, total / K)
+        else:
+            (measure, target), n = whole, n // 2
         steps, scores = steps or min(50, self.settings["sample_steps"]), {}
         for T in self.TEMPERATURES:
             self.settings["temperature"] = T
-            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 9), steps=steps, stop=1,
-                            calibrate=False)
-            scores[T] = (self.spread(x, total / K).median() / target).log().abs().item()
+            x = self.sample(n, torch.Generator().manual_seed(self.settings["seed"] + 9), steps=steps,
+                            stop=None if whole else 1, calibrate=whole is not None)
+            scores[T] = (measure(x).median() / target).log().abs().item()
         self.settings["temperature"], self.temperature_scores = kept, scores
         return min(scores, key=scores.get)
 
@@ -1005,6 +1012,8 @@ def main(argv=None):
                     "exposure_steps fine-tunes it)")
     ap.add_argument("--worse-model", type=Path, default=None, help="with --load-model: a saved generator of the "
                     "same networks, fitted shorter, that guides hidden layer 1 (--set autoguidance=W)")
+    ap.add_argument("--whole-temperature", action="store_true", help="pick hidden layer 1's temperature on whole "
+                    "networks' distance to the training networks' mean (pick_temperature's whole), not layer 1's")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
                     "networks at a time (at most 20 n) until n reach this validation accuracy (%%); every baseline "
                     "is picked alike from as many draws of its own; the test set only grades")
@@ -1065,8 +1074,8 @@ def main(argv=None):
             fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
-        if gen.settings["auto_temperature"] and "temperature" not in settings:  # a value given wins
-            gen.settings["temperature"] = gen.pick_temperature(x_train)
+        if gen.settings["auto_temperature"] and "temperature" not in settings and not args.whole_temperature:
+            gen.settings["temperature"] = gen.pick_temperature(x_train)  # (a value given wins)
         if gen.settings["auto_guidance"] and "guidance" not in settings:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
     else:
@@ -1074,6 +1083,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
         fit_s = time.perf_counter() - t0
+    if args.whole_temperature:  # whole networks as far from the training networks' mean as an independent one: the
+        K = len(train)  # training networks' own distance (to a mean they are part of) times sqrt((K + 1) / (K - 1))
+        dist = lambda x: pdiff.products(pdiff.align_to(x, ref_vec, run.layout, spec), ruler.originals, ruler.mean,
+                                        ruler.std, ruler.rows)[1].sqrt()
+        target = ruler.gram.diagonal().sqrt().median().item() * ((K + 1) / (K - 1)) ** 0.5
+        gen.settings["temperature"] = gen.pick_temperature(x_train, whole=(dist, target))
     val = lambda sets: pdiff.validation_accuracy(run, pdiff.Group(len(sets), lambda i: sets[i]), path)
 
     def pick(make) -> tuple:  # make(i): round i's n raw networks -> (n networks, drawn), as pdiff.generated picks
@@ -1126,8 +1141,9 @@ def main(argv=None):
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")
     if hasattr(gen, "temperature_scores"):
-        print("pick_temperature (|log| of generated to training hidden-layer-1 spread around their mean, per "
-              "temperature): " + ", ".join(f"{T:g}: {v:.4f}" for T, v in gen.temperature_scores.items()) + "\n")
+        what = "whole-network distance to" if args.whole_temperature else "hidden-layer-1 spread around"
+        print(f"pick_temperature (|log| of generated to training {what} their mean, per temperature): " + ", ".join(
+            f"{T:g}: {v:.4f}" for T, v in gen.temperature_scores.items()) + "\n")
     if hasattr(gen, "guidance_scores"):
         print("pick_guidance (mean |log RMS ratio| to the training networks, per weight): " + ", ".join(
             f"{w:g}: {v:.4f}" for w, v in gen.guidance_scores.items()) + "\n")

@@ -259,7 +259,7 @@ class NeuronGenerator(Saved):
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
                     exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
-                    auto_temperature=False, autoguidance=0.0, seed=0)
+                    auto_temperature=False, autoguidance=0.0, first_only=False, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -267,7 +267,8 @@ class NeuronGenerator(Saved):
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
-                 auto_temperature: bool = False, autoguidance: float = 0.0, seed: int = 0):
+                 auto_temperature: bool = False, autoguidance: float = 0.0, first_only: bool = False,
+                 seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -299,7 +300,9 @@ class NeuronGenerator(Saved):
         has nothing to guide it with) guided by a worse model of itself (guide_with: the same networks, fitted
         shorter), v = (1 + w) v - w v(worse) (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
         Itself", arXiv 2406.02507): where the worse model errs, the good one errs alike and more mildly, and the
-        difference points toward the data."""
+        difference points toward the data. first_only (mode layers): fit() learns hidden layer 1 alone, every step
+        (a first-layer model: its whole compute on the 32 tokens of 65 numbers that a shared model gives a third of
+        its steps to; first_from plugs it into a model of the later layers)."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
         if mode not in ("joint", "layers"):
@@ -312,22 +315,32 @@ class NeuronGenerator(Saved):
                              exposure_share=exposure_share, exposure_t=exposure_t,
                              exposure_target=exposure_target, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
-                             autoguidance=autoguidance, seed=seed)
+                             autoguidance=autoguidance, first_only=first_only, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.stats = None  # per part: (mean, std)
         self.worse = None  # the averaged denoiser of a worse model of the same networks (autoguidance)
+        self.first = None  # the averaged denoiser of a first-layer model of the same networks (first_from)
 
     def guide_with(self, worse: "NeuronGenerator") -> "NeuronGenerator":
         """worse: a generator of the same layout fitted on the same networks (the same standardisation), worse
         (shorter or smaller): hidden layer 1 is guided away from its errors (autoguidance, see __init__)."""
-        same = all(torch.equal(a[0], b[0]) for a, b in zip(self.stats["tokens"], worse.stats["tokens"]))
-        if not same:
-            raise ValueError("autoguidance needs a worse model of the same networks (their standardisation differs)")
+        self._same(worse, "autoguidance needs a worse model")
         self.worse = worse.ema
         return self
+
+    def first_from(self, first: "NeuronGenerator") -> "NeuronGenerator":
+        """first: a generator of the same networks (fitted first_only: hidden layer 1 alone) that makes hidden
+        layer 1 in sample(); this model makes the later layers for it (autoguidance, when set, guides the first)."""
+        self._same(first, "a first-layer model must be")
+        self.first = first.ema
+        return self
+
+    def _same(self, other: "NeuronGenerator", what: str):
+        if not all(torch.equal(a[0], b[0]) for a, b in zip(self.stats["tokens"], other.stats["tokens"])):
+            raise ValueError(f"{what} of the same networks (their standardisation differs)")
 
     # standardisation, invariant to permutations: token features over (networks, units), edges and global scalars
     def set_stats(self, x: torch.Tensor):
@@ -413,7 +426,7 @@ class NeuronGenerator(Saved):
             t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
             stage = torch.full((B,), H - 1)  # the last group a network's loss counts: all of them (joint)
             if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it absent
-                stage = torch.randint(0, H, (B,), generator=g)
+                stage = torch.randint(0, 1 if cfg["first_only"] else H, (B,), generator=g)
                 ids = torch.arange(H)[None]
                 before = torch.zeros(B, 1) if not cfg["cond_noise"] else \
                     cfg["cond_noise"] * torch.rand(B, 1, generator=g)  # conditioning augmentation (cascades)
@@ -583,7 +596,7 @@ class NeuronGenerator(Saved):
             for i in range(steps):
                 t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
                 y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
-                v = self.ema(*y_in, t)
+                v = (self.first if first == 0 and self.first is not None else self.ema)(*y_in, t)
                 ag = self.settings["autoguidance"] if first == 0 and self.worse is not None else 0.0
                 if ag:  # hidden layer 1: guided away from the worse model's velocity
                     v = _map2(lambda c, u: (1 + ag) * c - ag * u, v, self.worse(*y_in, t))
@@ -1012,6 +1025,8 @@ def main(argv=None):
                     "exposure_steps fine-tunes it)")
     ap.add_argument("--worse-model", type=Path, default=None, help="with --load-model: a saved generator of the "
                     "same networks, fitted shorter, that guides hidden layer 1 (--set autoguidance=W)")
+    ap.add_argument("--first-model", type=Path, default=None, help="with --load-model: a saved generator of the "
+                    "same networks fitted first_only (hidden layer 1 alone) that makes hidden layer 1")
     ap.add_argument("--whole-temperature", action="store_true", help="pick hidden layer 1's temperature on whole "
                     "networks' distance to the training networks' mean (pick_temperature's whole), not layer 1's")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
@@ -1054,6 +1069,13 @@ def main(argv=None):
         "near_copies": None}
     judge = lambda sets: judge_group(run, ruler, path, sets, (m_held, n_held), near)
 
+    def load(file: Path) -> NeuronGenerator:  # a saved generator as it was fitted
+        state = torch.load(file, weights_only=False)
+        kept = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
+        other = NeuronGenerator(run.layout, **kept)
+        other.load_state_dict(state)
+        return other
+
     if args.load_model:
         state = torch.load(args.load_model, weights_only=False)
         saved = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
@@ -1062,11 +1084,9 @@ def main(argv=None):
         gen = NeuronGenerator(run.layout, **(saved | {k: v for k, v in settings.items() if k in sampling}))
         gen.load_state_dict(state)
         if args.worse_model:
-            worse = torch.load(args.worse_model, weights_only=False)
-            kept = {k: v for k, v in worse["settings"].items() if k in NeuronGenerator.DEFAULTS}
-            other = NeuronGenerator(run.layout, **kept)
-            other.load_state_dict(worse)
-            gen.guide_with(other)
+            gen.guide_with(load(args.worse_model))
+        if args.first_model:
+            gen.first_from(load(args.first_model))
         fit_s = float("nan")
         if "exposure_steps" in settings and gen.settings["exposure_steps"]:  # fine-tune the loaded model
             t0 = time.perf_counter()

@@ -2225,7 +2225,7 @@ def test_neuron_autoguidance_guides_hidden_layer_1_away_from_a_worse_model():
 
 
 def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_model():
-    """first_only: fit() learns from hidden layer 1 alone (networks that differ only in their later layers fit the
+    """learn first: fit() learns from hidden layer 1 alone (networks that differ only in their later layers fit the
     same model); first_from: the first-layer model makes hidden layer 1, the other model the layers after it."""
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
@@ -2233,12 +2233,12 @@ def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_
     later = x.clone()
     later[:, 5 * 7:] = torch.randn(6, layout.D - 35, generator=torch.Generator().manual_seed(1))  # layers 2, 3
     kw = dict(width=16, edge_width=8, depth=2, heads=2, steps=5, batch=4, mode="layers", sample_steps=4)
-    first, twin = (nm.NeuronGenerator(layout, **kw, first_only=True).fit(y) for y in (x, later))
+    first, twin = (nm.NeuronGenerator(layout, **kw, learn="first").fit(y) for y in (x, later))
     assert all(torch.equal(a, b) for a, b in zip(first.ema.state_dict().values(), twin.ema.state_dict().values()))
-    rest = nm.NeuronGenerator(layout, **kw, seed=3).fit(x)  # the whole model, other weights
+    rest = nm.NeuronGenerator(layout, **kw, learn="later", seed=3).fit(x)  # the layers after it, other weights
     layer1 = lambda m, **k: m.graph.split(m.sample(3, torch.Generator().manual_seed(1), calibrate=False, **k))[0][0]
     assert not torch.allclose(layer1(rest), layer1(first))
-    combined = nm.NeuronGenerator(layout, **kw, seed=3)
+    combined = nm.NeuronGenerator(layout, **kw, learn="later", seed=3)
     combined.load_state_dict(rest.state_dict())
     made = combined.first_from(first).sample(3, torch.Generator().manual_seed(1), calibrate=False)
     assert torch.allclose(combined.graph.split(made)[0][0], layer1(first, stop=1), atol=1e-6)  # layer 1: first's
@@ -2248,6 +2248,8 @@ def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_
     other.set_stats(x + 1)
     with pytest.raises(ValueError, match="same networks"):
         combined.first_from(other)
+    with pytest.raises(ValueError, match="learn"):
+        nm.NeuronGenerator(layout, **kw, learn="second")
 
 
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():

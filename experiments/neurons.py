@@ -259,7 +259,7 @@ class NeuronGenerator(Saved):
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
                     exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
-                    auto_temperature=False, autoguidance=0.0, first_only=False, seed=0)
+                    auto_temperature=False, autoguidance=0.0, learn="all", seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -267,7 +267,7 @@ class NeuronGenerator(Saved):
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
-                 auto_temperature: bool = False, autoguidance: float = 0.0, first_only: bool = False,
+                 auto_temperature: bool = False, autoguidance: float = 0.0, learn: str = "all",
                  seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
@@ -300,11 +300,14 @@ class NeuronGenerator(Saved):
         has nothing to guide it with) guided by a worse model of itself (guide_with: the same networks, fitted
         shorter), v = (1 + w) v - w v(worse) (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
         Itself", arXiv 2406.02507): where the worse model errs, the good one errs alike and more mildly, and the
-        difference points toward the data. first_only (mode layers): fit() learns hidden layer 1 alone, every step
-        (a first-layer model: its whole compute on the 32 tokens of 65 numbers that a shared model gives a third of
-        its steps to; first_from plugs it into a model of the later layers)."""
+        difference points toward the data. learn (mode layers): all, or first: fit() learns hidden layer 1 alone,
+        every step (a first-layer model: its whole compute on the 32 tokens of 65 numbers that a shared model gives
+        a third of its steps to), or later: the layers after it alone (given the training networks' own layer 1);
+        first_from joins a first-layer model to a model of the later layers."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
+        if learn not in ("all", "first", "later") or (learn != "all" and mode != "layers"):
+            raise ValueError("learn: all, or first / later (with mode layers)")
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
         self.graph = Graph(layout)
@@ -315,7 +318,7 @@ class NeuronGenerator(Saved):
                              exposure_share=exposure_share, exposure_t=exposure_t,
                              exposure_target=exposure_target, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
-                             autoguidance=autoguidance, first_only=first_only, seed=seed)
+                             autoguidance=autoguidance, learn=learn, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -332,7 +335,7 @@ class NeuronGenerator(Saved):
         return self
 
     def first_from(self, first: "NeuronGenerator") -> "NeuronGenerator":
-        """first: a generator of the same networks (fitted first_only: hidden layer 1 alone) that makes hidden
+        """first: a generator of the same networks (fitted with learn first: hidden layer 1 alone) that makes hidden
         layer 1 in sample(); this model makes the later layers for it (autoguidance, when set, guides the first)."""
         self._same(first, "a first-layer model must be")
         self.first = first.ema
@@ -426,7 +429,8 @@ class NeuronGenerator(Saved):
             t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
             stage = torch.full((B,), H - 1)  # the last group a network's loss counts: all of them (joint)
             if cfg["mode"] == "layers":  # one group learnt, those before it clean, those after it absent
-                stage = torch.randint(0, 1 if cfg["first_only"] else H, (B,), generator=g)
+                stage = torch.randint(int(cfg["learn"] == "later"), 1 if cfg["learn"] == "first" else H, (B,),
+                                      generator=g)
                 ids = torch.arange(H)[None]
                 before = torch.zeros(B, 1) if not cfg["cond_noise"] else \
                     cfg["cond_noise"] * torch.rand(B, 1, generator=g)  # conditioning augmentation (cascades)
@@ -1026,7 +1030,7 @@ def main(argv=None):
     ap.add_argument("--worse-model", type=Path, default=None, help="with --load-model: a saved generator of the "
                     "same networks, fitted shorter, that guides hidden layer 1 (--set autoguidance=W)")
     ap.add_argument("--first-model", type=Path, default=None, help="with --load-model: a saved generator of the "
-                    "same networks fitted first_only (hidden layer 1 alone) that makes hidden layer 1")
+                    "same networks fitted with learn=first (hidden layer 1 alone) that makes hidden layer 1")
     ap.add_argument("--whole-temperature", action="store_true", help="pick hidden layer 1's temperature on whole "
                     "networks' distance to the training networks' mean (pick_temperature's whole), not layer 1's")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "

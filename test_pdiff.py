@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -2250,6 +2251,16 @@ def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_
         combined.first_from(other)
     with pytest.raises(ValueError, match="learn"):
         nm.NeuronGenerator(layout, **kw, learn="second")
+    plain = dict(drop=0.0, guidance=0.0, calibrate="", func=0.0, first_steps=5)  # kw's settings, through pdiff's class
+    model = nm.Neurons(layout, 6, nm.Neurons.DEFAULTS | kw | plain)
+    model.fit(layout, x, list(range(6)), loop=types.SimpleNamespace(prog=None))
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(model.first_ema, first.ema) and not same(model.ema, first.ema)  # fitted first, as `first` was
+    reopened = nm.Neurons(layout, 6, model.s)
+    reopened.load_state_dict(model.state_dict())  # the file holds both denoisers
+    draw = lambda m: m.draw(3, torch.Generator().manual_seed(1))
+    assert torch.equal(draw(reopened), draw(model))
+    assert torch.allclose(model.gen.graph.split(draw(model))[0][0], layer1(first, stop=1), atol=1e-6)
 
 
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
@@ -2393,7 +2404,7 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     gen = tmp_path / "tiny.py"
     gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\nfrom neurons import Neurons\n\n\n"
                    "class Tiny(Neurons):\n    DEFAULTS = {**Neurons.DEFAULTS, 'width': 32, 'edge_width': 8, 'depth': 2, "
-                   "'steps': 60, 'batch': 16, 'sample_steps': 20}\n")
+                   "'steps': 60, 'batch': 16, 'sample_steps': 20, 'first_steps': 30}\n")  # with a first-layer model
     r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny", "--latent", 8)
     assert r.exit_code == 2 and "DEFAULTS" in r.output  # the built-in generators' options are refused, not ignored
     r = cli("fit", "--run", run, "--generator", f"{tmp_path / 'none.py'}:Tiny")
@@ -2413,6 +2424,7 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     sets = read(out / "s.safetensors")["samples"]
     opened = pdiff.open_run(run, model="default")
     assert sets.shape == (6, opened.layout.D) and torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned
+    assert opened.model.first is not None and any(k.startswith("first_ema.") for k in opened.model.state_dict())
     assert (out / "p.png").stat().st_size > 10_000
     r = cli("sample", "--run", run, "-n", 2, "--target-accuracy", 90)
     assert r.exit_code == 2 and "--target-accuracy" in r.output

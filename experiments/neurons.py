@@ -625,22 +625,29 @@ class Neurons(nn.Module):
     --export (its networks come in an arbitrary frame: ALIGNED = False, so sample aligns them to the collection's
     reference as it aligns --judge files). Settings: DEFAULTS (E8's at 3,000 steps: layers one after another,
     guidance 1, the output bias calibrated on probe inputs synthesised from the training networks; with E17's
-    functional loss, func 5);
-    a subclass with other DEFAULTS is another generator. The model file holds the averaged denoiser and the
-    standardisation (and the probes) as buffers. It runs on the CPU."""
+    functional loss, func 5); first_steps > 0: hidden layer 1 made by a first-layer model of its own (learn
+    first, fitted first for that many steps, the same settings otherwise; E31), the shared model making the layers
+    after it. A subclass with other DEFAULTS is another generator. The model file holds the averaged denoisers and
+    the standardisation (and the probes) as buffers. It runs on the CPU."""
 
     DEFAULTS = {**NeuronGenerator.DEFAULTS, "edge_width": 24, "mode": "layers", "drop": 0.1, "guidance": 1.0,
-                "calibrate": "bias", "func": 5.0}
+                "calibrate": "bias", "func": 5.0, "first_steps": 0}
     ALIGNED = False
 
     def __init__(self, layout: pdiff.Layout, K: int, s: dict, *, condition: bool = False):
         super().__init__()
         if condition:
             raise pdiff.PdiffError("the neuron generator does not learn accuracies: fit it without --condition", 2)
-        s = {**NeuronGenerator.DEFAULTS, **s}  # a model file from before a setting was added: its default
+        s = {**NeuronGenerator.DEFAULTS, "first_steps": 0, **s}  # a model file from before a setting: its default
         self.s, self.T = s, s["sample_steps"]
-        self.gen = NeuronGenerator(layout, **{k: s[k] for k in NeuronGenerator.DEFAULTS})
+        kept = {k: s[k] for k in NeuronGenerator.DEFAULTS}
+        self.gen = NeuronGenerator(layout, **kept)
         self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
+        self.first = None
+        if s["first_steps"]:  # its denoiser in the file too; the settings that pick something pick on the whole
+            self.first = NeuronGenerator(layout, **kept | dict(learn="first", steps=s["first_steps"],
+                                                                auto_temperature=False, auto_guidance=False))
+            self.first_ema = self.gen.first = self.first.ema
         g = self.gen.graph
         shapes = {f"tokens{l}": (d,) for l, d in enumerate(g.token_dims)} | \
             {f"edges{k}": () for k in range(g.L - 2)} | {"glob": (g.n_out,)}
@@ -662,10 +669,12 @@ class Neurons(nn.Module):
         pass
 
     def fit(self, layout: pdiff.Layout, originals: torch.Tensor, rows: list, *, loop, accuracies=None):
-        prog = loop.prog
-        task = prog.add_task("neurons: fit", total=self.s["steps"]) if prog is not None else None
-        self.gen.fit(originals[rows].float().cpu(), progress=(lambda step, loss: prog.update(
-            task, completed=step + 1)) if prog is not None else None)
+        prog, x = loop.prog, originals[rows].float().cpu()
+        bar = lambda name, total: None if prog is None else (lambda step, loss, task=prog.add_task(
+            name, total=total): prog.update(task, completed=step + 1))
+        if self.first is not None:  # before the shared model, whose temperature is then picked for this layer 1
+            self.first.fit(x, progress=bar("neurons: hidden layer 1", self.s["first_steps"]))
+        self.gen.fit(x, progress=bar("neurons: fit", self.s["steps"]))
         st = self.gen.stats
         for name, (m, sd) in [*((f"tokens{l}", v) for l, v in enumerate(st["tokens"])),
                               *((f"edges{k}", v) for k, v in enumerate(st["edges"])), ("glob", st["glob"])]:

@@ -2245,6 +2245,9 @@ def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_
     assert torch.allclose(combined.graph.split(made)[0][0], layer1(first, stop=1), atol=1e-6)  # layer 1: first's
     given = rest.sample(3, torch.Generator().manual_seed(1), calibrate=False, given=made, start=1)
     assert torch.allclose(made, given, atol=1e-5)  # the layers after it: rest's, for that layer 1
+    remade = lambda m: m.renoise_first(x, torch.full((6,), 0.5), torch.Generator().manual_seed(2), steps=3)
+    assert torch.allclose(remade(combined), remade(first), atol=1e-6)  # exposure re-makes layer 1 with it too
+    assert not torch.allclose(remade(combined), remade(rest), atol=1e-3)
     other = nm.NeuronGenerator(layout, **kw)
     other.set_stats(x + 1)
     with pytest.raises(ValueError, match="same networks"):

@@ -341,6 +341,10 @@ class NeuronGenerator(Saved):
         self.first = first.ema
         return self
 
+    @property
+    def layer1(self) -> nn.Module:  # the denoiser that makes hidden layer 1
+        return self.ema if self.first is None else self.first
+
     def _same(self, other: "NeuronGenerator", what: str):
         if not all(torch.equal(a[0], b[0]) for a, b in zip(self.stats["tokens"], other.stats["tokens"])):
             raise ValueError(f"{what} of the same networks (their standardisation differs)")
@@ -397,15 +401,15 @@ class NeuronGenerator(Saved):
 
     @torch.no_grad()
     def renoise_first(self, x: torch.Tensor, t0: torch.Tensor, g: torch.Generator, steps: int = 50) -> torch.Tensor:
-        """x (B, D) raw with hidden layer 1 noised to t0 (B,) and denoised by the model's layer-1 stage (SDEdit),
-        the other layers kept."""
+        """x (B, D) raw with hidden layer 1 noised to t0 (B,) and denoised by the model's layer-1 stage (SDEdit;
+        a first-layer model's where one is joined: first_from), the other layers kept."""
         H = self.graph.L - 1
         parts = self.encode(x)
         y = _first(parts, 1, H)
         y = _map2(lambda a, n: _mix(a, n, t0.view(-1, *[1] * (a.dim() - 1))), y, _like(y, g))
         for i in range(steps):  # each network from its own t0 down to 0 in `steps` Euler steps
             t, dt = t0 * (1 - i / steps), t0 / steps
-            v = self.ema(*y, t[:, None])
+            v = self.layer1(*y, t[:, None])
             y = _map2(lambda a, u: a - dt.view(-1, *[1] * (a.dim() - 1)) * u, y, v)
         return self.decode(*_put(parts, y, 1, H))
 
@@ -600,7 +604,7 @@ class NeuronGenerator(Saved):
             for i in range(steps):
                 t = torch.tensor([[ts[i].item() if l in groups else tau for l in range(P)]]).expand(B, P)
                 y_in = _map3(lambda a, c, m: a * (1 - m) + c * m, y, seen_y, before) if tau else y
-                v = (self.first if first == 0 and self.first is not None else self.ema)(*y_in, t)
+                v = (self.layer1 if first == 0 else self.ema)(*y_in, t)
                 ag = self.settings["autoguidance"] if first == 0 and self.worse is not None else 0.0
                 if ag:  # hidden layer 1: guided away from the worse model's velocity
                     v = _map2(lambda c, u: (1 + ag) * c - ag * u, v, self.worse(*y_in, t))

@@ -1086,20 +1086,17 @@ def main(argv=None):
         "near_copies": None}
     judge = lambda sets: judge_group(run, ruler, path, sets, (m_held, n_held), near)
 
-    def load(file: Path) -> NeuronGenerator:  # a saved generator as it was fitted
+    def load(file: Path, **changed) -> NeuronGenerator:  # a saved generator as it was fitted, `changed` aside
         state = torch.load(file, weights_only=False)
         kept = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
-        other = NeuronGenerator(run.layout, **kept)
+        other = NeuronGenerator(run.layout, **(kept | changed))
         other.load_state_dict(state)
         return other
 
     if args.load_model:
-        state = torch.load(args.load_model, weights_only=False)
-        saved = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
         sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",
                     "calibrate", "exposure_steps", "exposure_share", "exposure_t", "exposure_target", "autoguidance")
-        gen = NeuronGenerator(run.layout, **(saved | {k: v for k, v in settings.items() if k in sampling}))
-        gen.load_state_dict(state)
+        gen = load(args.load_model, **{k: v for k, v in settings.items() if k in sampling})
         if args.worse_model:
             gen.guide_with(load(args.worse_model))
         if args.first_model:

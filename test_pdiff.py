@@ -2266,6 +2266,31 @@ def test_neuron_first_layer_model_learns_layer_1_alone_and_makes_it_for_another_
     assert torch.allclose(model.gen.graph.split(draw(model))[0][0], layer1(first, stop=1), atol=1e-6)
 
 
+def test_neuron_rescale_keeps_each_networks_function():
+    """Graph.rescale: every hidden unit's incoming weights and bias times a positive factor, its outgoing weights
+    divided by it: a ReLU MLP computes the same logits with other parameters; fit(rescale) trains on such draws."""
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    nn = torch.nn
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, layout.D, generator=g)
+    inputs = torch.randn(50, 6, generator=g)
+    y = nm.Graph(layout).rescale(x, 0.5, g)
+    assert y.shape == x.shape and (y - x).abs().max() > 0.1  # other parameters
+    for a, b in zip(x, y):
+        layout.load(net, a)
+        want = net(inputs)
+        layout.load(net, b)
+        assert torch.allclose(net(inputs), want, atol=1e-5)  # the same function
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers",
+                             rescale=0.2).fit(x)
+    plain = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4,
+                               mode="layers").fit(x)
+    assert not torch.equal(gen.ema.tok_out[0][-1].weight, plain.ema.tok_out[0][-1].weight)  # other training cases
+    assert gen.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
+
+
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)

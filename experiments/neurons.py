@@ -113,6 +113,15 @@ class Graph:
         p[self.pairs[-1][1]] = glob
         return self.layout.pack(p, batch=1)
 
+    def rescale(self, x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+        """(B, D) with each hidden unit's incoming weights and bias times a factor exp(sigma N(0, 1)) of its own and
+        its outgoing weights divided by it: the same function (ReLU is positively homogeneous)."""
+        p = dict(self.layout.unflatten(x))
+        for (w, b), (w_next, _) in zip(self.pairs, self.pairs[1:]):
+            s = torch.exp(sigma * torch.randn(p[b].shape, generator=g))  # (B, n_l)
+            p[w], p[b], p[w_next] = p[w] * s[..., None], p[b] * s, p[w_next] / s[..., None, :]
+        return self.layout.pack(p, batch=1)
+
     def permute(self, x: torch.Tensor, perms: list) -> torch.Tensor:
         """(B, D) with hidden layer l's units reordered by perms[l] (the same function): pdiff.permute per row."""
         return torch.stack([self.layout.pack(permute(self.layout.unflatten(v), self.pairs, perms)) for v in x])
@@ -259,7 +268,7 @@ class NeuronGenerator(Saved):
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
                     exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
-                    auto_temperature=False, autoguidance=0.0, learn="all", seed=0)
+                    auto_temperature=False, autoguidance=0.0, learn="all", rescale=0.0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -268,7 +277,7 @@ class NeuronGenerator(Saved):
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
                  auto_temperature: bool = False, autoguidance: float = 0.0, learn: str = "all",
-                 seed: int = 0):
+                 rescale: float = 0.0, seed: int = 0):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -303,7 +312,9 @@ class NeuronGenerator(Saved):
         difference points toward the data. learn (mode layers): all, or first: fit() learns hidden layer 1 alone,
         every step (a first-layer model: its whole compute on the 32 tokens of 65 numbers that a shared model gives
         a third of its steps to), or later: the layers after it alone (given the training networks' own layer 1);
-        first_from joins a first-layer model to a model of the later layers."""
+        first_from joins a first-layer model to a model of the later layers. rescale: each step's networks are
+        drawn anew under the ReLU's scale symmetry (Graph.rescale, log-factors of spread `rescale`): the same
+        functions, so that a later layer is learnt for many more first layers than the training networks have."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
         if learn not in ("all", "first", "later") or (learn != "all" and mode != "layers"):
@@ -318,7 +329,7 @@ class NeuronGenerator(Saved):
                              exposure_share=exposure_share, exposure_t=exposure_t,
                              exposure_target=exposure_target, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
-                             autoguidance=autoguidance, learn=learn, seed=seed)
+                             autoguidance=autoguidance, learn=learn, rescale=rescale, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -442,7 +453,8 @@ class NeuronGenerator(Saved):
                     before = torch.where(torch.rand(B, 1, generator=g) < cfg["drop"], 1.0, before)
                 t = torch.where(ids < stage[:, None], before, t)
             weight = (torch.arange(H)[None] == stage[:, None]).float() if cfg["mode"] == "layers" else torch.ones(B, H)
-            parts0 = own = _index(x0, idx)
+            parts0 = own = _index(x0, idx) if not cfg["rescale"] else \
+                self.encode(self.graph.rescale(originals[idx], cfg["rescale"], g))
             if pool is not None:  # exposure: the first layer as the model re-makes it, for later layers' learning
                 swap = (stage > 0) & (torch.rand(B, generator=g) < share)
                 alt = pool[idx, torch.randint(0, pool.shape[1], (B,), generator=g)]

@@ -314,7 +314,8 @@ class NeuronGenerator(Saved):
         a third of its steps to), or later: the layers after it alone (given the training networks' own layer 1);
         first_from joins a first-layer model to a model of the later layers. rescale: each step's networks are
         drawn anew under the ReLU's scale symmetry (Graph.rescale, log-factors of spread `rescale`): the same
-        functions, so that a later layer is learnt for many more first layers than the training networks have."""
+        functions, so that a later layer is learnt for many more first layers than the training networks have
+        (the first layer's own distribution widens with it: Neurons' first-layer model keeps 0)."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
         if learn not in ("all", "first", "later") or (learn != "all" and mode != "layers"):
@@ -661,7 +662,7 @@ class Neurons(nn.Module):
         self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
         self.first = None
         if s["first_steps"]:  # its denoiser in the file too; the settings that pick something pick on the whole
-            self.first = NeuronGenerator(layout, **kept | dict(learn="first", steps=s["first_steps"],
+            self.first = NeuronGenerator(layout, **kept | dict(learn="first", steps=s["first_steps"], rescale=0.0,
                                                                 auto_temperature=False, auto_guidance=False))
             self.first_ema = self.gen.first = self.first.ema
         g = self.gen.graph

@@ -2360,10 +2360,13 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     t0 = time.perf_counter()
-    rows = nm.main(["--run", str(run)])
+    rows = nm.main(["--run", str(run), "--rank"])
     assert time.perf_counter() - t0 < 60
     table = capsys.readouterr().out
     assert "| generated (neurons) | 10 |" in table and "| REPAIR'd average of 16" in table
+    r = rows["generated (neurons)"]["rank"]  # the diagnostic: thirds of the 10 generated networks, 3 each
+    assert r["n"] == 10 and "rank (diagnostic, 10 networks)" in table
+    assert all(0 <= r[k] <= 100 for k in ("probes", "validation", "random")) and (r["rho"] != r["rho"] or -1 <= r["rho"] <= 1)
     assert "19 training / 5 held-out networks" in table  # pdiff's split: 10 % of 24 seeds, at least 5 whole networks
     gen = rows["generated (neurons)"]
     assert gen["label"] in ("fresh", "inferior", "averaging", "copying", "unknown") and 0 <= gen["median"] <= 100

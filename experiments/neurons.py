@@ -1022,6 +1022,26 @@ def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0) -> torch.Tensor:
 # the comparison
 
 
+def rank(run, gen, x_train: torch.Tensor, sets: torch.Tensor, path: str) -> dict:
+    """Diagnostic (reads the test set, picks nothing): can a score without data pick the more accurate of the
+    generated networks? Each network's agreement with the training networks' mean prediction on probe inputs
+    (Probes: synthesised from the training networks) against its test accuracy: Spearman's rho, and the test median
+    (torch's: the lower middle) of the top third by it, of the top third by validation accuracy, and of the first
+    third drawn (a third at random)."""
+    from scipy.stats import spearmanr  # scikit-learn's scipy
+    pr = Probes.load(run.layout, gen.stats["probes"]) if "probes" in gen.stats else Probes(run.layout).fit(x_train)
+    with torch.no_grad():
+        mean = pr.forward(x_train, pr.x).softmax(-1).mean(0).argmax(-1)
+        agree = (pr.forward(sets, pr.x).argmax(-1) == mean).float().mean(1)
+    d = run.data
+    test = pdiff.evaluate(run.net, run.prep, run.layout, sets, d.x_test, d.y_test, path=path).float().mean(1) * 100
+    val = pdiff.validation_accuracy(run, pdiff.Group(len(sets), lambda i: sets[i]), path)
+    third = max(1, len(sets) // 3)
+    top = lambda score: test[score.argsort(descending=True)[:third]].median().item()
+    return {"rho": float(spearmanr(agree, test)[0]), "probes": top(agree), "validation": top(val),
+            "random": test[:third].median().item(), "n": len(sets)}
+
+
 def judge_group(run, ruler, path, sets, ref, near):
     """-> one table row's numbers for raw sets (n, D), already in the aligned frame, as `pdiff sample` judges a
     group: pdiff.measure_group (test accuracy, per-model numbers of the finite sets, exact copies) and
@@ -1059,6 +1079,8 @@ def main(argv=None):
                     "same networks fitted with learn=first (hidden layer 1 alone) that makes hidden layer 1")
     ap.add_argument("--whole-temperature", action="store_true", help="pick hidden layer 1's temperature on whole "
                     "networks' distance to the training networks' mean (pick_temperature's whole), not layer 1's")
+    ap.add_argument("--rank", action="store_true", help="diagnostic: how well a data-free score (agreement with "
+                    "the training networks on probe inputs) ranks the generated networks by test accuracy (rank())")
     ap.add_argument("--min-accuracy", type=float, default=None, help="as `pdiff sample --min-accuracy`: draw n "
                     "networks at a time (at most 20 n) until n reach this validation accuracy (%%); every baseline "
                     "is picked alike from as many draws of its own; the test set only grades")
@@ -1215,6 +1237,11 @@ def main(argv=None):
     v = pdiff.verdict(gen_row, base, n_held, "generated (neurons)", pdiff.reference(run))
     gen_row["verdict"] = v
     print(f"verdict (pdiff.verdict against the rows above; no noise curve here): {v['label']}: {v['text']}")
+    if args.rank:
+        r = gen_row["rank"] = rank(run, gen, x_train, raw, path)
+        print(f"rank (diagnostic, {r['n']} networks): probe agreement vs test accuracy, Spearman {r['rho']:.2f}; "
+              f"test median of the top third by it {r['probes']:.2f} %, by validation accuracy "
+              f"{r['validation']:.2f} %, a third at random {r['random']:.2f} %")
     return rows
 
 

@@ -2291,6 +2291,50 @@ def test_neuron_rescale_keeps_each_networks_function():
     assert gen.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
 
 
+def test_neuron_graph_of_a_convnet_holds_its_kernels_and_computes_the_network():
+    """Convolutions: a channel is a unit, its layer-1 kernel is in its token, the kernels between two layers' channels
+    are edge vectors; the graph round-trips, forward() is the network's own output, the ReLU's symmetries keep it,
+    the denoiser is equivariant to permuting channels, and a fit with the functional loss and probes samples."""
+    nm = neurons_module()
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    layout = pdiff.select_params(net, "all")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, layout.D, generator=g) * 0.5
+    graph = nm.Graph(layout, net, (1, 6, 6))
+    assert graph.token_dims == [10, 4] and graph.edge_dims == [9] and graph.conv
+    tokens, edges, glob = graph.split(x)
+    assert edges[0].shape == (4, 5, 4, 9) and torch.equal(graph.join(tokens, edges, glob), x)
+    inputs = torch.randn(7, 1, 6, 6, generator=g)
+    want = []
+    for v in x:
+        layout.load(net, v)
+        want.append(net(inputs).detach())
+    assert torch.allclose(graph.forward(x, inputs), torch.stack(want), atol=1e-5)  # the network itself
+    y = graph.rescale(x, 0.5, g)
+    perms = [torch.tensor([2, 0, 3, 1]), torch.tensor([4, 1, 0, 3, 2])]
+    for other in (y, graph.permute(x, perms)):
+        assert (other - x).abs().max() > 0.1 and torch.allclose(graph.forward(other, inputs), torch.stack(want),
+                                                                atol=1e-4)
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers",
+                             func=1.0, calibrate="bias", net=net, in_shape=(1, 6, 6))
+    gen.set_stats(x)
+    with torch.no_grad():  # the output heads start at zero: give every weight a value
+        for p in gen.ema.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        t = torch.tensor([0.1, 0.5, 0.9, 0.3])
+        v, vp = (gen.decode(*gen.ema(*gen.encode(z), t)) for z in (x, graph.permute(x, perms)))
+    assert v.abs().max() > 0.1 and (graph.permute(v, perms) - vp).abs().max() < 1e-5  # permuted in, permuted out
+    gen.fit(x)
+    assert gen.stats["probes"]["x"].shape == (2000, 1, 6, 6)
+    s = gen.sample(3, torch.Generator().manual_seed(1), steps=3)
+    assert s.shape == (3, layout.D) and s.isfinite().all()
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))  # reads whole maps
+    with pytest.raises(ValueError, match="chain of Linear or Conv2d"):
+        nm.Graph(pdiff.select_params(flat, "all"))
+
+
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
@@ -2383,7 +2427,7 @@ def test_probes_calibrate_the_output_bias_to_the_training_networks_mean_predicti
     layout = tiny_mlp_layout(n_in=5, h1=4, h2=3, out=3)
     g = torch.Generator().manual_seed(0)
     nets = torch.randn(6, layout.D, generator=g)
-    pr = nm.Probes(layout, m=12, steps=20, mixes=50).fit(nets)
+    pr = nm.Probes(nm.Graph(layout), m=12, steps=20, mixes=50).fit(nets)
     assert pr.classes.shape == (12, 5) and pr.x.shape == (50, 5) and torch.isclose(pr.target.sum(), torch.tensor(1.0))
     x = torch.randn(4, layout.D, generator=g)
     c = pr.calibrate(x, iters=500)

@@ -5,11 +5,13 @@ permuting each hidden layer's units, and the REPAIR blend baseline; main() compa
     python experiments/neurons.py --run /work/runs/seeds200            # fit, sample 50, judge, Markdown table
     QUICK=1 python experiments/neurons.py --run RUN                     # tiny settings: well under a minute
 
-The network (a Sequential MLP of Linear layers with ReLUs between: mlp3) is read as a graph, never as one vector:
-    hidden unit of layer 1       a token: its incoming weights (one per input pixel, fixed identities) and bias
+The network (a chain of Linear or Conv2d layers with ReLUs between, a Linear last: mlp3, convnet3) is read as a
+graph, never as one vector (a unit: a Linear's output, or a convolution's channel):
+    hidden unit of layer 1       a token: its incoming weights (one per input pixel, or its kernel) and bias
     hidden unit of the last      a token: its bias and its outgoing weights (one per class, fixed identities)
     hidden layer
-    W between hidden layers      edges: a (units_l, units_l-1) matrix between two sets of tokens
+    W between hidden layers      edges: a (units_l, units_l-1) matrix between two sets of tokens, each edge a
+                                 number (Linear) or a kernel's numbers (Conv2d)
     output bias                  a global vector (the classes are not interchangeable)
 The denoiser (NeuronDenoiser) works on these sets with no position encoding: self-attention within a layer,
 edge <-> token messages between layers, mean pooling into a global token; so permuting a layer's units permutes
@@ -66,50 +68,74 @@ def permute(p: dict, pairs: list, perms: list) -> dict:
 
 
 class Graph:
-    """The parts of an MLP layout. Layers l = 0..L-1 are layer_pairs(layout): W_l (n_l, n_{l-1}), b_l (n_l);
-    layers 0..L-2 have hidden (permutable) units. Token of hidden layer l: [b_l, W_0 row if l = 0, W_{L-1} column
-    if l = L-2]; edges: W_l for 1 <= l <= L-2; global: b_{L-1}."""
+    """The parts of a chain of Linear or Conv2d layers. Layers l = 0..L-1 are layer_pairs(layout): W_l (n_l, n_{l-1},
+    *kernel), b_l (n_l); layers 0..L-2 have hidden (permutable) units (a Linear unit, or a convolution's channel).
+    Token of hidden layer l: [b_l, W_0's row (flattened) if l = 0, W_{L-1}'s column if l = L-2]; edges: W_l for
+    1 <= l <= L-2, each a vector of kernel values (one for Linear); global: b_{L-1}. The output layer is a Linear
+    that reads one number per last hidden unit (after global pooling, for convolutions).
+    net, in_shape: the network and the shape of one input, for forward() on convolutions (an MLP's forward is
+    its matrix products, read from the layout alone, on flat inputs)."""
 
-    def __init__(self, layout: pdiff.Layout):
+    def __init__(self, layout: pdiff.Layout, net: nn.Module = None, in_shape: tuple = None):
         self.layout, self.pairs = layout, layer_pairs(layout)
-        shapes = dict(zip(layout.names, layout.shapes))
-        if len(self.pairs) < 2 or any(len(shapes[w]) != 2 for w, _ in self.pairs) or \
-                len(layout.names) != 2 * len(self.pairs):
-            raise ValueError("NeuronGenerator needs an MLP layout: Linear weights and biases, at least 2 layers")
-        self.units = [shapes[w][0] for w, _ in self.pairs]  # n_l
-        self.n_in, self.L = shapes[self.pairs[0][0]][1], len(self.pairs)
+        shapes = [dict(zip(layout.names, layout.shapes))[w] for w, _ in self.pairs]
+        self.units = [s[0] for s in shapes]  # n_l
+        if len(self.pairs) < 2 or len(layout.names) != 2 * len(self.pairs) or len(shapes[-1]) != 2 or \
+                any(len(s) not in (2, 4) for s in shapes) or any(s[1] != n for s, n in zip(shapes[1:], self.units)):
+            raise ValueError("NeuronGenerator needs a chain of Linear or Conv2d layers (weights and biases, at least "
+                             "2 layers), each reading one number or map per unit of the layer before, a Linear last")
+        self.conv = any(len(s) == 4 for s in shapes)
+        self.net, self.in_shape = net, (shapes[0][1],) if not self.conv else in_shape and tuple(in_shape)
+        self.n_in, self.L = math.prod(shapes[0][1:]), len(self.pairs)  # numbers in a layer-1 unit's row
+        self.edge_dims = [math.prod(s[2:]) for s in shapes[1:-1]]  # numbers per edge: 1, or a kernel's
         H = self.L - 1  # hidden layers
         self.token_dims = [1 + (self.n_in if l == 0 else 0) + (self.units[-1] if l == H - 1 else 0) for l in range(H)]
         self.n_out = self.units[-1]
 
+    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw networks on inputs (N, *in_shape) -> logits (B, N, n_out): an MLP's matrix products, or the
+        network itself under vmap (convolutions)."""
+        if not self.conv:
+            p, h = self.layout.unflatten(x), inputs
+            for l, (w, b) in enumerate(self.pairs):
+                h = h @ p[w].transpose(-1, -2) + p[b][..., None, :]
+                h = h.relu() if l < len(self.pairs) - 1 else h
+            return h
+        if self.net is None:
+            raise ValueError("a convolutional network's forward (the functional loss, probes) needs Graph(net=...)")
+        call = lambda v: torch.func.functional_call(self.net, self.layout.unflatten(v), (inputs,))
+        return torch.func.vmap(call)(x)
+
     def split(self, x: torch.Tensor) -> tuple[list, list, torch.Tensor]:
-        """(B, D) -> (tokens [(B, n_l, f_l)], edges [(B, n_l, n_{l-1})], global (B, n_out))."""
+        """(B, D) -> (tokens [(B, n_l, f_l)], edges [(B, n_l, n_{l-1}, k_l)], global (B, n_out))."""
         p, H = self.layout.unflatten(x), self.L - 1
         tokens = []
         for l in range(H):
             w, b = self.pairs[l]
             parts = [p[b][..., None]]
             if l == 0:
-                parts.append(p[w])
+                parts.append(p[w].flatten(2))
             if l == H - 1:
                 parts.append(p[self.pairs[-1][0]].transpose(-1, -2))  # (B, n_l, n_out): outgoing weights
             tokens.append(torch.cat(parts, -1))
-        edges = [p[self.pairs[l][0]] for l in range(1, H)]
+        edges = [p[self.pairs[l][0]].flatten(3) if p[self.pairs[l][0]].dim() > 3 else p[self.pairs[l][0]][..., None]
+                 for l in range(1, H)]
         return tokens, edges, p[self.pairs[-1][1]]
 
     def join(self, tokens: list, edges: list, glob: torch.Tensor) -> torch.Tensor:
         """split's inverse -> (B, D)."""
-        H, p = self.L - 1, {}
+        H, p, shapes = self.L - 1, {}, dict(zip(self.layout.names, self.layout.shapes))
         for l in range(H):
             w, b = self.pairs[l]
             t, i = tokens[l], 1
             p[b] = t[..., 0]
             if l == 0:
-                p[w], i = t[..., 1:1 + self.n_in], 1 + self.n_in
+                p[w], i = t[..., 1:1 + self.n_in].unflatten(-1, shapes[w][1:]), 1 + self.n_in
             if l == H - 1:
                 p[self.pairs[-1][0]] = t[..., i:].transpose(-1, -2)
         for l in range(1, H):
-            p[self.pairs[l][0]] = edges[l - 1]
+            w = self.pairs[l][0]
+            p[w] = edges[l - 1].unflatten(-1, shapes[w][2:]) if len(shapes[w]) > 2 else edges[l - 1][..., 0]
         p[self.pairs[-1][1]] = glob
         return self.layout.pack(p, batch=1)
 
@@ -119,7 +145,8 @@ class Graph:
         p = dict(self.layout.unflatten(x))
         for (w, b), (w_next, _) in zip(self.pairs, self.pairs[1:]):
             s = torch.exp(sigma * torch.randn(p[b].shape, generator=g))  # (B, n_l)
-            p[w], p[b], p[w_next] = p[w] * s[..., None], p[b] * s, p[w_next] / s[..., None, :]
+            p[w], p[b] = p[w] * s.view(*s.shape, *[1] * (p[w].dim() - 2)), p[b] * s
+            p[w_next] = p[w_next] / s.view(len(s), 1, -1, *[1] * (p[w_next].dim() - 3))
         return self.layout.pack(p, batch=1)
 
     def permute(self, x: torch.Tensor, perms: list) -> torch.Tensor:
@@ -212,8 +239,8 @@ class NeuronDenoiser(nn.Module):
         self.H, self.C = H, C
         self.tok_in = nn.ModuleList(nn.Linear(f, C) for f in graph.token_dims)
         self.tok_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(C), nn.Linear(C, f)) for f in graph.token_dims)
-        self.edge_in = nn.ModuleList(nn.Linear(1, Ce) for _ in range(H - 1))
-        self.edge_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(Ce), nn.Linear(Ce, 1)) for _ in range(H - 1))
+        self.edge_in = nn.ModuleList(nn.Linear(k, Ce) for k in graph.edge_dims)
+        self.edge_out = nn.ModuleList(nn.Sequential(nn.LayerNorm(Ce), nn.Linear(Ce, k)) for k in graph.edge_dims)
         self.glob_in = nn.Linear(graph.n_out, C)
         self.glob_out = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, graph.n_out))
         self.temb = Mlp(64, C, C)
@@ -234,11 +261,11 @@ class NeuronDenoiser(nn.Module):
         g = self.time_mix(torch.cat(tt + [tt[0].new_zeros(B, self.C)] * (self.H - P), -1))  # (B, C)
         g = g + self.glob_in(glob) if glob is not None else g
         h = [f(x) + g[:, None] + tt[l][:, None] for l, (f, x) in enumerate(zip(self.tok_in, tokens))]
-        e = [f(x[..., None]) + te(tt[k + 1])[:, None, None] for k, (f, te, x) in
+        e = [f(x) + te(tt[k + 1])[:, None, None] for k, (f, te, x) in
              enumerate(zip(self.edge_in, self.edge_t, edges))]
         for block in self.blocks:
             h, e, g = block(h, e, g)
-        return ([f(x) for f, x in zip(self.tok_out, h)], [f(x)[..., 0] for f, x in zip(self.edge_out, e)],
+        return ([f(x) for f, x in zip(self.tok_out, h)], [f(x) for f, x in zip(self.edge_out, e)],
                 self.glob_out(g) if glob is not None else None)
 
 
@@ -277,7 +304,7 @@ class NeuronGenerator(Saved):
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
                  auto_temperature: bool = False, autoguidance: float = 0.0, learn: str = "all",
-                 rescale: float = 0.0, seed: int = 0):
+                 rescale: float = 0.0, seed: int = 0, net: nn.Module = None, in_shape: tuple = None):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -315,14 +342,15 @@ class NeuronGenerator(Saved):
         first_from joins a first-layer model to a model of the later layers. rescale: each step's networks are
         drawn anew under the ReLU's scale symmetry (Graph.rescale, log-factors of spread `rescale`): the same
         functions, so that a later layer is learnt for many more first layers than the training networks have
-        (the first layer's own distribution widens with it: Neurons' first-layer model keeps 0)."""
+        (the first layer's own distribution widens with it: Neurons' first-layer model keeps 0).
+        net, in_shape: the network and one input's shape, which a convolutional network's forward needs (Graph)."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
         if learn not in ("all", "first", "later") or (learn != "all" and mode != "layers"):
             raise ValueError("learn: all, or first / later (with mode layers)")
         if mode not in ("joint", "layers"):
             raise ValueError(f"mode: joint or layers, not {mode}")
-        self.graph = Graph(layout)
+        self.graph = Graph(layout, net, in_shape)
         self.settings = dict(width=width, edge_width=edge_width, depth=depth, heads=heads, steps=steps, batch=batch,
                              lr=lr, ema=ema, sample_steps=sample_steps, mode=mode, products=products, drop=drop,
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
@@ -365,13 +393,13 @@ class NeuronGenerator(Saved):
     def set_stats(self, x: torch.Tensor):
         tokens, edges, glob = self.graph.split(x)
         tok = [(t.mean((0, 1)), t.std((0, 1)).clamp_min(1e-3 * t.std().item() + 1e-12)) for t in tokens]
-        edg = [(e.mean(), e.std()) for e in edges]
+        edg = [(e.mean((0, 1, 2)), e.std((0, 1, 2))) for e in edges]  # per kernel position
         self.stats = {"tokens": tok, "edges": edg, "glob": (glob.mean(0), glob.std(0).clamp_min(1e-6))}
 
     def per_part(self, v: torch.Tensor) -> tuple:
         """(B, H) values per group -> the parts' shape (tokens, edges, glob), each (B, 1, ...) to broadcast."""
         H = self.graph.L - 1
-        return ([v[:, l, None, None] for l in range(H)], [v[:, k + 1, None, None] for k in range(H - 1)],
+        return ([v[:, l, None, None] for l in range(H)], [v[:, k + 1, None, None, None] for k in range(H - 1)],
                 v[:, H - 1, None])
 
     def encode(self, x: torch.Tensor) -> tuple:  # (B, D) raw -> standardised parts
@@ -391,7 +419,7 @@ class NeuronGenerator(Saved):
         cfg = self.settings
         self.set_stats(originals)
         if cfg["calibrate"] or cfg["func"]:
-            self.stats["probes"] = Probes(self.graph.layout, seed=cfg["seed"]).fit(originals).state()
+            self.stats["probes"] = Probes(self.graph, seed=cfg["seed"]).fit(originals).state()
         self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
         if cfg["exposure_steps"] and cfg["mode"] == "layers":
             self.exposure(originals, progress)
@@ -503,7 +531,7 @@ class NeuronGenerator(Saved):
             if l >= 1:
                 edg[l - 1] = x0_hat[1][l - 1]
         glob = x0_hat[2] if P == H else true[2]
-        pr = Probes.load(self.graph.layout, self.stats["probes"])
+        pr = Probes.load(self.graph, self.stats["probes"])
         inputs = pr.x[torch.randint(0, len(pr.x), (256,), generator=g)]
         got = pr.forward(self.decode(tok, edg, glob), inputs)
         want = pr.forward(self.decode(*_index(parts0 if want is None else want, rows)), inputs)
@@ -632,7 +660,7 @@ class NeuronGenerator(Saved):
             x = _put(x, y, P, H)
         x = self.decode(*x)
         if calibrate and self.settings["calibrate"]:
-            x = Probes.load(self.graph.layout, self.stats["probes"]).calibrate(x)
+            x = Probes.load(self.graph, self.stats["probes"]).calibrate(x)
         return x
 
 
@@ -658,7 +686,13 @@ class Neurons(nn.Module):
         s = {**NeuronGenerator.DEFAULTS, "first_steps": 0, **s}  # a model file from before a setting: its default
         self.s, self.T = s, s["sample_steps"]
         kept = {k: s[k] for k in NeuronGenerator.DEFAULTS}
-        self.gen = NeuronGenerator(layout, **kept)
+        try:
+            self.gen = NeuronGenerator(layout, **kept)
+        except ValueError as e:
+            raise pdiff.PdiffError(f"the neuron generator: {e}", 2)
+        if self.gen.graph.conv:  # pdiff hands a generator the layout alone; a convolution's forward needs the network
+            raise pdiff.PdiffError("the neuron generator takes MLPs through pdiff; convolutional networks through "
+                                   "experiments/neurons.py --run RUN", 2)
         self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
         self.first = None
         if s["first_steps"]:  # its denoiser in the file too; the settings that pick something pick on the whole
@@ -667,13 +701,13 @@ class Neurons(nn.Module):
             self.first_ema = self.gen.first = self.first.ema
         g = self.gen.graph
         shapes = {f"tokens{l}": (d,) for l, d in enumerate(g.token_dims)} | \
-            {f"edges{k}": () for k in range(g.L - 2)} | {"glob": (g.n_out,)}
+            {f"edges{k}": () if d == 1 else (d,) for k, d in enumerate(g.edge_dims)} | {"glob": (g.n_out,)}
         for name, shape in shapes.items():
             self.register_buffer(name + "_mean", torch.zeros(shape))
             self.register_buffer(name + "_std", torch.ones(shape))
         self.register_buffer("temperature", torch.tensor(float(s["temperature"])))  # as fit() left it (auto)
         if s["calibrate"]:
-            self.register_buffer("probes_x", torch.zeros(Probes(layout).mixes, g.n_in))
+            self.register_buffer("probes_x", torch.zeros(Probes(g).mixes, *g.in_shape))
             self.register_buffer("probes_target", torch.zeros(g.n_out))
 
     def to(self, *args, **kwargs):  # NeuronGenerator makes its tensors on the CPU: it stays there
@@ -695,8 +729,8 @@ class Neurons(nn.Module):
         st = self.gen.stats
         for name, (m, sd) in [*((f"tokens{l}", v) for l, v in enumerate(st["tokens"])),
                               *((f"edges{k}", v) for k, v in enumerate(st["edges"])), ("glob", st["glob"])]:
-            getattr(self, name + "_mean").copy_(m)
-            getattr(self, name + "_std").copy_(sd)
+            getattr(self, name + "_mean").copy_(m.reshape(getattr(self, name + "_mean").shape))
+            getattr(self, name + "_std").copy_(sd.reshape(getattr(self, name + "_std").shape))
         self.temperature.fill_(self.gen.settings["temperature"])
         if self.s["calibrate"]:
             self.probes_x.copy_(st["probes"]["x"])
@@ -742,24 +776,19 @@ class Probes:
     prediction on them equals the target (prior matching: iterate b <- b + log(target / mean softmax)), which fits
     10 numbers per network to one class-frequency statistic, never to per-input answers."""
 
-    def __init__(self, layout: pdiff.Layout, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
+    def __init__(self, graph: Graph, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
                  seed: int = 0):
-        self.layout, self.pairs = layout, layer_pairs(layout)
+        self.graph, self.layout, self.pairs = graph, graph.layout, graph.pairs
         self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
         self.x = self.target = None
 
-    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, n_in) -> (B, N, out)
-        p, h = self.layout.unflatten(x), inputs
-        for l, (w, b) in enumerate(self.pairs):
-            h = h @ p[w].transpose(-1, -2) + p[b][..., None, :]
-            h = h.relu() if l < len(self.pairs) - 1 else h
-        return h
+    def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, *in) -> (B, N, out)
+        return self.graph.forward(x, inputs)
 
     def fit(self, originals: torch.Tensor) -> "Probes":  # sets self.x (mixes) and self.classes (the m inputs)
         g = torch.Generator().manual_seed(self.seed + 13)
-        shapes = dict(zip(self.layout.names, self.layout.shapes))
-        n_in, n_out = shapes[self.pairs[0][0]][1], shapes[self.pairs[-1][0]][0]
-        P = torch.randn(self.m, n_in, generator=g).requires_grad_(True)
+        n_out = self.graph.n_out
+        P = torch.randn(self.m, *self.graph.in_shape, generator=g).requires_grad_(True)
         y = torch.arange(self.m) % n_out
         opt = torch.optim.Adam([P], 0.05)
         for _ in range(self.steps):
@@ -770,7 +799,7 @@ class Probes:
             loss.backward()
             opt.step()
         P = self.classes = P.detach()
-        a = torch.rand(self.mixes, 1, generator=g)
+        a = torch.rand(self.mixes, *[1] * (P.dim() - 1), generator=g)
         i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)
         self.x = a * P[i] + (1 - a) * P[j]
         with torch.no_grad():
@@ -781,8 +810,8 @@ class Probes:
         return {"x": self.x, "target": self.target}
 
     @classmethod
-    def load(cls, layout, state: dict) -> "Probes":
-        pr = cls(layout)
+    def load(cls, graph: Graph, state: dict) -> "Probes":
+        pr = cls(graph)
         pr.x, pr.target = state["x"], state["target"]
         return pr
 
@@ -1029,7 +1058,7 @@ def rank(run, gen, x_train: torch.Tensor, sets: torch.Tensor, path: str) -> dict
     (torch's: the lower middle) of the top third by it, of the top third by validation accuracy, and of the first
     third drawn (a third at random)."""
     from scipy.stats import spearmanr  # scikit-learn's scipy
-    pr = Probes.load(run.layout, gen.stats["probes"]) if "probes" in gen.stats else Probes(run.layout).fit(x_train)
+    pr = Probes.load(gen.graph, gen.stats["probes"]) if "probes" in gen.stats else Probes(gen.graph).fit(x_train)
     with torch.no_grad():
         mean = pr.forward(x_train, pr.x).softmax(-1).mean(0).argmax(-1)
         agree = (pr.forward(sets, pr.x).argmax(-1) == mean).float().mean(1)
@@ -1124,7 +1153,7 @@ def main(argv=None):
     def load(file: Path, **changed) -> NeuronGenerator:  # a saved generator as it was fitted, `changed` aside
         state = torch.load(file, weights_only=False)
         kept = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
-        other = NeuronGenerator(run.layout, **(kept | changed))
+        other = NeuronGenerator(run.layout, **(kept | changed), net=run.net, in_shape=run.prep.shape)
         other.load_state_dict(state)
         return other
 
@@ -1142,13 +1171,13 @@ def main(argv=None):
             gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
             fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
-            gen.stats["probes"] = Probes(run.layout, seed=gen.settings["seed"]).fit(x_train).state()
+            gen.stats["probes"] = Probes(gen.graph, seed=gen.settings["seed"]).fit(x_train).state()
         if gen.settings["auto_temperature"] and "temperature" not in settings and not args.whole_temperature:
             gen.settings["temperature"] = gen.pick_temperature(x_train)  # (a value given wins)
         if gen.settings["auto_guidance"] and "guidance" not in settings:
             gen.settings["guidance"] = gen.pick_guidance(x_train)
     else:
-        gen = NeuronGenerator(run.layout, seed=args.seed, **settings)
+        gen = NeuronGenerator(run.layout, seed=args.seed, **settings, net=run.net, in_shape=run.prep.shape)
         t0 = time.perf_counter()
         gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
         fit_s = time.perf_counter() - t0
@@ -1200,9 +1229,10 @@ def main(argv=None):
         avg = torch.stack([x_train[p].mean(0) for p in picks])
         rows[f"average of {m}"] = judge(alike(avg))
         rows["ensemble (weight average)"] = judge(alike(x_train.mean(0, keepdim=True)))
-        xr = repair_inputs(run, seed=args.seed)
-        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
-            torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)])))
+        if not gen.graph.conv:  # (repair() reads an MLP's layers; convolutions: not yet)
+            xr = repair_inputs(run, seed=args.seed)
+            rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
+                torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)])))
         sd = x_train.std(0)
         rows["gaussian (per coordinate)"] = judge(alike(
             x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))

@@ -251,7 +251,7 @@ class FitConfig:
                                  "code builds and runs them (BatchNorm decoding with batch statistics); v3-eval: the "
                                  "same, BatchNorm in eval mode; AUTOENCODER+DENOISER from span|conv|conv-eval and "
                                  "mlp|conv, e.g. span+conv; or your own, FILE.py:CLASS (e.g. the neuron generator for "
-                                 "--networks collections of MLPs, experiments/neurons.py:Neurons).")
+                                 "--networks collections, experiments/neurons.py:Neurons).")
     latent: Optional[int] = opt(None, "Latent size (default: the generator's; span 16, v3 128).", min=1)
     ae_steps: Optional[int] = opt(None, "Autoencoder training steps (default: span 1500, v3 500).", min=1)
     denoiser_steps: Optional[int] = opt(None, "Denoiser training steps (default: span 3000, v3 1000).", min=1)
@@ -2440,11 +2440,13 @@ def generator_settings(cfg: "FitConfig") -> dict:
             **{k: v for k, v in given.items() if v is not None}}
 
 
-def make_generator(name: str, layout: Layout, K: int, s: dict, *, condition: bool = False) -> nn.Module:
+def make_generator(name: str, layout: Layout, K: int, s: dict, *, condition: bool = False, net: nn.Module = None,
+                   shape: tuple = None) -> nn.Module:
     """The one place a generator is chosen: its name and resolved settings -> the generator. FILE.py:CLASS is your
-    own: CLASS(layout, K, settings, condition=...), an nn.Module with LatentDiffusion's interface and DEFAULTS."""
+    own: CLASS(layout, K, settings, condition=..., net=..., shape=...), an nn.Module with LatentDiffusion's interface
+    and DEFAULTS; net and shape (the network and one input's shape) for a generator that runs the network."""
     if user_arch(name):
-        return user_object("--generator", name)(layout, K, s, condition=condition)
+        return user_object("--generator", name)(layout, K, s, condition=condition, net=net, shape=shape)
     return LatentDiffusion(*generator_parts(name), layout.D, K, s, condition=condition)
 
 
@@ -2504,10 +2506,11 @@ def fit_diffusion(denoiser: nn.Module, diffusion: Diffusion, zs: torch.Tensor, s
 
 
 def fit(cfg: FitConfig, originals: torch.Tensor, rows: list, layout: Layout, *, device, loop: Optional["Loop"] = None,
-        accuracies: Optional[torch.Tensor] = None) -> nn.Module:
+        accuracies: Optional[torch.Tensor] = None, net: nn.Module = None, shape: tuple = None) -> nn.Module:
     """fit's stage: the generator cfg names, fitted to the training originals (rows of originals (K_all, D))."""
     settings = generator_settings(cfg)
-    model = make_generator(cfg.generator, layout, len(rows), settings, condition=cfg.condition).to(device)
+    model = make_generator(cfg.generator, layout, len(rows), settings, condition=cfg.condition, net=net,
+                           shape=shape).to(device)
     model.fit(layout, originals, rows, loop=loop or Loop(), accuracies=accuracies)
     return model
 
@@ -3198,7 +3201,7 @@ def open_run(path: Path, device="cpu", *, model: Optional[str] = None, data_dir:
         try:
             run.fit_config, run.split = FitConfig(**meta["config"]), Holdout(**meta["split"])
             run.model = make_generator(run.fit_config.generator, layout, len(run.training), meta["settings"],
-                                       condition=run.fit_config.condition)
+                                       condition=run.fit_config.condition, net=net, shape=prep.shape)
             run.model.load_state_dict(t)
             run.model.to(device).bind(run.snapshots, run.training)
         except (KeyError, TypeError, RuntimeError) as e:
@@ -3675,7 +3678,7 @@ def fit_cmd(cfg: FitConfig, given: set, name: NameOpt = DEFAULT_MODEL, force: Fo
     with progress() as prog:
         loop.prog = prog
         model = fit(cfg, r.snapshots, r.training, r.layout, device=dev, loop=loop,
-                    accuracies=accuracy(r.val_correct[r.training]))
+                    accuracies=accuracy(r.val_correct[r.training]), net=r.net, shape=r.prep.shape)
     rows = {k: round_trip(r, group, error) for k, (group, error) in model.reconstructions(
         r.snapshots[r.training]).items()}
     loop.stop_point()

@@ -2503,3 +2503,27 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     assert (out / "p.png").stat().st_size > 10_000
     r = cli("sample", "--run", run, "-n", 2, "--target-accuracy", 90)
     assert r.exit_code == 2 and "--target-accuracy" in r.output
+
+
+def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
+    """convnet3 through pdiff: the generator is handed the network (its functional loss and probes run it), its
+    file reopens with the network, and sample judges aligned, finite networks of the collection's layout."""
+    run = tmp_path / "conv"
+    assert cli("collect", "--run", run, "--arch", "convnet3", "--width", 4, "--networks", 12, "--epochs", 2).exit_code == 0
+    gen = tmp_path / "tiny.py"
+    gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\nfrom neurons import Neurons\n\n\n"
+                   "class Tiny(Neurons):\n    DEFAULTS = {**Neurons.DEFAULTS, 'width': 16, 'edge_width': 8, 'depth': 2, "
+                   "'steps': 20, 'batch': 4, 'sample_steps': 5}\n")  # func 5 and calibrate bias: both run the net
+    r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "s.safetensors"
+    r = cli("sample", "--run", run, "-n", 3, "--save", out, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["generated"]["count"] == 3 and len(rep["generated"]["accuracies"]) == 3
+    opened = pdiff.open_run(run, model="default")
+    sets = read(out)["samples"]
+    assert opened.model.gen.graph.conv and opened.model.gen.graph.in_shape == tuple(opened.prep.shape)
+    assert opened.model.probes_x.shape[1:] == tuple(opened.prep.shape)  # probe images, kept in the file
+    assert sets.shape == (3, opened.layout.D) and sets.isfinite().all()
+    assert torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned to the collection's reference

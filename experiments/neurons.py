@@ -666,7 +666,8 @@ class NeuronGenerator(Saved):
 
 class Neurons(nn.Module):
     """NeuronGenerator as a pdiff generator: `pdiff fit --generator experiments/neurons.py:Neurons` fits it to a
-    `collect --networks` run of an MLP, and `pdiff sample` judges its networks with pdiff's verdict, baselines and
+    `collect --networks` run of an MLP or a chain of convolutions (convnet3; pdiff hands it the network, which the
+    functional loss and the probes run), and `pdiff sample` judges its networks with pdiff's verdict, baselines and
     --export (its networks come in an arbitrary frame: ALIGNED = False, so sample aligns them to the collection's
     reference as it aligns --judge files). Settings: DEFAULTS (E8's at 3,000 steps: layers one after another,
     guidance 1, the output bias calibrated on probe inputs synthesised from the training networks; with E17's
@@ -679,7 +680,8 @@ class Neurons(nn.Module):
                 "calibrate": "bias", "func": 5.0, "first_steps": 0}
     ALIGNED = False
 
-    def __init__(self, layout: pdiff.Layout, K: int, s: dict, *, condition: bool = False):
+    def __init__(self, layout: pdiff.Layout, K: int, s: dict, *, condition: bool = False, net: nn.Module = None,
+                 shape: tuple = None):
         super().__init__()
         if condition:
             raise pdiff.PdiffError("the neuron generator does not learn accuracies: fit it without --condition", 2)
@@ -687,17 +689,15 @@ class Neurons(nn.Module):
         self.s, self.T = s, s["sample_steps"]
         kept = {k: s[k] for k in NeuronGenerator.DEFAULTS}
         try:
-            self.gen = NeuronGenerator(layout, **kept)
+            self.gen = NeuronGenerator(layout, **kept, net=net, in_shape=shape)
         except ValueError as e:
             raise pdiff.PdiffError(f"the neuron generator: {e}", 2)
-        if self.gen.graph.conv:  # pdiff hands a generator the layout alone; a convolution's forward needs the network
-            raise pdiff.PdiffError("the neuron generator takes MLPs through pdiff; convolutional networks through "
-                                   "experiments/neurons.py --run RUN", 2)
         self.ema = self.gen.ema  # the model file's denoiser (the trained one is not kept)
         self.first = None
         if s["first_steps"]:  # its denoiser in the file too; the settings that pick something pick on the whole
             self.first = NeuronGenerator(layout, **kept | dict(learn="first", steps=s["first_steps"], rescale=0.0,
-                                                                auto_temperature=False, auto_guidance=False))
+                                                                auto_temperature=False, auto_guidance=False),
+                                         net=net, in_shape=shape)
             self.first_ema = self.gen.first = self.first.ema
         g = self.gen.graph
         shapes = {f"tokens{l}": (d,) for l, d in enumerate(g.token_dims)} | \

@@ -2447,11 +2447,17 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "mode=layers", "drop=0.1", "guidance=1",
-                    "calibrate=bias", "--whole-temperature"])
+                    "calibrate=bias", "--whole-temperature", "--save-model", str(tmp_path / "m.pt")])
     assert "whole-network distance to their mean" in capsys.readouterr().out  # the temperature picked on them
     assert set(rows) == {"held-out originals", "generated (neurons)", "generated, not calibrated",
                          "diagnostic: held-out layer 1, rest generated"}
     assert 0 <= rows["generated (neurons)"]["median"] <= 100
+    import neurons_diag  # its scale diagnostic on the saved model: accuracy and each tensor's size per guidance weight
+    diag = neurons_diag.main([str(run), str(tmp_path / "m.pt"), "--scale", "0,1", "-n", "3"])
+    assert [r["group"] for r in diag] == ["held-out originals", "guidance 0", "guidance 1"]
+    assert all(len(r["rms"]) == 6 and 0.5 < r["rms"][0] < 2 for r in diag)  # mlp3: 3 weights, 3 biases
+    assert all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "calibrated", "held-out layer 1"))
+    assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
     # --min-accuracy: rounds of 10 until 10 reach it on the validation split, at most 20 rounds (pdiff's rule)
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30"])
     kept, drawn = map(int, re.search(r"(\d+) of (\d+) drawn", rows["generated (neurons)"]["seconds"]).groups())

@@ -1,11 +1,17 @@
 """Diagnostics on a saved NeuronGenerator (mode layers): where do generated networks lose accuracy?
-SDEdit of the held-out networks' hidden layer 1: noised to time t, denoised by the model's layer-1 stage, then
-(a) the held-out network's own later layers kept, (b) the later layers generated for it. Accuracy only (diagnostic:
-reads the held-out networks and the test set, selects nothing). The held-out networks are pdiff's Run.held_out
-for the run's default split (FitConfig().holdout: whole seeds), as neurons.py without --holdout.
+Accuracy only (diagnostics: they read the held-out networks and the test set, and select nothing). The held-out
+networks are pdiff's Run.held_out for the run's default split (FitConfig().holdout: whole seeds), as neurons.py
+without --holdout.
 
-    python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]     # MODEL.pt: neurons.py --save-model"""
-import statistics, sys, time
+sdedit: the held-out networks' hidden layer 1 noised to time t, denoised by the model's layer-1 stage, then (a) the
+held-out network's own later layers kept, (b) the later layers generated for it.
+scale: per guidance weight, generated networks' accuracy (not calibrated, and calibrated where the model has
+probes), each tensor's RMS over the training networks' (1: their size; no permutation changes it), and the same
+for the later layers generated for the held-out networks' layer 1.
+
+    python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]         # sdedit (MODEL.pt: neurons.py --save-model)
+    python experiments/neurons_diag.py RUN MODEL.pt --scale 0,0.5,1 [-n N]"""
+import argparse, statistics, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,21 +37,54 @@ def sdedit_first(gen, given, t0, g, steps=100):
     return gen.decode(*N._put(x, y, 1, H))
 
 
-def main():
-    run = pdiff.open_run(Path(sys.argv[1]), model=None)
-    state = torch.load(sys.argv[2], weights_only=False)
-    w = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
-    gen = N.NeuronGenerator(run.layout, **(N.NeuronGenerator.DEFAULTS | state["settings"]))
+def rms(layout: pdiff.Layout, x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (tensors,): each tensor's root mean square, averaged over the networks."""
+    return torch.stack([v.flatten(1).square().mean(1).sqrt().mean() for v in layout.unflatten(x).values()])
+
+
+def scale(run, gen, acc, weights: list, n: int) -> list[dict]:
+    """The scale diagnostic (see the module's docstring), one row per guidance weight."""
+    train, held = run.snapshots[run.training], run.snapshots[run.held_out]
+    size = lambda x: [round(v, 2) for v in (rms(run.layout, x) / rms(run.layout, train)).tolist()]
+    probes = N.Probes.load(gen.graph, gen.stats["probes"]) if "probes" in gen.stats else None
+    rows = [{"group": "held-out originals", "accuracy": acc(held), "rms": size(held)}]
+    for w in weights:
+        x = gen.sample(n, torch.Generator().manual_seed(1), guidance=w, calibrate=False)
+        rest = gen.sample(len(held), torch.Generator().manual_seed(3), given=held, start=1, guidance=w,
+                          calibrate=False)
+        rows.append({"group": f"guidance {w:g}", "accuracy": acc(x), "calibrated": probes and acc(probes.calibrate(x)),
+                     "rms": size(x), "held-out layer 1": acc(rest), "its rms": size(rest)})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("guidance", type=float, nargs="?", default=1.0, help="sdedit's guidance weight")
+    ap.add_argument("--scale", default=None, help="the scale diagnostic at these guidance weights, e.g. 0,0.5,1")
+    ap.add_argument("-n", type=int, default=10, help="generated networks per weight (scale)")
+    args = ap.parse_args(argv)
+    run = pdiff.open_run(args.run, model=None)
+    state = torch.load(args.model, weights_only=False)
+    kept = {k: v for k, v in state["settings"].items() if k in N.NeuronGenerator.DEFAULTS}
+    gen = N.NeuronGenerator(run.layout, **(N.NeuronGenerator.DEFAULTS | kept), net=run.net, in_shape=run.prep.shape)
     gen.load_state_dict(state)
     held = run.snapshots[run.held_out]
-    acc = lambda s: statistics.median(pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, s,
-                                                                    run.data.x_test, run.data.y_test)).tolist())
+    acc = lambda s: round(statistics.median(pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, s,
+                                                                          run.data.x_test, run.data.y_test)).tolist()), 2)
+    if args.scale is not None:
+        print("tensors:", ", ".join(run.layout.names))
+        rows = scale(run, gen, acc, [float(w) for w in args.scale.split(",")], args.n)
+        for row in rows:
+            print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        return rows
     print(f"held-out {acc(held):.2f}")
     for t0 in [0.0, 0.1, 0.2, 0.4, 0.7, 1.0]:
         t1 = time.perf_counter()
         g = torch.Generator().manual_seed(5)
         first = sdedit_first(gen, held, t0, g) if t0 else held
-        rest = gen.sample(len(held), torch.Generator().manual_seed(3), given=first, start=1, guidance=w)
+        rest = gen.sample(len(held), torch.Generator().manual_seed(3), given=first, start=1, guidance=args.guidance)
         print(f"t0 {t0}: own later layers {acc(first):.2f}; later layers generated {acc(rest):.2f} "
               f"({time.perf_counter() - t1:.0f} s)", flush=True)
 

@@ -2404,10 +2404,13 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
     t0 = time.perf_counter()
-    rows = nm.main(["--run", str(run), "--rank"])
+    rows = nm.main(["--run", str(run), "--rank", "--set", "calibrate=bias"])
     assert time.perf_counter() - t0 < 60
     table = capsys.readouterr().out
     assert "| generated (neurons) | 10 |" in table and "| REPAIR'd average of 16" in table
+    for plain in ("average of 16", "ensemble"):  # the blends given the same output-bias calibration: still blends
+        assert rows[f"{plain}, calibrated"]["n"] == rows[plain if plain[0] == "a" else "ensemble (weight average)"]["n"]
+    assert rows["average of 16, calibrated"]["label"] == "averaging"
     r = rows["generated (neurons)"]["rank"]  # the diagnostic: thirds of the 10 generated networks, 3 each
     assert r["n"] == 10 and "rank (diagnostic, 10 networks)" in table
     assert all(0 <= r[k] <= 100 for k in ("probes", "validation", "random")) and (r["rho"] != r["rho"] or -1 <= r["rho"] <= 1)

@@ -1229,6 +1229,10 @@ def main(argv=None):
         avg = torch.stack([x_train[p].mean(0) for p in picks])
         rows[f"average of {m}"] = judge(alike(avg))
         rows["ensemble (weight average)"] = judge(alike(x_train.mean(0, keepdim=True)))
+        if gen.settings["calibrate"]:  # the blends given the generated networks' output-bias calibration too
+            cal = Probes.load(gen.graph, gen.stats["probes"]).calibrate
+            rows[f"average of {m}, calibrated"] = judge(alike(cal(avg)))
+            rows["ensemble, calibrated"] = judge(alike(cal(x_train.mean(0, keepdim=True))))
         if not gen.graph.conv:  # (repair() reads an MLP's layers; convolutions: not yet)
             xr = repair_inputs(run, seed=args.seed)
             rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(

@@ -2408,8 +2408,8 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     assert time.perf_counter() - t0 < 60
     table = capsys.readouterr().out
     assert "| generated (neurons) | 10 |" in table and "| REPAIR'd average of 16" in table
-    for plain in ("average of 16", "ensemble"):  # the blends given the same output-bias calibration: still blends
-        assert rows[f"{plain}, calibrated"]["n"] == rows[plain if plain[0] == "a" else "ensemble (weight average)"]["n"]
+    for cal, plain in (("average of 16", "average of 16"), ("ensemble", "ensemble (weight average)")):
+        assert rows[f"{cal}, calibrated"]["n"] == rows[plain]["n"]  # the blends given the same calibration
     assert rows["average of 16, calibrated"]["label"] == "averaging"
     r = rows["generated (neurons)"]["rank"]  # the diagnostic: thirds of the 10 generated networks, 3 each
     assert r["n"] == 10 and "rank (diagnostic, 10 networks)" in table
@@ -2518,11 +2518,13 @@ def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
     """convnet3 through pdiff: the generator is handed the network (its functional loss and probes run it), its
     file reopens with the network, and sample judges aligned, finite networks of the collection's layout."""
     run = tmp_path / "conv"
-    assert cli("collect", "--run", run, "--arch", "convnet3", "--width", 4, "--networks", 12, "--epochs", 2).exit_code == 0
+    r = cli("collect", "--run", run, "--arch", "convnet3", "--width", 4, "--networks", 12, "--epochs", 2)
+    assert r.exit_code == 0, r.output
     gen = tmp_path / "tiny.py"
-    gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\nfrom neurons import Neurons\n\n\n"
-                   "class Tiny(Neurons):\n    DEFAULTS = {**Neurons.DEFAULTS, 'width': 16, 'edge_width': 8, 'depth': 2, "
-                   "'steps': 20, 'batch': 4, 'sample_steps': 5}\n")  # func 5 and calibrate bias: both run the net
+    gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\n"
+                   "from neurons import ConvNeurons\n\n\nclass Tiny(ConvNeurons):\n"
+                   "    DEFAULTS = {**ConvNeurons.DEFAULTS, 'width': 16, 'edge_width': 8, 'depth': 2, 'steps': 20, "
+                   "'batch': 4, 'sample_steps': 5, 'func': 1.0}\n")  # the functional loss and the probes run the net
     r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny")
     assert r.exit_code == 0, r.output
     out = tmp_path / "s.safetensors"

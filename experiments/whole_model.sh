@@ -7,7 +7,8 @@
 #   bash experiments/whole_model.sh     (digits: mlp3 w32 / w128 / w512, convnet3, LeNet-5 at 28 px, ResNet-BN 32/64;
 #                                        N = 32; SCALE=paper: convnet3 on CIFAR-10, N = 200)
 #   ONLY="mlp3 w32,LeNet-5"            (those rows only)
-#   GENERATOR=experiments/neurons.py:Neurons ONLY="mlp3 w32,mlp3 w128"   (another generator: the neuron generator)
+#   GENERATOR=experiments/neurons.py:Neurons ONLY="mlp3 w32,mlp3 w128"   (another generator: the neuron generator;
+#   GENERATOR=experiments/neurons.py:ConvNeurons ONLY=convnet3             its recipe measured on convolutions)
 source "$(dirname "$0")/common.sh"
 ex="$here/../examples"
 declare -A ARCH=(["mlp3 w32"]="--arch mlp3" ["mlp3 w128"]="--arch mlp3 --width 128" ["mlp3 w512"]="--arch mlp3 --width 512"

@@ -2367,6 +2367,11 @@ def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     fitted = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers",
                                 func=1.0).fit(x)
     assert fitted.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
+    # func_from 1: hidden layer 1 is learnt without it (a first-layer fit is then the plain one), the rest with it
+    first = lambda **k: nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4,
+                                           mode="layers", learn="first", **k).fit(x).ema.state_dict().values()
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a, b))
+    assert same(first(func=1.0, func_from=1), first()) and not same(first(func=1.0), first())
 
 
 def test_repair_matches_the_parents_mean_statistics_hand_checked():

@@ -295,7 +295,7 @@ class NeuronGenerator(Saved):
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
                     exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
-                    auto_temperature=False, autoguidance=0.0, learn="all", rescale=0.0, seed=0)
+                    auto_temperature=False, autoguidance=0.0, learn="all", rescale=0.0, func_from=0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
                  heads: int = 4, steps: int = 3000, batch: int = 32, lr: float = 1e-3, ema: float = 0.999,
@@ -304,7 +304,8 @@ class NeuronGenerator(Saved):
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
                  exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
                  auto_temperature: bool = False, autoguidance: float = 0.0, learn: str = "all",
-                 rescale: float = 0.0, seed: int = 0, net: nn.Module = None, in_shape: tuple = None):
+                 rescale: float = 0.0, func_from: int = 0, seed: int = 0, net: nn.Module = None,
+                 in_shape: tuple = None):
         """mode: joint (every layer denoised at once) or layers (hidden layer 1, then layer 2 given layer 1, ...:
         each group learnt with the groups before it clean). drop (layers): the share of training cases in which
         the layers before are pure noise instead, so that sample() can guide each layer toward the ones before it
@@ -343,6 +344,8 @@ class NeuronGenerator(Saved):
         drawn anew under the ReLU's scale symmetry (Graph.rescale, log-factors of spread `rescale`): the same
         functions, so that a later layer is learnt for many more first layers than the training networks have
         (the first layer's own distribution widens with it: Neurons' first-layer model keeps 0).
+        func_from (mode layers): the first group the functional loss applies to (0: every one; 1: the layers after
+        hidden layer 1, whose size it inflates on convolutions, E39).
         net, in_shape: the network and one input's shape, which a convolutional network's forward needs (Graph)."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
@@ -358,7 +361,7 @@ class NeuronGenerator(Saved):
                              exposure_share=exposure_share, exposure_t=exposure_t,
                              exposure_target=exposure_target, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
-                             autoguidance=autoguidance, learn=learn, rescale=rescale, seed=seed)
+                             autoguidance=autoguidance, learn=learn, rescale=rescale, func_from=func_from, seed=seed)
         torch.manual_seed(seed)
         self.net = NeuronDenoiser(self.graph, width=width, edge_width=edge_width, depth=depth, heads=heads,
                                   products=products)
@@ -500,7 +503,7 @@ class NeuronGenerator(Saved):
                 pred = self.net(*pick(xt), t[rows, :P])
                 a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
                 se, count = se + a, count + b
-                if cfg["func"]:
+                if cfg["func"] and s >= cfg["func_from"]:
                     fl = fl + self.functional(parts0, xt, pred, t, rows, s, g, want=own if cfg[
                         "exposure_target"] == "function" else parts0) * len(rows) / B
             if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:

@@ -2529,7 +2529,7 @@ def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
     gen.write_text(f"import sys\nsys.path.insert(0, {str(HERE / 'experiments')!r})\n"
                    "from neurons import ConvNeurons\n\n\nclass Tiny(ConvNeurons):\n"
                    "    DEFAULTS = {**ConvNeurons.DEFAULTS, 'width': 16, 'edge_width': 8, 'depth': 2, 'steps': 20, "
-                   "'batch': 4, 'sample_steps': 5, 'func': 1.0}\n")  # the functional loss and the probes run the net
+                   "'batch': 4, 'sample_steps': 5}\n")  # the functional loss (layers 2 on) and the probes run the net
     r = cli("fit", "--run", run, "--generator", f"{gen}:Tiny")
     assert r.exit_code == 0, r.output
     out = tmp_path / "s.safetensors"

@@ -1099,6 +1099,15 @@ def judge_group(run, ruler, path, sets, ref, near):
                   "near_copies": (m["nearest_ratio"] < near).double().mean().item() if ok else math.nan}
 
 
+def load_generator(run: pdiff.Run, file: Path, **changed) -> NeuronGenerator:
+    """A generator saved by --save-model, as it was fitted (`changed` aside), for the run's network."""
+    state = torch.load(file, weights_only=False)
+    kept = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
+    gen = NeuronGenerator(run.layout, **(kept | changed), net=run.net, in_shape=run.prep.shape)
+    gen.load_state_dict(state)
+    return gen
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, type=Path)
@@ -1163,12 +1172,7 @@ def main(argv=None):
         "near_copies": None}
     judge = lambda sets: judge_group(run, ruler, path, sets, (m_held, n_held), near)
 
-    def load(file: Path, **changed) -> NeuronGenerator:  # a saved generator as it was fitted, `changed` aside
-        state = torch.load(file, weights_only=False)
-        kept = {k: v for k, v in state["settings"].items() if k in NeuronGenerator.DEFAULTS}  # (older files')
-        other = NeuronGenerator(run.layout, **(kept | changed), net=run.net, in_shape=run.prep.shape)
-        other.load_state_dict(state)
-        return other
+    load = lambda file, **changed: load_generator(run, file, **changed)
 
     if args.load_model:
         sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",

@@ -66,10 +66,7 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=10, help="generated networks per weight (scale)")
     args = ap.parse_args(argv)
     run = pdiff.open_run(args.run, model=None)
-    state = torch.load(args.model, weights_only=False)
-    kept = {k: v for k, v in state["settings"].items() if k in N.NeuronGenerator.DEFAULTS}
-    gen = N.NeuronGenerator(run.layout, **(N.NeuronGenerator.DEFAULTS | kept), net=run.net, in_shape=run.prep.shape)
-    gen.load_state_dict(state)
+    gen = N.load_generator(run, args.model)
     held = run.snapshots[run.held_out]
     acc = lambda s: round(statistics.median(pdiff.accuracy(pdiff.evaluate(run.net, run.prep, run.layout, s,
                                                                           run.data.x_test, run.data.y_test)).tolist()), 2)

@@ -2291,15 +2291,20 @@ def test_neuron_rescale_keeps_each_networks_function():
     assert gen.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
 
 
+def tiny_convnet() -> tuple:
+    """A two-convolution chain on 1x6x6 inputs (4 then 5 channels, a Linear to 3 classes) and its layout."""
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    return net, pdiff.select_params(net, "all")
+
+
 def test_neuron_graph_of_a_convnet_holds_its_kernels_and_computes_the_network():
     """Convolutions: a channel is a unit, its layer-1 kernel is in its token, the kernels between two layers' channels
     are edge vectors; the graph round-trips, forward() is the network's own output, the ReLU's symmetries keep it,
     the denoiser is equivariant to permuting channels, and a fit with the functional loss and probes samples."""
     nm = neurons_module()
-    nn = torch.nn
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
-    layout = pdiff.select_params(net, "all")
+    net, layout = tiny_convnet()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, layout.D, generator=g) * 0.5
     graph = nm.Graph(layout, net, (1, 6, 6))
@@ -2330,6 +2335,7 @@ def test_neuron_graph_of_a_convnet_holds_its_kernels_and_computes_the_network():
     assert gen.stats["probes"]["x"].shape == (2000, 1, 6, 6)
     s = gen.sample(3, torch.Generator().manual_seed(1), steps=3)
     assert s.shape == (3, layout.D) and s.isfinite().all()
+    nn = torch.nn
     flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))  # reads whole maps
     with pytest.raises(ValueError, match="chain of Linear or Conv2d"):
         nm.Graph(pdiff.select_params(flat, "all"))
@@ -2395,12 +2401,31 @@ def test_repair_of_a_deeper_blend_matches_every_hidden_layers_target():
     parents, x = torch.randn(3, layout.D, generator=g), torch.randn(200, 5, generator=g)
     fixed = nm.repair(parents.mean(0), parents, layout, x)
     for l in (0, 1):  # each hidden layer's units: mean and std equal the parents' average, later layers included
-        z = torch.stack([nm.mlp_forward(layout, layout.unflatten(p), x, l) for p in parents])
-        got = nm.mlp_forward(layout, layout.unflatten(fixed), x, l)
+        z = torch.stack([nm.pre_activations(layout, layout.unflatten(p), x, l) for p in parents])
+        got = nm.pre_activations(layout, layout.unflatten(fixed), x, l)
         assert torch.allclose(got.mean(0), z.mean(1).mean(0), atol=1e-5)
         assert torch.allclose(got.std(0), z.std(1).mean(0), atol=1e-5)
-    plain = nm.mlp_forward(layout, layout.unflatten(parents.mean(0)), x, 1)
+    plain = nm.pre_activations(layout, layout.unflatten(parents.mean(0)), x, 1)
     assert not torch.allclose(plain.std(0), z.std(1).mean(0), atol=1e-2)  # the plain blend's did not
+
+
+def test_repair_of_a_convnet_blend_matches_every_channels_target():
+    """Convolutions: a channel's statistics are over every image and position, read from the network itself."""
+    nm = neurons_module()
+    net, layout = tiny_convnet()
+    g = torch.Generator().manual_seed(0)
+    parents, x = torch.randn(3, layout.D, generator=g) * 0.5, torch.randn(50, 1, 6, 6, generator=g)
+    fixed = nm.repair(parents.mean(0), parents, layout, x, net)
+    for l, n in ((0, 4), (1, 5)):
+        z = torch.stack([nm.pre_activations(layout, layout.unflatten(p), x, l, net) for p in parents])
+        got = nm.pre_activations(layout, layout.unflatten(fixed), x, l, net)
+        assert got.shape == (50 * (36 if l == 0 else 9), n)  # 6x6 maps, then 3x3 after pooling
+        assert torch.allclose(got.mean(0), z.mean(1).mean(0), atol=1e-5)
+        assert torch.allclose(got.std(0), z.std(1).mean(0), atol=1e-5)
+    layout.load(net, parents[0])  # the caught output is the first convolution's own
+    assert torch.allclose(nm.pre_activations(layout, layout.unflatten(parents[0]), x, 0, net),
+                          net[0](x).transpose(0, 1).flatten(1).T)
+    assert torch.equal(layout.unflatten(fixed)["7.weight"], layout.unflatten(parents.mean(0))["7.weight"])
 
 
 def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):

@@ -1021,43 +1021,54 @@ def _se(pred, target, weight) -> tuple:
 # REPAIR (Jordan et al., arXiv 2211.08403): a blend's hidden units rescaled to their parents' statistics
 
 
-def mlp_forward(layout: pdiff.Layout, p: dict, x: torch.Tensor, upto: int = None) -> torch.Tensor:
-    """An MLP given as a parameter dict (layer_pairs order, ReLU between layers) on inputs x (N, n_in) ->
-    logits, or the pre-activations of layer `upto` (N, n_upto)."""
-    pairs, h = layer_pairs(layout), x
-    for l, (w, b) in enumerate(pairs):
-        z = h @ p[w].T + p[b]
-        if l == upto:
-            return z
-        h = z.relu()
-    return z
+def pre_activations(layout: pdiff.Layout, p: dict, x: torch.Tensor, l: int, net: nn.Module = None) -> torch.Tensor:
+    """Layer l's pre-activations, one column per unit: an MLP given as a parameter dict (layer_pairs order, ReLU
+    between layers) on flat inputs x (N, n_in) -> (N, n_l); or, given the network itself (convolutions), its layer
+    l's output caught on the way (N, n_l, *map) -> (N * positions, n_l), every position of a channel a sample."""
+    pairs = layer_pairs(layout)
+    if net is None:
+        h = x
+        for w, b in pairs[:l]:
+            h = (h @ p[w].T + p[b]).relu()
+        return h @ p[pairs[l][0]].T + p[pairs[l][1]]
+    seen = []
+    hook = net.get_submodule(pairs[l][0].rpartition(".")[0]).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        torch.func.functional_call(net, p, (x,))
+    finally:
+        hook.remove()
+    return seen[0].transpose(0, 1).flatten(1).T
 
 
 @torch.no_grad()
-def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor) -> torch.Tensor:
-    """REPAIR one blend (D,) of aligned parents (m, D) on inputs x (N, n_in) (a few training batches, prepped):
-    layer by layer, each hidden unit's pre-activation is shifted and scaled (its incoming weights and bias) so its
-    mean and std on x equal the mean of its parents' means and stds. Later layers see the repaired earlier ones.
-    The output layer is left as it is. -> (D,)."""
+def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor,
+           net: nn.Module = None) -> torch.Tensor:
+    """REPAIR one blend (D,) of aligned parents (m, D) on inputs x (a few training batches, prepped; flat for an
+    MLP, images with `net`, the network, for convolutions): layer by layer, each hidden unit's pre-activation is
+    shifted and scaled (its incoming weights and bias) so its mean and std on x equal the mean of its parents' means
+    and stds (a channel's over every position). Later layers see the repaired earlier ones. The output layer is left
+    as it is. -> (D,)."""
     pairs = layer_pairs(layout)
     q = layout.unflatten(blend.clone())
     ps = [layout.unflatten(v) for v in parents]
     for l, (w, b) in enumerate(pairs[:-1]):
-        zs = torch.stack([mlp_forward(layout, p, x, l) for p in ps])  # (m, N, n_l)
+        zs = torch.stack([pre_activations(layout, p, x, l, net) for p in ps])  # (m, N, n_l)
         mu_t, sd_t = zs.mean(1).mean(0), zs.std(1).mean(0)  # the target: the parents' mean statistics
-        z = mlp_forward(layout, q, x, l)
+        z = pre_activations(layout, q, x, l, net)
         mu, sd = z.mean(0), z.std(0)
         s = sd_t / sd.clamp_min(1e-8)
-        q[w] = q[w] * s[:, None]
+        q[w] = q[w] * s.view(-1, *[1] * (q[w].dim() - 1))
         q[b] = (q[b] - mu) * s + mu_t
     return layout.pack(q)
 
 
-def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0) -> torch.Tensor:
-    """n training images (seeded pick), prepped and flattened: the `few training batches` REPAIR reads."""
+def repair_inputs(run: pdiff.Run, n: int = 500, seed: int = 0, flat: bool = True) -> torch.Tensor:
+    """n training images (seeded pick), prepped (and flattened, for an MLP): the `few training batches` REPAIR
+    reads."""
     idx = torch.randperm(len(run.data.y_train), generator=torch.Generator().manual_seed(seed))[:n]
     with torch.no_grad():
-        return run.prep(run.data.x_train[idx]).flatten(1)
+        x = run.prep(run.data.x_train[idx])
+    return x.flatten(1) if flat else x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1250,10 +1261,10 @@ def main(argv=None):
             cal = Probes.load(gen.graph, gen.stats["probes"]).calibrate
             rows[f"average of {m}, calibrated"] = judge(alike(cal(avg)))
             rows["ensemble, calibrated"] = judge(alike(cal(x_train.mean(0, keepdim=True))))
-        if not gen.graph.conv:  # (repair() reads an MLP's layers; convolutions: not yet)
-            xr = repair_inputs(run, seed=args.seed)
-            rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
-                torch.stack([repair(a, x_train[p], run.layout, xr) for a, p in zip(avg, picks)])))
+        net = gen.graph.net if gen.graph.conv else None  # convolutions: the network itself gives the statistics
+        xr = repair_inputs(run, seed=args.seed, flat=net is None)
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
+            torch.stack([repair(a, x_train[p], run.layout, xr, net) for a, p in zip(avg, picks)])))
         sd = x_train.std(0)
         rows["gaussian (per coordinate)"] = judge(alike(
             x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))

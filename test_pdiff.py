@@ -2433,10 +2433,9 @@ def test_neurons_quick_comparison_end_to_end(tmp_path, monkeypatch, capsys):
     run = tmp_path / "seeds"
     assert cli("collect", "--run", run, "--networks", 24, "--epochs", 5).exit_code == 0
     monkeypatch.setenv("QUICK", "1")
-    t0 = time.perf_counter()
     rows = nm.main(["--run", str(run), "--rank", "--set", "calibrate=bias"])
-    assert time.perf_counter() - t0 < 60
     table = capsys.readouterr().out
+    assert "'width': 32, 'edge_width': 8, 'depth': 2" in table and "'steps': 60" in table  # QUICK's tiny settings
     assert "| generated (neurons) | 10 |" in table and "| REPAIR'd average of 16" in table
     for cal, plain in (("average of 16", "average of 16"), ("ensemble", "ensemble (weight average)")):
         assert rows[f"{cal}, calibrated"]["n"] == rows[plain]["n"]  # the blends given the same calibration

@@ -2341,6 +2341,39 @@ def test_neuron_graph_of_a_convnet_holds_its_kernels_and_computes_the_network():
         nm.Graph(pdiff.select_params(flat, "all"))
 
 
+def test_neuron_fit_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    """A fit killed after its second checkpoint and run again ends where the uninterrupted fit ends, bit for bit
+    (the functional loss's targets, the training networks' logits, are computed once and are the same)."""
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    x = torch.randn(8, layout.D, generator=torch.Generator().manual_seed(0))
+    make = lambda: nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=7, batch=4,
+                                      mode="layers", func=1.0, drop=0.1)
+    whole = make()
+    whole.fit(x)
+    ck, saves, replace = tmp_path / "fit.ck", [], nm.os.replace
+
+    def killed(a, b):  # the checkpoint is written, then the process dies
+        replace(a, b)
+        saves.append(b)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nm.os, "replace", killed)
+    monkeypatch.setattr(nm.NeuronGenerator._train, "__defaults__", (None, None, 0.0, None, 2))  # every 2 steps
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(x, checkpoint=ck)
+    assert torch.load(ck, weights_only=False)["step"] == 3 and not Path(f"{ck}.tmp").exists()
+    resumed = make()
+    resumed.fit(x, checkpoint=ck)
+    assert len(saves) == 3  # one more checkpoint (step 5), then the end
+    for a, b in zip(whole.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    other = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=9, batch=4, mode="layers")
+    with pytest.raises(ValueError, match="another fit's checkpoint"):
+        other.fit(x, checkpoint=ck)
+
+
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():
     nm = neurons_module()
     layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)

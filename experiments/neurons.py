@@ -417,13 +417,14 @@ class NeuronGenerator(Saved):
                                [e * sd + m for e, (m, sd) in zip(edges, s["edges"])],
                                glob * s["glob"][1] + s["glob"][0])
 
-    def fit(self, originals: torch.Tensor, progress=None) -> "NeuronGenerator":
-        """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then."""
+    def fit(self, originals: torch.Tensor, progress=None, checkpoint: Path = None) -> "NeuronGenerator":
+        """originals (K, D): the training networks' raw parameters. progress(step, loss) is called now and then.
+        checkpoint: a file the training writes now and then and resumes from (see _train)."""
         cfg = self.settings
         self.set_stats(originals)
         if cfg["calibrate"] or cfg["func"]:
             self.stats["probes"] = Probes(self.graph, seed=cfg["seed"]).fit(originals).state()
-        self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress)
+        self._train(originals, cfg["steps"], cfg["lr"], cfg["seed"], progress, checkpoint=checkpoint)
         if cfg["exposure_steps"] and cfg["mode"] == "layers":
             self.exposure(originals, progress)
         if cfg["auto_temperature"]:
@@ -456,9 +457,12 @@ class NeuronGenerator(Saved):
             y = _map2(lambda a, u: a - dt.view(-1, *[1] * (a.dim() - 1)) * u, y, v)
         return self.decode(*_put(parts, y, 1, H))
 
-    def _train(self, originals, steps: int, lr: float, seed: int, progress=None, pool=None, share: float = 0.0):
+    def _train(self, originals, steps: int, lr: float, seed: int, progress=None, pool=None, share: float = 0.0,
+               checkpoint: Path = None, every: int = 250):
         """pool (K, C, D): other versions of each network's hidden layer 1 (exposure); with probability `share`
-        a network learning a later layer sees one of them in place of its own."""
+        a network learning a later layer sees one of them in place of its own. checkpoint: every `every` steps the
+        training's whole state (models, optimiser, schedule, random stream) goes to this file; a file there from
+        the same settings and networks is resumed from, and the result is the uninterrupted run's."""
         cfg = self.settings
         x0 = self.encode(originals)
         K = len(originals)
@@ -470,7 +474,26 @@ class NeuronGenerator(Saved):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(1.0, s / total)))))
         H = self.graph.L - 1
-        for step in range(steps):
+        logits = None  # the training networks' logits on every probe input, the functional loss's targets: a
+        if cfg["func"] and pool is None:  # network's own function (no exposure swap), computed once
+            pr = Probes.load(self.graph, self.stats["probes"])
+            with torch.no_grad():
+                logits = torch.cat([pr.forward(c, pr.x) for c in originals.split(8)])
+        start, key = 0, {"settings": dict(self.settings), "steps": steps, "originals": originals.sum().item()}
+        if checkpoint and Path(checkpoint).exists():
+            saved = torch.load(checkpoint, weights_only=False)
+            if saved["key"] != key:
+                raise ValueError(f"{checkpoint} is another fit's checkpoint (other settings or networks)")
+            for m, k in ((self.net, "net"), (self.ema, "ema"), (opt, "opt"), (sched, "sched")):
+                m.load_state_dict(saved[k])
+            g.set_state(saved["g"])
+            start = saved["step"] + 1
+        for step in range(start, steps):
+            if checkpoint and step > start and step % every == 0:
+                state = {"key": key, "step": step - 1, "g": g.get_state(), "net": self.net.state_dict(),
+                         "ema": self.ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+                torch.save(state, f"{checkpoint}.tmp")
+                os.replace(f"{checkpoint}.tmp", checkpoint)  # never a half-written checkpoint
             idx = torch.randint(0, K, (cfg["batch"],), generator=g)
             B = cfg["batch"]
             t = torch.rand(B, generator=g)[:, None].expand(B, H).clone()  # (B, H): joint, one time for all
@@ -504,8 +527,9 @@ class NeuronGenerator(Saved):
                 a, b = _se(pred, pick(target), _first(self.per_part(weight[rows]), P, H))
                 se, count = se + a, count + b
                 if cfg["func"] and s >= cfg["func_from"]:
-                    fl = fl + self.functional(parts0, xt, pred, t, rows, s, g, want=own if cfg[
-                        "exposure_target"] == "function" else parts0) * len(rows) / B
+                    want = logits[idx] if logits is not None else own if cfg[
+                        "exposure_target"] == "function" else parts0
+                    fl = fl + self.functional(parts0, xt, pred, t, rows, s, g, want=want) * len(rows) / B
             if cfg["mode"] == "layers" and cfg["first_batch"]:  # more networks for hidden layer 1 alone (cheap:
                 rows = torch.randint(0, K, (cfg["first_batch"],), generator=g)  # its tokens only)
                 t1 = torch.rand(len(rows), 1, generator=g)
@@ -522,7 +546,8 @@ class NeuronGenerator(Saved):
     def functional(self, parts0, xt, pred, t, rows, s: int, g: torch.Generator, want=None) -> torch.Tensor:
         """The functional loss (see __init__, func) of the networks `rows` learning group s (joint: s = H - 1 and
         every group predicted): their logits on probe inputs with group s (joint: all) from the predicted x_0,
-        against the networks `want` (default parts0: the networks themselves)."""
+        against the networks `want` (default parts0: the networks themselves; or a tensor (B, every probe input,
+        n_out): their logits)."""
         H, P = self.graph.L - 1, s + 1
         joint = self.settings["mode"] == "joint"
         x0_hat = _map3(lambda a, v, tt: a - tt * v, _first(_index(xt, rows), P, H), pred,
@@ -535,9 +560,10 @@ class NeuronGenerator(Saved):
                 edg[l - 1] = x0_hat[1][l - 1]
         glob = x0_hat[2] if P == H else true[2]
         pr = Probes.load(self.graph, self.stats["probes"])
-        inputs = pr.x[torch.randint(0, len(pr.x), (256,), generator=g)]
-        got = pr.forward(self.decode(tok, edg, glob), inputs)
-        want = pr.forward(self.decode(*_index(parts0 if want is None else want, rows)), inputs)
+        pick = torch.randint(0, len(pr.x), (256,), generator=g)
+        got = pr.forward(self.decode(tok, edg, glob), pr.x[pick])
+        want = want[rows][:, pick] if torch.is_tensor(want) else \
+            pr.forward(self.decode(*_index(parts0 if want is None else want, rows)), pr.x[pick])
         seen = (t[rows, :s] < 1).all(1).float() if s else torch.ones(len(rows))  # earlier layers not dropped
         err = (got - want).square().mean((1, 2)) / want.var((1, 2)).clamp_min(1e-8)
         return ((1 - t[rows, s]) * seen * err).mean()
@@ -1132,6 +1158,8 @@ def main(argv=None):
                     "do not change between generators)")
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="the fit's state goes to this file every 250 "
+                    "steps; run the same command again to resume from it (it is removed when the fit ends)")
     ap.add_argument("--load-model", type=Path, default=None, help="a saved generator instead of fitting one "
                     "(--set then changes sampling settings only: sample_steps, guidance, eta, temperature, ...; and "
                     "exposure_steps fine-tunes it)")
@@ -1207,8 +1235,13 @@ def main(argv=None):
     else:
         gen = NeuronGenerator(run.layout, seed=args.seed, **settings, net=run.net, in_shape=run.prep.shape)
         t0 = time.perf_counter()
-        gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None)
+        gen.fit(x_train, progress=lambda s, l: print(f"step {s} loss {l:.4f}", file=sys.stderr) if not quick else None,
+                checkpoint=args.checkpoint)
         fit_s = time.perf_counter() - t0
+        if args.save_model:
+            torch.save(gen.state_dict(), args.save_model)
+        if args.checkpoint:
+            args.checkpoint.unlink(missing_ok=True)
     if args.whole_temperature:  # whole networks as far from the training networks' mean as an independent one: the
         K = len(train)  # training networks' own distance (to a mean they are part of) times sqrt((K + 1) / (K - 1))
         dist = lambda x: pdiff.products(pdiff.align_to(x, ref_vec, run.layout, spec), ruler.originals, ruler.mean,

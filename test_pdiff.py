@@ -2440,6 +2440,9 @@ def test_repair_of_a_deeper_blend_matches_every_hidden_layers_target():
         assert torch.allclose(got.std(0), z.std(1).mean(0), atol=1e-5)
     plain = nm.pre_activations(layout, layout.unflatten(parents.mean(0)), x, 1)
     assert not torch.allclose(plain.std(0), z.std(1).mean(0), atol=1e-2)  # the plain blend's did not
+    many = torch.cat([parents, torch.randn(2, layout.D, generator=g)])  # the parents' statistics, read once among
+    stats = [(mu[:3], sd[:3]) for mu, sd in nm.unit_stats(many, layout, x)]  # other networks', give the same blend
+    assert torch.allclose(nm.repair(parents.mean(0), parents, layout, x, stats=stats), fixed, atol=1e-6)
 
 
 def test_repair_of_a_convnet_blend_matches_every_channels_target():

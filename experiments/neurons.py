@@ -1067,19 +1067,27 @@ def pre_activations(layout: pdiff.Layout, p: dict, x: torch.Tensor, l: int, net:
 
 
 @torch.no_grad()
+def unit_stats(networks: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor, net: nn.Module = None) -> list:
+    """Each hidden layer's (means, stds) of its units' pre-activations on x, (m, n_l) each, for networks (m, D)."""
+    zs = [[pre_activations(layout, layout.unflatten(v), x, l, net) for v in networks]
+          for l in range(len(layer_pairs(layout)) - 1)]
+    return [(torch.stack([z.mean(0) for z in zl]), torch.stack([z.std(0) for z in zl])) for zl in zs]
+
+
+@torch.no_grad()
 def repair(blend: torch.Tensor, parents: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor,
-           net: nn.Module = None) -> torch.Tensor:
+           net: nn.Module = None, stats: list = None) -> torch.Tensor:
     """REPAIR one blend (D,) of aligned parents (m, D) on inputs x (a few training batches, prepped; flat for an
     MLP, images with `net`, the network, for convolutions): layer by layer, each hidden unit's pre-activation is
     shifted and scaled (its incoming weights and bias) so its mean and std on x equal the mean of its parents' means
     and stds (a channel's over every position). Later layers see the repaired earlier ones. The output layer is left
-    as it is. -> (D,)."""
+    as it is. stats: the parents' unit_stats, where the caller has them (a parent's are the same in every blend).
+    -> (D,)."""
     pairs = layer_pairs(layout)
     q = layout.unflatten(blend.clone())
-    ps = [layout.unflatten(v) for v in parents]
+    stats = stats or unit_stats(parents, layout, x, net)
     for l, (w, b) in enumerate(pairs[:-1]):
-        zs = torch.stack([pre_activations(layout, p, x, l, net) for p in ps])  # (m, N, n_l)
-        mu_t, sd_t = zs.mean(1).mean(0), zs.std(1).mean(0)  # the target: the parents' mean statistics
+        mu_t, sd_t = stats[l][0].mean(0), stats[l][1].mean(0)  # the target: the parents' mean statistics
         z = pre_activations(layout, q, x, l, net)
         mu, sd = z.mean(0), z.std(0)
         s = sd_t / sd.clamp_min(1e-8)
@@ -1296,8 +1304,9 @@ def main(argv=None):
             rows["ensemble, calibrated"] = judge(alike(cal(x_train.mean(0, keepdim=True))))
         net = gen.graph.net if gen.graph.conv else None  # convolutions: the network itself gives the statistics
         xr = repair_inputs(run, seed=args.seed, flat=net is None)
-        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(
-            torch.stack([repair(a, x_train[p], run.layout, xr, net) for a, p in zip(avg, picks)])))
+        st = unit_stats(x_train, run.layout, xr, net)  # each training network's, once
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(torch.stack([repair(
+            a, x_train[p], run.layout, xr, net, [(mu[p], sd[p]) for mu, sd in st]) for a, p in zip(avg, picks)])))
         sd = x_train.std(0)
         rows["gaussian (per coordinate)"] = judge(alike(
             x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))

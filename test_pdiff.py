@@ -2363,7 +2363,7 @@ def test_neuron_fit_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, mo
     monkeypatch.setattr(nm.NeuronGenerator._train, "__defaults__", (None, None, 0.0, None, 2))  # every 2 steps
     with pytest.raises(KeyboardInterrupt):
         make().fit(x, checkpoint=ck)
-    assert torch.load(ck, weights_only=False)["step"] == 3 and not Path(f"{ck}.tmp").exists()
+    assert torch.load(ck, weights_only=False)["step"] == 3
     resumed = make()
     resumed.fit(x, checkpoint=ck)
     assert len(saves) == 3  # one more checkpoint (step 5), then the end
@@ -2389,6 +2389,13 @@ def test_neuron_functional_loss_is_zero_for_the_true_velocity():
         rows, H = torch.arange(4), 2
         true_v = nm._first(nm._map2(lambda a, n: n - a, parts0, eps), 2, H)  # the velocity's target, layers 1 and 2
         assert gen.functional(parts0, xt, true_v, t, rows, 1, g).abs() < 1e-9  # x_0 recovered: the same function
+        pr = nm.Probes.load(gen.graph, gen.stats["probes"])  # the networks' logits on every probe, computed once
+        logits = pr.forward(gen.decode(*parts0), pr.x)  # (as _train does), give the loss that running them gives
+        state = g.get_state()
+        a = gen.functional(parts0, xt, nm._map(lambda v: v + 0.1, true_v), t, rows, 1, g)
+        g.set_state(state)
+        assert torch.allclose(gen.functional(parts0, xt, nm._map(lambda v: v + 0.1, true_v), t, rows, 1, g,
+                                             want=logits), a, rtol=1e-5) and a > 1e-4
         wrong = nm._map(lambda v: v + 0.5, true_v)
         loss = gen.functional(parts0, xt, wrong, t, rows, 1, g)
         assert loss > 1e-3  # another network, another function

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import os
 import sys
@@ -479,7 +480,8 @@ class NeuronGenerator(Saved):
             pr = Probes.load(self.graph, self.stats["probes"])
             with torch.no_grad():
                 logits = torch.cat([pr.forward(c, pr.x) for c in originals.split(8)])
-        start, key = 0, {"settings": dict(self.settings), "steps": steps, "originals": originals.sum().item()}
+        start, key = 0, {"settings": dict(self.settings), "steps": steps,
+                      "originals": hashlib.sha1(originals.contiguous().numpy().tobytes()).hexdigest()}
         if checkpoint and Path(checkpoint).exists():
             saved = torch.load(checkpoint, weights_only=False)
             if saved["key"] != key:
@@ -1069,9 +1071,10 @@ def pre_activations(layout: pdiff.Layout, p: dict, x: torch.Tensor, l: int, net:
 @torch.no_grad()
 def unit_stats(networks: torch.Tensor, layout: pdiff.Layout, x: torch.Tensor, net: nn.Module = None) -> list:
     """Each hidden layer's (means, stds) of its units' pre-activations on x, (m, n_l) each, for networks (m, D)."""
-    zs = [[pre_activations(layout, layout.unflatten(v), x, l, net) for v in networks]
-          for l in range(len(layer_pairs(layout)) - 1)]
-    return [(torch.stack([z.mean(0) for z in zl]), torch.stack([z.std(0) for z in zl])) for zl in zs]
+    ms = lambda z: torch.stack([z.mean(0), z.std(0)])  # reduced at once: a convnet's z is large
+    zs = [torch.stack([ms(pre_activations(layout, layout.unflatten(v), x, l, net)) for v in networks])
+          for l in range(len(layer_pairs(layout)) - 1)]  # (m, 2, n_l) a layer
+    return [(z[:, 0], z[:, 1]) for z in zs]
 
 
 @torch.no_grad()
@@ -1250,6 +1253,7 @@ def main(argv=None):
             torch.save(gen.state_dict(), args.save_model)
         if args.checkpoint:
             args.checkpoint.unlink(missing_ok=True)
+            Path(f"{args.checkpoint}.tmp").unlink(missing_ok=True)  # a kill while writing one leaves it
     if args.whole_temperature:  # whole networks as far from the training networks' mean as an independent one: the
         K = len(train)  # training networks' own distance (to a mean they are part of) times sqrt((K + 1) / (K - 1))
         dist = lambda x: pdiff.products(pdiff.align_to(x, ref_vec, run.layout, spec), ruler.originals, ruler.mean,

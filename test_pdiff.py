@@ -2317,6 +2317,9 @@ def test_neuron_graph_of_a_convnet_holds_its_kernels_and_computes_the_network():
         layout.load(net, v)
         want.append(net(inputs).detach())
     assert torch.allclose(graph.forward(x, inputs), torch.stack(want), atol=1e-5)  # the network itself
+    p = layout.unflatten(x)  # and what its output layer reads: the pooled last maps
+    assert torch.allclose(graph.features(x, inputs) @ p["7.weight"].transpose(-1, -2) + p["7.bias"][:, None],
+                          torch.stack(want), atol=1e-5)
     y = graph.rescale(x, 0.5, g)
     perms = [torch.tensor([2, 0, 3, 1]), torch.tensor([4, 1, 0, 3, 2])]
     for other in (y, graph.permute(x, perms)):
@@ -2516,6 +2519,28 @@ def test_probes_calibrate_the_output_bias_to_the_training_networks_mean_predicti
     assert torch.allclose(back["5.bias"], q["5.bias"] + 0.5, atol=1e-3)  # shift common to all classes (mean 0.5)
 
 
+def test_probes_readout_refits_the_output_layer_to_the_training_networks_answers():
+    """readout(): each network's output layer (only it) refitted to the training networks' mean prediction on each
+    probe input. Trained on one network, the probes' answers are its own: a copy of it with its output layer
+    scrambled gets back its predictions on every probe; a failed (NaN) network stays failed."""
+    nm = neurons_module()
+    layout = tiny_mlp_layout(n_in=5, h1=4, h2=3, out=3)
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, layout.D, generator=g)
+    pr = nm.Probes(nm.Graph(layout), m=12, steps=20, mixes=50).fit(one.expand(4, -1))
+    assert pr.soft.shape == (50, 3) and torch.allclose(pr.soft, pr.forward(one, pr.x)[0].softmax(-1), atol=1e-6)
+    assert torch.allclose(pr.target, pr.soft.mean(0)) and pr.state()["soft"] is pr.soft
+    scrambled = layout.unflatten(one.repeat(2, 1))
+    scrambled["5.weight"], scrambled["5.bias"] = torch.randn(2, 3, 3, generator=g), torch.randn(2, 3, generator=g)
+    x = torch.cat([layout.pack(scrambled, batch=1), torch.full((1, layout.D), float("nan"))])
+    assert (pr.forward(x[:2], pr.x).softmax(-1) - pr.soft).abs().max() > 0.1
+    r = pr.readout(x)
+    assert torch.allclose(pr.forward(r[:2], pr.x).softmax(-1), pr.soft.expand(2, -1, -1), atol=1e-3)
+    p, q = layout.unflatten(x), layout.unflatten(r)
+    assert all(torch.equal(p[k][:2], q[k][:2]) for k in layout.names if not k.startswith("5."))  # hidden layers kept
+    assert r[2].isnan().all() and torch.equal(pr.apply(x[:2], "bias"), pr.calibrate(x[:2]))
+
+
 def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     nm = neurons_module()
     run = tmp_path / "seeds"
@@ -2533,6 +2558,11 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert all(len(r["rms"]) == 6 and 0.5 < r["rms"][0] < 2 for r in diag)  # mlp3: 3 weights, 3 biases
     assert all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "calibrated", "held-out layer 1"))
     assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
+    # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
+    rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])
+    assert rows["REPAIR'd average of 16, calibrated [data: 500 training images]"]["n"] == \
+        rows["average of 16, calibrated"]["n"] == rows["generated (neurons)"]["n"] == 4
+    assert rows["generated (neurons)"]["median"] != rows["generated, not calibrated"]["median"]
     # --min-accuracy: rounds of 10 until 10 reach it on the validation split, at most 20 rounds (pdiff's rule)
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30"])
     kept, drawn = map(int, re.search(r"(\d+) of (\d+) drawn", rows["generated (neurons)"]["seconds"]).groups())

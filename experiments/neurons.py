@@ -107,6 +107,26 @@ class Graph:
         call = lambda v: torch.func.functional_call(self.net, self.layout.unflatten(v), (inputs,))
         return torch.func.vmap(call)(x)
 
+    def features(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw networks on inputs (N, *in_shape) -> what their output layer reads (B, N, n_last): the last
+        hidden layer's activations (pooled, for convolutions: the output Linear's input, caught by a hook)."""
+        if not self.conv:
+            p, h = self.layout.unflatten(x), inputs
+            for w, b in self.pairs[:-1]:
+                h = (h @ p[w].transpose(-1, -2) + p[b][..., None, :]).relu()
+            return h
+        last = self.net.get_submodule(self.pairs[-1][0].rpartition(".")[0])
+
+        def call(v):
+            seen = []
+            hook = last.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+            try:
+                torch.func.functional_call(self.net, self.layout.unflatten(v), (inputs,))
+            finally:
+                hook.remove()
+            return seen[0].flatten(1)
+        return torch.cat([torch.func.vmap(call)(c) for c in x.split(8)])
+
     def split(self, x: torch.Tensor) -> tuple[list, list, torch.Tensor]:
         """(B, D) -> (tokens [(B, n_l, f_l)], edges [(B, n_l, n_{l-1}, k_l)], global (B, n_out))."""
         p, H = self.layout.unflatten(x), self.L - 1
@@ -317,7 +337,9 @@ class NeuronGenerator(Saved):
         choosing `guidance` with pick_guidance (from the training networks only). first_batch (layers): this many
         more networks per step learn hidden layer 1 alone (its tokens only: cheap). calibrate: "" or "bias": sample()
         ends by setting each network's output bias so that its mean prediction on probe inputs equals the training
-        networks' (Probes: inputs synthesised from the training networks alone, no data). exposure_steps (layers):
+        networks' (Probes: inputs synthesised from the training networks alone, no data); "readout": by refitting
+        each network's output layer (weights and bias) to the training networks' mean prediction on each probe
+        input (Probes.readout: a fitted part, from no data; the blends are given the same fitting). exposure_steps (layers):
         after fit, this many more steps in which a share `exposure_share` of the networks learning a later layer
         see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0 ~ U[0.2 t, t],
         t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
@@ -691,7 +713,7 @@ class NeuronGenerator(Saved):
             x = _put(x, y, P, H)
         x = self.decode(*x)
         if calibrate and self.settings["calibrate"]:
-            x = Probes.load(self.graph, self.stats["probes"]).calibrate(x)
+            x = Probes.load(self.graph, self.stats["probes"]).apply(x, self.settings["calibrate"])
         return x
 
 
@@ -814,15 +836,17 @@ class Probes:
     """Model inversion of the training networks: `m` inputs, each pushed (Adam on cross-entropy, an L2 penalty
     `wd` on the inputs) toward one class (m / classes per class) by the training networks together; then `mixes`
     random convex combinations of two of them, inputs between the classes. target: the training networks' mean
-    predicted class distribution on those inputs. calibrate() sets a network's output bias so that its own mean
-    prediction on them equals the target (prior matching: iterate b <- b + log(target / mean softmax)), which fits
-    10 numbers per network to one class-frequency statistic, never to per-input answers."""
+    predicted class distribution on those inputs; soft: their mean predicted distribution on each input. calibrate()
+    sets a network's output bias so that its own mean prediction on them equals the target (prior matching: iterate
+    b <- b + log(target / mean softmax)), which fits 10 numbers per network to one class-frequency statistic, never
+    to per-input answers. readout() refits a network's whole output layer to the per-input answers (soft): a
+    readout distilled from the training networks on the synthesised inputs, for the network's own features."""
 
     def __init__(self, graph: Graph, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
                  seed: int = 0):
         self.graph, self.layout, self.pairs = graph, graph.layout, graph.pairs
         self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
-        self.x = self.target = None
+        self.x = self.target = self.soft = None
 
     def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, *in) -> (B, N, out)
         return self.graph.forward(x, inputs)
@@ -844,18 +868,48 @@ class Probes:
         a = torch.rand(self.mixes, *[1] * (P.dim() - 1), generator=g)
         i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)
         self.x = a * P[i] + (1 - a) * P[j]
-        with torch.no_grad():
-            self.target = self.forward(originals, self.x).softmax(-1).mean(1).mean(0)
+        return self.answers(originals)
+
+    @torch.no_grad()
+    def answers(self, originals: torch.Tensor) -> "Probes":  # sets target and soft: the originals' on self.x
+        self.soft = torch.stack([self.forward(c, self.x).softmax(-1).sum(0) for c in originals.split(8)]).sum(0) \
+            / len(originals)
+        self.target = self.soft.mean(0)
         return self
 
     def state(self) -> dict:
-        return {"x": self.x, "target": self.target}
+        return {"x": self.x, "target": self.target, "soft": self.soft}
 
     @classmethod
     def load(cls, graph: Graph, state: dict) -> "Probes":
         pr = cls(graph)
-        pr.x, pr.target = state["x"], state["target"]
+        pr.x, pr.target, pr.soft = state["x"], state["target"], state.get("soft")  # (older files: no soft)
         return pr
+
+    def apply(self, x: torch.Tensor, how: str) -> torch.Tensor:  # the calibration `how` names: bias or readout
+        return self.readout(x) if how == "readout" else self.calibrate(x)
+
+    def readout(self, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
+        """(B, D) raw -> the same networks with each one's output layer (weights and bias) refitted, from where it
+        is, so that its predicted distribution on each probe input is the training networks' mean one (soft):
+        cross-entropy, L-BFGS, no penalty. The hidden layers are left as they are; a network with NaN stays so."""
+        p = self.layout.unflatten(x.clone())
+        wn, bn = self.pairs[-1]
+        with torch.no_grad():
+            feats = self.graph.features(x.nan_to_num(), self.x)
+        for i in torch.isfinite(x).all(1).nonzero().flatten().tolist():
+            W, b = p[wn][i].clone().requires_grad_(True), p[bn][i].clone().requires_grad_(True)
+            opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+            def loss():
+                opt.zero_grad()
+                l = F.cross_entropy(feats[i] @ W.T + b, self.soft)
+                l.backward()
+                return l
+            with torch.enable_grad():
+                opt.step(loss)
+            p[wn][i], p[bn][i] = W.detach(), b.detach()
+        return self.layout.pack(p, batch=1)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -1240,6 +1294,8 @@ def main(argv=None):
             fit_s = time.perf_counter() - t0
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(gen.graph, seed=gen.settings["seed"]).fit(x_train).state()
+        if gen.settings["calibrate"] == "readout" and gen.stats["probes"].get("soft") is None:  # an older file's
+            gen.stats["probes"] = Probes.load(gen.graph, gen.stats["probes"]).answers(x_train).state()
         if gen.settings["auto_temperature"] and "temperature" not in settings and not args.whole_temperature:
             gen.settings["temperature"] = gen.pick_temperature(x_train)  # (a value given wins)
         if gen.settings["auto_guidance"] and "guidance" not in settings:
@@ -1303,15 +1359,19 @@ def main(argv=None):
         avg = torch.stack([x_train[p].mean(0) for p in picks])
         rows[f"average of {m}"] = judge(alike(avg))
         rows["ensemble (weight average)"] = judge(alike(x_train.mean(0, keepdim=True)))
-        if gen.settings["calibrate"]:  # the blends given the generated networks' output-bias calibration too
-            cal = Probes.load(gen.graph, gen.stats["probes"]).calibrate
+        how = gen.settings["calibrate"]
+        cal = how and (lambda x: Probes.load(gen.graph, gen.stats["probes"]).apply(x, how))
+        if how:  # the blends given the generated networks' calibration too (bias, or readout refitted)
             rows[f"average of {m}, calibrated"] = judge(alike(cal(avg)))
             rows["ensemble, calibrated"] = judge(alike(cal(x_train.mean(0, keepdim=True))))
         net = gen.graph.net if gen.graph.conv else None  # convolutions: the network itself gives the statistics
         xr = repair_inputs(run, seed=args.seed, flat=net is None)
         st = unit_stats(x_train, run.layout, xr, net)  # each training network's, once
-        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(torch.stack([repair(
-            a, x_train[p], run.layout, xr, net, [(mu[p], sd[p]) for mu, sd in st]) for a, p in zip(avg, picks)])))
+        fixed = torch.stack([repair(a, x_train[p], run.layout, xr, net, [(mu[p], sd[p]) for mu, sd in st])
+                             for a, p in zip(avg, picks)])
+        rows[f"REPAIR'd average of {m} [data: 500 training images]"] = judge(alike(fixed))
+        if how == "readout":  # the best blend given the same readout as well
+            rows[f"REPAIR'd average of {m}, calibrated [data: 500 training images]"] = judge(alike(cal(fixed)))
         sd = x_train.std(0)
         rows["gaussian (per coordinate)"] = judge(alike(
             x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))

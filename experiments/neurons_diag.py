@@ -10,7 +10,13 @@ probes), each tensor's RMS over the training networks' (1: their size; no permut
 for the later layers generated for the held-out networks' layer 1.
 
     python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]         # sdedit (MODEL.pt: neurons.py --save-model)
-    python experiments/neurons_diag.py RUN MODEL.pt --scale 0,0.5,1 [-n N]"""
+complete: per k, the held-out networks' first k hidden layers kept and the rest generated for them (k 0: generated
+whole), accuracy as generated, with the data-free output-bias calibration, and with the output layer refitted to
+the training images' last hidden features (multinomial logistic regression; data-fitted, a diagnostic of how good
+the generated features are, not a result); the held-out networks' own row read the same ways.
+
+    python experiments/neurons_diag.py RUN MODEL.pt --scale 0,0.5,1 [-n N]
+    python experiments/neurons_diag.py RUN MODEL.pt --complete [-n N]"""
 import argparse, statistics, sys, time
 from pathlib import Path
 import torch
@@ -57,13 +63,68 @@ def scale(run, gen, acc, weights: list, n: int) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def features(run, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output layer's inputs for the network with parameters v (D,) raw on prepped images x -> (N, n_last)."""
+    w = N.layer_pairs(run.layout)[-1][0]
+    seen = []
+    hook = run.net.get_submodule(w.rpartition(".")[0]).register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        torch.func.functional_call(run.net, run.layout.unflatten(v), (x,))
+    finally:
+        hook.remove()
+    return seen[0].flatten(1)
+
+
+def refit(run, sets: torch.Tensor, steps: int = 200) -> list:
+    """Test accuracy (%) of each network (n, D) with its output layer refitted (data-fitted): multinomial logistic
+    regression (LBFGS, weight decay 1e-4) on the training images' last hidden features, standardised."""
+    with torch.no_grad():
+        xtr, xte = run.prep(run.data.x_train), run.prep(run.data.x_test)
+    out = []
+    for v in sets:
+        ftr, fte = features(run, v, xtr), features(run, v, xte)
+        mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
+        ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+        lin = torch.nn.Linear(ftr.shape[1], int(run.data.y_train.max()) + 1)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            l = torch.nn.functional.cross_entropy(lin(ftr), run.data.y_train) + 1e-4 * lin.weight.square().sum()
+            l.backward()
+            return l
+        opt.step(loss)
+        with torch.no_grad():
+            out.append(100 * (lin(fte).argmax(1) == run.data.y_test).float().mean().item())
+    return out
+
+
+def complete(run, gen, acc, n: int) -> list[dict]:
+    """The complete diagnostic (see the module's docstring), one row per number of held-out layers kept."""
+    held = run.snapshots[run.held_out]
+    probes = N.Probes.load(gen.graph, gen.stats["probes"]) if "probes" in gen.stats else None
+    med = lambda v: round(statistics.median(v), 2)
+    rows = [{"group": "held-out originals", "accuracy": acc(held), "refitted": med(refit(run, held))}]
+    for k in range(gen.graph.L - 1):
+        t1 = time.perf_counter()
+        x = (gen.sample(n, torch.Generator().manual_seed(1), calibrate=False) if k == 0 else
+             gen.sample(len(held), torch.Generator().manual_seed(3), given=held, start=k, calibrate=False))
+        rows.append({"group": f"{k} held-out layers, rest generated", "accuracy": acc(x),
+                     "calibrated": probes and acc(probes.calibrate(x)), "refitted": med(refit(run, x)),
+                     "seconds": round(time.perf_counter() - t1)})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("model", type=Path)
     ap.add_argument("guidance", type=float, nargs="?", default=1.0, help="sdedit's guidance weight")
     ap.add_argument("--scale", default=None, help="the scale diagnostic at these guidance weights, e.g. 0,0.5,1")
-    ap.add_argument("-n", type=int, default=10, help="generated networks per weight (scale)")
+    ap.add_argument("--complete", action="store_true", help="the complete diagnostic: held-out layers kept, the "
+                    "rest generated; accuracy as generated, calibrated and with the output layer refitted")
+    ap.add_argument("-n", type=int, default=10, help="generated networks per weight (scale), or whole (complete)")
     args = ap.parse_args(argv)
     run = pdiff.open_run(args.run, model=None)
     gen = N.load_generator(run, args.model)
@@ -74,6 +135,10 @@ def main(argv=None):
         print("tensors:", ", ".join(run.layout.names))
         rows = scale(run, gen, acc, [float(w) for w in args.scale.split(",")], args.n)
         for row in rows:
+            print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        return rows
+    if args.complete:
+        for row in (rows := complete(run, gen, acc, args.n)):
             print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
         return rows
     print(f"held-out {acc(held):.2f}")

@@ -2316,7 +2316,10 @@ class LatentDiffusion(nn.Module):
     The interface every generator has (fit, sample and the plots use nothing else): fit(), draw() -> codes,
     decode(codes) -> (n, D) parameters, encode(sets) -> codes (None where there are no codes to plot),
     reconstructions() -> the training originals through the autoencoder, for the reports; T, the steps of a full
-    reverse process; ALIGNED: whether its sets come in the collection's frame (else sample aligns them)."""
+    reverse process; ALIGNED: whether its sets come in the collection's frame (else sample aligns them). A generator
+    whose draw() ends by fitting a part of each network (a readout, a calibration) also has finish(sets) -> sets,
+    that step alone: sample gives the blends it too ("average, finished", "ensemble, finished"), so that the fitting
+    is never the generator's credit."""
     BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
     ALIGNED = True
 
@@ -2729,6 +2732,9 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     drew = groups[name].drawn or cfg.n  # selected generated sets: each baseline picked alike from as many draws
     for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
         groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
+    finish = getattr(run.model, "finish", None) if judged is None else None
+    for k in ("average", "ensemble") if finish and cfg.baselines else ():  # the blends given the generator's fitting
+        groups[f"{k}, finished"] = Group(groups[k].n, lambda i, b=groups[k]: finish(b.make(i)), groups[k].drawn)
     t1 = time.perf_counter()
     m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
     ref = (m_held, len(run.units)) if run.units else None

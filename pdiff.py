@@ -2318,7 +2318,7 @@ class LatentDiffusion(nn.Module):
     reconstructions() -> the training originals through the autoencoder, for the reports; T, the steps of a full
     reverse process; ALIGNED: whether its sets come in the collection's frame (else sample aligns them). A generator
     whose draw() ends by fitting a part of each network (a readout, a calibration) also has finish(sets) -> sets,
-    that step alone: sample gives the blends it too ("average, finished", "ensemble, finished"), so that the fitting
+    that step alone: sample gives the blends and the Gaussian it too ("average, finished", ...), so that the fitting
     is never the generator's credit."""
     BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
     ALIGNED = True
@@ -2733,7 +2733,7 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
     for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
         groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
     finish = getattr(run.model, "finish", None) if judged is None else None
-    for k in ("average", "ensemble") if finish and cfg.baselines else ():  # the blends given the generator's fitting
+    for k in ("average", "ensemble", "gaussian") if finish and cfg.baselines else ():  # given the generator's fitting
         groups[f"{k}, finished"] = Group(groups[k].n, lambda i, b=groups[k]: finish(b.make(i)), groups[k].drawn)
     t1 = time.perf_counter()
     m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)

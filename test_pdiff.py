@@ -2561,7 +2561,7 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])
     assert rows["REPAIR'd average of 16, calibrated [data: 500 training images]"]["n"] == \
-        rows["average of 16, calibrated"]["n"] == rows["generated (neurons)"]["n"] == 4
+        rows["average of 16, calibrated"]["n"] == rows["gaussian, calibrated"]["n"] == rows["generated (neurons)"]["n"] == 4
     assert rows["generated (neurons)"]["median"] != rows["generated, not calibrated"]["median"]
     # --min-accuracy: rounds of 10 until 10 reach it on the validation split, at most 20 rounds (pdiff's rule)
     rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30"])
@@ -2642,7 +2642,7 @@ def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
     assert opened.model.probes_soft.shape == (2000, 10)  # and the training networks' answers, the readout's targets
     base = rep["baselines"]  # the blends given the generator's readout too, and it changed them
     assert base["average, finished"]["count"] == base["average"]["count"] == 3
-    assert base["ensemble, finished"]["count"] == 1
+    assert base["ensemble, finished"]["count"] == 1 and base["gaussian, finished"]["count"] == 3
     ens = opened.snapshots[opened.training].mean(0, keepdim=True)
     p, q = (opened.layout.unflatten(v) for v in (ens, opened.model.finish(ens)))  # finish: the output layer refitted
     assert [k for k in p if not torch.equal(p[k], q[k])] == ["10.weight", "10.bias"]

@@ -1385,8 +1385,10 @@ def main(argv=None):
         if how == "readout":  # the best blend given the same readout as well
             rows[f"REPAIR'd average of {m}, calibrated [data: 500 training images]"] = judge(alike(cal(fixed)))
         sd = x_train.std(0)
-        rows["gaussian (per coordinate)"] = judge(alike(
-            x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)))
+        gauss = x_train.mean(0) + sd * torch.randn(drawn, x_train.shape[1], generator=g)
+        rows["gaussian (per coordinate)"] = judge(alike(gauss))
+        if how:
+            rows["gaussian, calibrated"] = judge(alike(cal(gauss)))
 
     print(f"run {args.run}: {len(train)} training / {n_held} held-out networks, D = {run.layout.D}; "
           f"generator {gen.settings}\n")

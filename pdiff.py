@@ -3842,7 +3842,9 @@ def print_sample(rep: dict):
               "(standardised units); to mean: median distance to their mean; max IoU: mean over models of the max "
               "IoU of wrong predictions with a training original; copy %, blend %: models beyond the held-out "
               "originals' edge (about 5 % of theirs); exact: sets that are originals; label: the test against the "
-              f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})", style="dim")
+              f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})" + (
+                  "; finished: given the generator's own fitting step (finish)" if any(
+                      k.endswith(", finished") for k in rows) else ""), style="dim")
     err.print(LEGEND, style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:

@@ -2646,5 +2646,7 @@ def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
     ens = opened.snapshots[opened.training].mean(0, keepdim=True)
     p, q = (opened.layout.unflatten(v) for v in (ens, opened.model.finish(ens)))  # finish: the output layer refitted
     assert [k for k in p if not torch.equal(p[k], q[k])] == ["10.weight", "10.bias"]
+    r = cli("sample", "--run", run, "-n", 3)  # the table's legend says what those rows are
+    assert r.exit_code == 0 and "finished: given the generator's own fitting step" in " ".join(r.output.split())
     assert sets.shape == (3, opened.layout.D) and sets.isfinite().all()
     assert torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned to the collection's reference

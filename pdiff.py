@@ -2318,7 +2318,7 @@ class LatentDiffusion(nn.Module):
     reconstructions() -> the training originals through the autoencoder, for the reports; T, the steps of a full
     reverse process; ALIGNED: whether its sets come in the collection's frame (else sample aligns them). A generator
     whose draw() ends by fitting a part of each network (a readout, a calibration) also has finish(sets) -> sets,
-    that step alone: sample gives the blends and the Gaussian it too ("average, finished", ...), so that the fitting
+    that step alone: sample gives the blends and the Gaussian it too ("average-finished", ...), so that the fitting
     is never the generator's credit."""
     BATCH, T, BETAS = 50, 1000, (1e-4, 2e-2)  # both stages' batch; the diffusion's steps and linear schedule
     ALIGNED = True
@@ -2734,7 +2734,7 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
         groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
     finish = getattr(run.model, "finish", None) if judged is None else None
     for k in ("average", "ensemble", "gaussian") if finish and cfg.baselines else ():  # given the generator's fitting
-        groups[f"{k}, finished"] = Group(groups[k].n, lambda i, b=groups[k]: finish(b.make(i)), groups[k].drawn)
+        groups[f"{k}-finished"] = Group(groups[k].n, lambda i, b=groups[k]: finish(b.make(i)), groups[k].drawn)
     t1 = time.perf_counter()
     m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
     ref = (m_held, len(run.units)) if run.units else None
@@ -3843,8 +3843,8 @@ def print_sample(rep: dict):
               "IoU of wrong predictions with a training original; copy %, blend %: models beyond the held-out "
               "originals' edge (about 5 % of theirs); exact: sets that are originals; label: the test against the "
               f"held-out originals ({rep['held_out']['reference'] if rep['held_out'] else 'none'})" + (
-                  "; finished: given the generator's own fitting step (finish)" if any(
-                      k.endswith(", finished") for k in rows) else ""), style="dim")
+                  "; -finished: given the generator's own fitting step (finish)" if any(
+                      k.endswith("-finished") for k in rows) else ""), style="dim")
     err.print(LEGEND, style="dim")
     failed = {k: v["failed"] for k, v in rows.items() if v.get("failed")}
     if failed:

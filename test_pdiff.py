@@ -2607,7 +2607,7 @@ def test_your_own_generator_the_neuron_generator_end_to_end(tmp_path):
     assert rep["generated"]["count"] == 6 and len(rep["generated"]["accuracies"]) == 6 and "decoded" not in rep
     assert rep["verdict"]["label"] in ("novel", "fresh", "copying", "averaging", "inferior", "unknown")
     assert rep["steps"] == 20  # the flow's sample_steps: a full reverse process of this generator
-    assert rep["baselines"]["average, finished"]["count"] == 6  # the blends given its output-bias calibration
+    assert rep["baselines"]["average-finished"]["count"] == 6  # the blends given its output-bias calibration
     sets = read(out / "s.safetensors")["samples"]
     opened = pdiff.open_run(run, model="default")
     assert sets.shape == (6, opened.layout.D) and torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned
@@ -2641,12 +2641,12 @@ def test_the_neuron_generator_through_pdiff_on_a_convnet(tmp_path):
     assert opened.model.probes_x.shape[1:] == tuple(opened.prep.shape)  # probe images, kept in the file
     assert opened.model.probes_soft.shape == (2000, 10)  # and the training networks' answers, the readout's targets
     base = rep["baselines"]  # the blends given the generator's readout too, and it changed them
-    assert base["average, finished"]["count"] == base["average"]["count"] == 3
-    assert base["ensemble, finished"]["count"] == 1 and base["gaussian, finished"]["count"] == 3
+    assert base["average-finished"]["count"] == base["average"]["count"] == 3
+    assert base["ensemble-finished"]["count"] == 1 and base["gaussian-finished"]["count"] == 3
     ens = opened.snapshots[opened.training].mean(0, keepdim=True)
     p, q = (opened.layout.unflatten(v) for v in (ens, opened.model.finish(ens)))  # finish: the output layer refitted
     assert [k for k in p if not torch.equal(p[k], q[k])] == ["10.weight", "10.bias"]
     r = cli("sample", "--run", run, "-n", 3)  # the table's legend says what those rows are
-    assert r.exit_code == 0 and "finished: given the generator's own fitting step" in " ".join(r.output.split())
+    assert r.exit_code == 0 and "-finished: given the generator's own fitting step" in " ".join(r.output.split())
     assert sets.shape == (3, opened.layout.D) and sets.isfinite().all()
     assert torch.equal(pdiff.into_frame(opened)(sets), sets)  # aligned to the collection's reference

@@ -24,12 +24,13 @@ pd() {
   rm -f "$log"; exit 1
 }
 
-# get PATH: the value at a dotted path (.generated.best) of the JSON on stdin; jq where installed, else Python
+# get PATH: the value at a dotted path (.generated.best; a key with a dash quoted: .baselines."average-finished")
+# of the JSON on stdin, null where there is none; jq where installed, else Python
 get() {
   if command -v jq >/dev/null; then jq -r "$1"; else
     python3 -c 'import json, sys
 d = json.load(sys.stdin)
-for k in sys.argv[1].strip(".").split("."): d = None if d is None else d[k]
+for k in sys.argv[1].strip(".").split("."): d = None if d is None else d.get(k.strip("\""))
 print("null" if d is None else d)' "$1"; fi
 }
 

@@ -2,7 +2,8 @@
 # Whole networks from many seeds (the paper's v1 Table 3 / v3 Table 2) for any network pdiff can align: N networks
 # trained from N seeds, with their hidden units aligned to the first network's by the symmetry spec read from the
 # network's graph (weight matching), and without. Medians of test accuracy; "average of 16": blends of 16 training
-# networks; the ensemble: the weight average of all training networks. The ResNet's BatchNorm statistics are
+# networks; the ensemble: the weight average of all training networks; "finished": the same given the generator's
+# own fitting step (a generator with finish(), e.g. the neuron generator's probe calibration; else -). The ResNet's BatchNorm statistics are
 # recomputed on 20 training batches for every network evaluated.
 #   bash experiments/whole_model.sh     (digits: mlp3 w32 / w128 / w512, convnet3, LeNet-5 at 28 px, ResNet-BN 32/64;
 #                                        N = 32; SCALE=paper: convnet3 on CIFAR-10, N = 200)
@@ -23,17 +24,21 @@ else
   N=${N:-32}; MORE=""
 fi
 IFS=, read -ra ORDER <<<"${ONLY:-$(IFS=,; echo "${ORDER[*]}")}"
-echo "| $N seeds | aligned | originals | average of 16 | ensemble | generated best / median | verdict |"
-echo "|---|---|---|---|---|---|---|"
+read -ra FITS <<<"$FIT"
+[[ -n ${GENERATOR:-} ]] && FITS=(--generator "$GENERATOR")  # its class's DEFAULTS, not the built-in generators' $FIT
+echo "| $N seeds | aligned | originals | average of 16 | ensemble | finished: average / ensemble | generated best / median | verdict |"
+echo "|---|---|---|---|---|---|---|---|"
 for name in "${ORDER[@]}"; do
   for align in align no-align; do
     run="$OUT/$(tr -cd '[:alnum:]' <<<"$name")-$align"
     pd collect --run "$run" ${ARCH[$name]} --networks "$N" --$align $MORE >/dev/null
-    pd fit --run "$run" $FIT ${GENERATOR:+--generator "$GENERATOR"} >/dev/null
+    pd fit --run "$run" "${FITS[@]}" >/dev/null
     s=$(pd sample --run "$run" $SAMPLE --json)
-    printf "| %s | %s | %.2f | %.2f | %.2f | %.2f / %.2f | %s |\n" "$name" "$([[ $align == align ]] && echo yes || echo no)" \
-      "$(get .original.median <<<"$s")" "$(get .baselines.average.median <<<"$s")" \
-      "$(get .baselines.ensemble.median <<<"$s")" "$(get .generated.best <<<"$s")" "$(get .generated.median <<<"$s")" \
+    printf "| %s | %s | %.2f | %.2f | %.2f | %s / %s | %.2f / %.2f | %s |\n" "$name" \
+      "$([[ $align == align ]] && echo yes || echo no)" "$(get .original.median <<<"$s")" \
+      "$(get .baselines.average.median <<<"$s")" "$(get .baselines.ensemble.median <<<"$s")" \
+      "$(num '.baselines."average-finished".median' "$s")" "$(num '.baselines."ensemble-finished".median' "$s")" \
+      "$(get .generated.best <<<"$s")" "$(get .generated.median <<<"$s")" \
       "$(get .verdict.label <<<"$s")"
   done
 done

@@ -2558,6 +2558,9 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert all(len(r["rms"]) == 6 and 0.5 < r["rms"][0] < 2 for r in diag)  # mlp3: 3 weights, 3 biases
     assert all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "calibrated", "held-out layer 1"))
     assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
+    diag = neurons_diag.main([str(run), str(tmp_path / "m.pt"), "--complete", "-n", "3"])  # held-out layers kept
+    assert [r["group"] for r in diag] == ["held-out originals"] + [f"{k} held-out layers, rest generated" for k in (0, 1)]
+    assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])
     assert rows["REPAIR'd average of 16, calibrated [data: 500 training images]"]["n"] == \

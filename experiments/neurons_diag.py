@@ -63,27 +63,16 @@ def scale(run, gen, acc, weights: list, n: int) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def features(run, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The output layer's inputs for the network with parameters v (D,) raw on prepped images x -> (N, n_last)."""
-    w = N.layer_pairs(run.layout)[-1][0]
-    seen = []
-    hook = run.net.get_submodule(w.rpartition(".")[0]).register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    try:
-        torch.func.functional_call(run.net, run.layout.unflatten(v), (x,))
-    finally:
-        hook.remove()
-    return seen[0].flatten(1)
-
-
-def refit(run, sets: torch.Tensor, steps: int = 200) -> list:
+def refit(run, gen, sets: torch.Tensor, steps: int = 200) -> list:
     """Test accuracy (%) of each network (n, D) with its output layer refitted (data-fitted): multinomial logistic
     regression (LBFGS, weight decay 1e-4) on the training images' last hidden features, standardised."""
     with torch.no_grad():
-        xtr, xte = run.prep(run.data.x_train), run.prep(run.data.x_test)
+        xtr, xte = (run.prep(x) if gen.graph.conv else run.prep(x).flatten(1)
+                    for x in (run.data.x_train, run.data.x_test))
     out = []
     for v in sets:
-        ftr, fte = features(run, v, xtr), features(run, v, xte)
+        with torch.no_grad():
+            ftr, fte = (gen.graph.features(v[None], x)[0] for x in (xtr, xte))
         mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
         ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
         lin = torch.nn.Linear(ftr.shape[1], int(run.data.y_train.max()) + 1)
@@ -105,13 +94,13 @@ def complete(run, gen, acc, n: int) -> list[dict]:
     held = run.snapshots[run.held_out]
     probes = N.Probes.load(gen.graph, gen.stats["probes"]) if "probes" in gen.stats else None
     med = lambda v: round(statistics.median(v), 2)
-    rows = [{"group": "held-out originals", "accuracy": acc(held), "refitted": med(refit(run, held))}]
+    rows = [{"group": "held-out originals", "accuracy": acc(held), "refitted": med(refit(run, gen, held))}]
     for k in range(gen.graph.L - 1):
         t1 = time.perf_counter()
         x = (gen.sample(n, torch.Generator().manual_seed(1), calibrate=False) if k == 0 else
              gen.sample(len(held), torch.Generator().manual_seed(3), given=held, start=k, calibrate=False))
         rows.append({"group": f"{k} held-out layers, rest generated", "accuracy": acc(x),
-                     "calibrated": probes and acc(probes.calibrate(x)), "refitted": med(refit(run, x)),
+                     "calibrated": probes and acc(probes.calibrate(x)), "refitted": med(refit(run, gen, x)),
                      "seconds": round(time.perf_counter() - t1)})
     return rows
 

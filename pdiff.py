@@ -2730,11 +2730,13 @@ def sample(cfg: SampleConfig, run: Run, *, judged: Optional[torch.Tensor] = None
         groups |= {k: group for k, (group, _) in run.model.reconstructions(ruler.originals[ruler.rows]).items()
                    if k == "decoded"}
     drew = groups[name].drawn or cfg.n  # selected generated sets: each baseline picked alike from as many draws
-    for k, b in (baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}).items():
-        groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
+    base = baselines(ruler, drew, cfg, run.layout) if cfg.baselines else {}
     finish = getattr(run.model, "finish", None) if judged is None else None
-    for k in ("average", "ensemble", "gaussian") if finish and cfg.baselines else ():  # given the generator's fitting
-        groups[f"{k}-finished"] = Group(groups[k].n, lambda i, b=groups[k]: finish(b.make(i)), groups[k].drawn)
+    if finish and base:  # the blends and the Gaussian given the generator's own fitting step too (then selected)
+        base |= {f"{k}-finished": Group(base[k].n, lambda i, b=base[k]: finish(b.make(i)))
+                 for k in ("average", "ensemble", "gaussian")}
+    for k, b in base.items():
+        groups[k] = b if groups[name].drawn is None else selected(run, b, cfg.min_accuracy, cfg.n, path)
     t1 = time.perf_counter()
     m_held, held_row = held_out_group(run, ruler) if run.units else (None, None)
     ref = (m_held, len(run.units)) if run.units else None

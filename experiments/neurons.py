@@ -341,12 +341,12 @@ class NeuronGenerator(Saved):
         each network's output layer (weights and bias) to the training networks' mean prediction on each probe
         input (Probes.readout: a fitted part, from no data; the blends are given the same fitting).
         exposure_steps (layers): after fit, this many more steps in which a share `exposure_share` of the networks
-        learning a later layer see, instead of their own hidden layer 1, that layer re-made by the model (noised
-        to t0 ~ U[0.2 t, t], t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt for
-        first layers like the generator's own (exposure_target params: the targets stay the network's own later
-        layers; function: those networks learn through the functional loss alone, toward the network's own
-        function, so that the later layers are made to compute, with the re-made first layer, what the network
-        computes, not to copy layers that fit another first layer). func: the weight of
+        learning a later layer see, instead of their own hidden layer 1, that layer re-made by the model (noised to t0
+        ~ U[0.2 t, t], t = exposure_t, and denoised by its layer-1 stage: SDEdit), so that the later layers are learnt
+        for first layers like the generator's own (exposure_target params: the targets stay the network's own later
+        layers; function: those networks learn through the functional loss alone, toward the network's own function,
+        so that the later layers are made to compute, with the re-made first layer, what the network computes, not to
+        copy layers that fit another first layer). func: the weight of
         a functional loss beside the velocity's: the network with the group being learnt replaced by its predicted
         clean value (x_0 = x_t - t v) against the network itself, as logits on 256 of the probe inputs (Probes:
         synthesised from the training networks, no data), squared error over the logits' variance, weighted by

@@ -3,8 +3,8 @@
 # trained from N seeds, with their hidden units aligned to the first network's by the symmetry spec read from the
 # network's graph (weight matching), and without. Medians of test accuracy; "average of 16": blends of 16 training
 # networks; the ensemble: the weight average of all training networks; "finished": the same given the generator's
-# own fitting step (a generator with finish(), e.g. the neuron generator's probe calibration; else -). The ResNet's BatchNorm statistics are
-# recomputed on 20 training batches for every network evaluated.
+# own fitting step (a generator with finish(), e.g. the neuron generator's probe calibration; else -). The ResNet's
+# BatchNorm statistics are recomputed on 20 training batches for every network evaluated.
 #   bash experiments/whole_model.sh     (digits: mlp3 w32 / w128 / w512, convnet3, LeNet-5 at 28 px, ResNet-BN 32/64;
 #                                        N = 32; SCALE=paper: convnet3 on CIFAR-10, N = 200)
 #   ONLY="mlp3 w32,LeNet-5"            (those rows only)

@@ -2291,6 +2291,22 @@ def test_neuron_rescale_keeps_each_networks_function():
     assert gen.sample(2, torch.Generator().manual_seed(1), steps=3).isfinite().all()
 
 
+def test_neuron_sample_inpaints_the_parameters_it_is_told_to_keep():
+    """sample(given, start, fixed): within the layers it generates, the parameters `fixed` marks come out as given's
+    (the flow's path from them to their noise is put back each step), the rest are drawn; here the output layer
+    alone, for given hidden layers (neurons_diag --complete's last row)."""
+    nm = neurons_module()
+    import neurons_diag
+    layout = tiny_mlp_layout(n_in=6, h1=5, h2=4, out=3)
+    x = torch.randn(6, layout.D, generator=torch.Generator().manual_seed(0))
+    gen = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=3, batch=4, mode="layers").fit(x)
+    keep = neurons_diag.hidden_mask(gen.graph)
+    assert keep.sum() == layout.D - 4 * 3 - 3  # every parameter but the output layer's weights and biases
+    y = gen.sample(2, torch.Generator().manual_seed(1), steps=4, given=x[:2], start=1, fixed=keep, calibrate=False)
+    assert torch.allclose(y * keep, x[:2] * keep, atol=1e-5)  # the hidden layers as given
+    assert (y - x[:2])[:, keep == 0].abs().gt(1e-3).all() and y.isfinite().all()  # the output layer drawn
+
+
 def tiny_convnet() -> tuple:
     """A two-convolution chain on 1x6x6 inputs (4 then 5 channels, a Linear to 3 classes) and its layout."""
     nn = torch.nn
@@ -2559,7 +2575,8 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "calibrated", "held-out layer 1"))
     assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
     diag = neurons_diag.main([str(run), str(tmp_path / "m.pt"), "--complete", "-n", "3"])  # held-out layers kept
-    assert [r["group"] for r in diag] == ["held-out originals"] + [f"{k} held-out layers, rest generated" for k in (0, 1)]
+    assert [r["group"] for r in diag] == ["held-out originals"] + [f"{k} held-out layers, rest generated" for k in (0, 1)
+                                                                   ] + ["2 held-out layers, output layer generated"]
     assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])

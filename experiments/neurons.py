@@ -661,12 +661,13 @@ class NeuronGenerator(Saved):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
                start: int = 0, stop: int = None, guidance: float = None, calibrate: bool = True,
-               tick=None) -> torch.Tensor:
+               tick=None, fixed: torch.Tensor = None) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Steps of the flow (step: Euler's, or stochastic with eta) from t = 1 (noise) to t = 0. given (n, D) and
         start (mode layers): the hidden layers before `start` taken from `given`, the rest generated for them (a
         diagnostic: completion); stop (mode layers): the layers from `stop` on left as noise (pick_temperature reads
-        hidden layer 1 alone)."""
+        hidden layer 1 alone); fixed (D,) 1 / 0: the parameters of `given` kept within the layers generated too (each
+        step puts them back where the flow's straight path from them to their noise is: inpainting)."""
         steps = steps or self.settings["sample_steps"]
         guidance = self.settings["guidance"] if guidance is None else guidance
         if guidance and not self.settings["drop"]:
@@ -681,6 +682,8 @@ class NeuronGenerator(Saved):
             keep = self.per_part(torch.tensor([[float(l < start) for l in range(self.graph.L - 1)]]).expand(B, -1))
             x = _map3(lambda a, k, m: a * (1 - m) + k * m, x, self.encode(given), keep)
         ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
+        if fixed is not None:
+            known, held, noise = self.encode(given), self.graph.split(fixed[None].float()), x
         stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, stop or H)]
         for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
             P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
@@ -708,6 +711,9 @@ class NeuronGenerator(Saved):
                     v = _map2(lambda c, u: (1 + w) * c - w * u, v, vu)
                 y = _mapn(lambda a, u, m, T: a + m * (self.step(a, u, ts[i].item(), ts[i + 1].item(), generator,
                                                                 T) - a), y, v, mask, temps)
+                if fixed is not None:
+                    y = _mapn(lambda a, m, f, k, e: a + m * f * (_mix(k, e, ts[i + 1]) - a), y, mask,
+                              *(_first(q, P, H) for q in (held, known, noise)))
                 if tick is not None and groups == stages[-1]:  # (a progress bar of `steps`: the last stage's)
                     tick()
             x = _put(x, y, P, H)

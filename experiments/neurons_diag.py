@@ -11,7 +11,7 @@ for the later layers generated for the held-out networks' layer 1.
 
     python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]         # sdedit (MODEL.pt: neurons.py --save-model)
 complete: per k, the held-out networks' first k hidden layers kept and the rest generated for them (k 0: generated
-whole), accuracy as generated, with the data-free output-bias calibration, and with the output layer refitted to
+whole; k every hidden layer: the output layer alone generated, the last hidden layer's own parameters inpainted), accuracy as generated, with the data-free output-bias calibration, and with the output layer refitted to
 the training images' last hidden features (multinomial logistic regression; data-fitted, a diagnostic of how good
 the generated features are, not a result); the held-out networks' own row read the same ways.
 
@@ -102,7 +102,20 @@ def complete(run, gen, acc, n: int) -> list[dict]:
         rows.append({"group": f"{k} held-out layers, rest generated", "accuracy": acc(x),
                      "calibrated": probes and acc(probes.calibrate(x)), "refitted": med(refit(run, gen, x)),
                      "seconds": round(time.perf_counter() - t1)})
+    t1, H = time.perf_counter(), gen.graph.L - 1
+    x = gen.sample(len(held), torch.Generator().manual_seed(3), given=held, start=H - 1, fixed=hidden_mask(gen.graph),
+                   calibrate=False)  # the output layer alone generated, for the held-out networks' hidden layers
+    rows.append({"group": f"{H} held-out layers, output layer generated", "accuracy": acc(x),
+                 "calibrated": probes and acc(probes.calibrate(x)), "refitted": med(refit(run, gen, x)),
+                 "seconds": round(time.perf_counter() - t1)})
     return rows
+
+
+def hidden_mask(graph: N.Graph) -> torch.Tensor:  # (D,): 1 on every hidden layer's parameters, 0 on the output layer's
+    p = graph.layout.unflatten(torch.ones(1, graph.layout.D))
+    for name in graph.pairs[-1]:
+        p[name].zero_()
+    return graph.layout.pack(p, batch=1)[0]
 
 
 def main(argv=None):

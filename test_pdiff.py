@@ -2307,6 +2307,28 @@ def test_neuron_sample_inpaints_the_parameters_it_is_told_to_keep():
     assert (y - x[:2])[:, keep == 0].abs().gt(1e-3).all() and y.isfinite().all()  # the output layer drawn
 
 
+def test_neuron_exposure_re_makes_every_layer_before_the_one_learnt():
+    """sample(t0 < 1): SDEdit, the layers generated start from given's noised to t0 (near given for a small t0);
+    exposure_layers 2: the exposure steps' networks bring hidden layers 1 and 2 re-made so (other training cases
+    than layer 1 alone)."""
+    nm = neurons_module()
+    layout = pdiff.Layout(["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias", "7.weight", "7.bias"],
+                          [(5, 6), (5,), (4, 5), (4,), (4, 4), (4,), (3, 4), (3,)])
+    x = torch.randn(6, layout.D, generator=torch.Generator().manual_seed(0))
+    kw = dict(width=16, edge_width=8, depth=2, heads=2, steps=4, batch=4, mode="layers", sample_steps=4, func=1.0,
+              exposure_steps=3, exposure_target="function", drop=0.1, guidance=0.5)
+    gen = nm.NeuronGenerator(layout, **kw).fit(x)
+    hidden2 = lambda y: torch.cat([a.flatten(1) for a in (*gen.graph.split(y)[0][:2], gen.graph.split(y)[1][0])], 1)
+    near, far = (gen.sample(6, torch.Generator().manual_seed(1), given=x, stop=2, t0=t0, calibrate=False)
+                 for t0 in (0.01, 0.7))
+    gap = lambda y: (hidden2(y) - hidden2(x)).norm(dim=1).median()
+    assert gap(near) < 0.2 * gap(far) and gap(far) > 0.1  # re-made from near the given layers, or from far
+    deep = nm.NeuronGenerator(layout, **kw, exposure_layers=2).fit(x)
+    ema = lambda m: torch.cat([v.flatten() for v in m.ema.state_dict().values()])
+    assert not torch.equal(ema(deep), ema(gen))  # the same fit, other exposure cases
+    assert deep.sample(2, torch.Generator().manual_seed(1), calibrate=False).isfinite().all()
+
+
 def tiny_convnet() -> tuple:
     """A two-convolution chain on 1x6x6 inputs (4 then 5 channels, a Linear to 3 classes) and its layout."""
     nn = torch.nn

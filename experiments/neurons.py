@@ -315,7 +315,7 @@ class NeuronGenerator(Saved):
     DEFAULTS = dict(width=96, edge_width=32, depth=4, heads=4, steps=3000, batch=32, lr=1e-3, ema=0.999,
                     sample_steps=100, mode="joint", products=True, drop=0.0, guidance=0.0, cond_noise=0.0,
                     auto_guidance=False, first_batch=0, calibrate="", exposure_steps=0, exposure_share=0.5,
-                    exposure_t=0.5, exposure_target="params", func=0.0, eta=0.0, temperature=1.0,
+                    exposure_t=0.5, exposure_target="params", exposure_layers=1, func=0.0, eta=0.0, temperature=1.0,
                     auto_temperature=False, autoguidance=0.0, learn="all", rescale=0.0, func_from=0, seed=0)
 
     def __init__(self, layout: pdiff.Layout, *, width: int = 96, edge_width: int = 32, depth: int = 4,
@@ -323,7 +323,8 @@ class NeuronGenerator(Saved):
                  sample_steps: int = 100, mode: str = "joint", products: bool = True, drop: float = 0.0,
                  guidance: float = 0.0, cond_noise: float = 0.0, auto_guidance: bool = False, first_batch: int = 0,
                  calibrate: str = "", exposure_steps: int = 0, exposure_share: float = 0.5, exposure_t: float = 0.5,
-                 exposure_target: str = "params", func: float = 0.0, eta: float = 0.0, temperature: float = 1.0,
+                 exposure_target: str = "params", exposure_layers: int = 1, func: float = 0.0, eta: float = 0.0,
+                 temperature: float = 1.0,
                  auto_temperature: bool = False, autoguidance: float = 0.0, learn: str = "all",
                  rescale: float = 0.0, func_from: int = 0, seed: int = 0, net: nn.Module = None,
                  in_shape: tuple = None):
@@ -346,7 +347,11 @@ class NeuronGenerator(Saved):
         for first layers like the generator's own (exposure_target params: the targets stay the network's own later
         layers; function: those networks learn through the functional loss alone, toward the network's own function,
         so that the later layers are made to compute, with the re-made first layer, what the network computes, not to
-        copy layers that fit another first layer). func: the weight of
+        copy layers that fit another first layer). exposure_layers: how many hidden layers the re-made networks
+        bring (1: hidden layer 1, as above; more: layers 1..k re-made one after another by sample()'s SDEdit, t0 in
+        {0.2, 0.47, 0.73, 1} x exposure_t, and a network learning layer s sees the re-made layers before it), so that
+        the last stage (the last hidden layer with the output layer) is learnt for hidden layers like the
+        generator's own. func: the weight of
         a functional loss beside the velocity's: the network with the group being learnt replaced by its predicted
         clean value (x_0 = x_t - t v) against the network itself, as logits on 256 of the probe inputs (Probes:
         synthesised from the training networks, no data), squared error over the logits' variance, weighted by
@@ -382,7 +387,7 @@ class NeuronGenerator(Saved):
                              guidance=guidance, cond_noise=cond_noise, auto_guidance=auto_guidance,
                              first_batch=first_batch, calibrate=calibrate, exposure_steps=exposure_steps,
                              exposure_share=exposure_share, exposure_t=exposure_t,
-                             exposure_target=exposure_target, func=func, eta=eta,
+                             exposure_target=exposure_target, exposure_layers=exposure_layers, func=func, eta=eta,
                              temperature=temperature, auto_temperature=auto_temperature,
                              autoguidance=autoguidance, learn=learn, rescale=rescale, func_from=func_from, seed=seed)
         torch.manual_seed(seed)
@@ -460,8 +465,13 @@ class NeuronGenerator(Saved):
         """The exposure_steps more steps (see __init__), from the averaged (EMA) model, at a third of the rate."""
         cfg = self.settings
         g = torch.Generator().manual_seed(cfg["seed"] + 17)
-        pool = torch.stack([self.renoise_first(originals, cfg["exposure_t"] * (0.2 + 0.8 * torch.rand(
-            len(originals), generator=g)), g) for _ in range(4)], 1)  # (K, 4, D): 4 re-made first layers each
+        if cfg["exposure_layers"] == 1:
+            pool = torch.stack([self.renoise_first(originals, cfg["exposure_t"] * (0.2 + 0.8 * torch.rand(
+                len(originals), generator=g)), g) for _ in range(4)], 1)  # (K, 4, D): 4 re-made first layers each
+        else:  # the first exposure_layers hidden layers re-made, from 4 noise levels
+            pool = torch.stack([self.sample(len(originals), g, given=originals, stop=cfg["exposure_layers"],
+                                            t0=cfg["exposure_t"] * f, steps=50, calibrate=False)
+                                for f in (0.2, 0.47, 0.73, 1.0)], 1)
         self.net.load_state_dict(self.ema.state_dict())
         self._train(originals, cfg["exposure_steps"], cfg["lr"] / 3, cfg["seed"] + 1, progress, pool=pool,
                     share=cfg["exposure_share"])
@@ -489,8 +499,8 @@ class NeuronGenerator(Saved):
         cfg = self.settings
         x0 = self.encode(originals)
         K = len(originals)
-        if pool is not None:
-            pool = self.encode(pool.flatten(0, 1))[0][0].unflatten(0, pool.shape[:2])  # (K, C, n_1, f_1) tokens
+        if pool is not None:  # (K, C, ...) parts
+            pool = _map(lambda a: a.unflatten(0, pool.shape[:2]), self.encode(pool.flatten(0, 1)))
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.0)
         warm, total = max(1, steps // 20), steps  # linear warm-up, then cosine to 0
@@ -536,8 +546,12 @@ class NeuronGenerator(Saved):
                 self.encode(self.graph.rescale(originals[idx], cfg["rescale"], g))
             if pool is not None:  # exposure: the first layer as the model re-makes it, for later layers' learning
                 swap = (stage > 0) & (torch.rand(B, generator=g) < share)
-                alt = pool[idx, torch.randint(0, pool.shape[1], (B,), generator=g)]
-                parts0 = ([torch.where(swap[:, None, None], alt, parts0[0][0])] + parts0[0][1:], parts0[1], parts0[2])
+                c = torch.randint(0, pool[0][0].shape[1], (B,), generator=g)
+                alt, k = _map(lambda a: a[idx, c], pool), cfg["exposure_layers"]
+                now = lambda l: (swap & (l < stage) & (l < k)).view(-1, *[1] * (alt[0][l].dim() - 1))
+                parts0 = ([torch.where(now(l), a, o) for l, (a, o) in enumerate(zip(alt[0], parts0[0]))],
+                          [torch.where(now(l + 1), a, o) for l, (a, o) in enumerate(zip(alt[1], parts0[1]))],
+                          parts0[2])
                 if cfg["exposure_target"] == "function":  # their velocity's targets fit another first layer
                     weight = weight * (~swap).float()[:, None]
             eps = _like(parts0, g)
@@ -661,13 +675,14 @@ class NeuronGenerator(Saved):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, *, steps: int = None, given: torch.Tensor = None,
                start: int = 0, stop: int = None, guidance: float = None, calibrate: bool = True,
-               tick=None, fixed: torch.Tensor = None) -> torch.Tensor:
+               tick=None, fixed: torch.Tensor = None, t0: float = 1.0) -> torch.Tensor:
         """-> (n, D) raw parameter vectors (in an arbitrary frame: align them before comparing vectors).
         Steps of the flow (step: Euler's, or stochastic with eta) from t = 1 (noise) to t = 0. given (n, D) and
         start (mode layers): the hidden layers before `start` taken from `given`, the rest generated for them (a
         diagnostic: completion); stop (mode layers): the layers from `stop` on left as noise (pick_temperature reads
         hidden layer 1 alone); fixed (D,) 1 / 0: the parameters of `given` kept within the layers generated too (each
-        step puts them back where the flow's straight path from them to their noise is: inpainting)."""
+        step puts them back where the flow's straight path from them to their noise is: inpainting); t0 < 1: the
+        layers generated start from given's, noised to time t0 (SDEdit), not from noise."""
         steps = steps or self.settings["sample_steps"]
         guidance = self.settings["guidance"] if guidance is None else guidance
         if guidance and not self.settings["drop"]:
@@ -681,9 +696,11 @@ class NeuronGenerator(Saved):
                 raise ValueError("completion needs mode layers (a model trained with clean earlier layers)")
             keep = self.per_part(torch.tensor([[float(l < start) for l in range(self.graph.L - 1)]]).expand(B, -1))
             x = _map3(lambda a, k, m: a * (1 - m) + k * m, x, self.encode(given), keep)
-        ts, H = torch.linspace(1, 0, steps + 1), self.graph.L - 1
+        ts, H = torch.linspace(t0, 0, steps + 1), self.graph.L - 1
         if fixed is not None:
             known, held, noise = self.encode(given), self.graph.split(fixed[None].float()), x
+        if t0 < 1:
+            x = _map2(lambda k, a: _mix(k, a, t0), self.encode(given), x)
         stages = [list(range(H))] if self.settings["mode"] == "joint" else [[l] for l in range(start, stop or H)]
         for groups in stages:  # joint: every group at once; layers: one after another, given the ones before
             P, first = max(groups) + 1, min(groups)  # the groups present, the first one made now
@@ -1299,7 +1316,8 @@ def main(argv=None):
 
     if args.load_model:
         sampling = ("sample_steps", "guidance", "eta", "temperature", "auto_temperature", "auto_guidance",
-                    "calibrate", "exposure_steps", "exposure_share", "exposure_t", "exposure_target", "autoguidance")
+                    "calibrate", "exposure_steps", "exposure_share", "exposure_t", "exposure_target", "exposure_layers",
+                    "autoguidance")
         gen = load(args.load_model, **{k: v for k, v in settings.items() if k in sampling})
         if args.worse_model:
             gen.guide_with(load(args.worse_model))
@@ -1310,6 +1328,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             gen.exposure(x_train, progress=lambda s, l: print(f"exposure step {s} loss {l:.4f}", file=sys.stderr))
             fit_s = time.perf_counter() - t0
+            if args.save_model:  # the fine-tuned model
+                torch.save(gen.state_dict(), args.save_model)
         if gen.settings["calibrate"] and "probes" not in gen.stats:
             gen.stats["probes"] = Probes(gen.graph, seed=gen.settings["seed"]).fit(x_train).state()
         if gen.settings["calibrate"] == "readout" and gen.stats["probes"].get("soft") is None:  # an older file's

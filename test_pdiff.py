@@ -2315,7 +2315,7 @@ def test_neuron_exposure_re_makes_every_layer_before_the_one_learnt():
     layout = pdiff.Layout(["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias", "7.weight", "7.bias"],
                           [(5, 6), (5,), (4, 5), (4,), (4, 4), (4,), (3, 4), (3,)])
     x = torch.randn(6, layout.D, generator=torch.Generator().manual_seed(0))
-    kw = dict(width=16, edge_width=8, depth=2, heads=2, steps=4, batch=4, mode="layers", sample_steps=4, func=1.0,
+    kw = dict(width=16, edge_width=8, depth=2, heads=2, steps=4, batch=3, mode="layers", sample_steps=4, func=1.0,
               exposure_steps=3, exposure_target="function", drop=0.1, guidance=0.5)
     gen = nm.NeuronGenerator(layout, **kw).fit(x)
     hidden2 = lambda y: torch.cat([a.flatten(1) for a in (*gen.graph.split(y)[0][:2], gen.graph.split(y)[1][0])], 1)

@@ -548,9 +548,9 @@ class NeuronGenerator(Saved):
                 swap = (stage > 0) & (torch.rand(B, generator=g) < share)
                 c = torch.randint(0, pool[0][0].shape[1], (B,), generator=g)
                 alt, k = _map(lambda a: a[idx, c], pool), cfg["exposure_layers"]
-                now = lambda l: (swap & (l < stage) & (l < k)).view(-1, *[1] * (alt[0][l].dim() - 1))
-                parts0 = ([torch.where(now(l), a, o) for l, (a, o) in enumerate(zip(alt[0], parts0[0]))],
-                          [torch.where(now(l + 1), a, o) for l, (a, o) in enumerate(zip(alt[1], parts0[1]))],
+                now = lambda l, a: (swap & (l < stage) & (l < k)).view(-1, *[1] * (a.dim() - 1))
+                parts0 = ([torch.where(now(l, a), a, o) for l, (a, o) in enumerate(zip(alt[0], parts0[0]))],
+                          [torch.where(now(l + 1, a), a, o) for l, (a, o) in enumerate(zip(alt[1], parts0[1]))],
                           parts0[2])
                 if cfg["exposure_target"] == "function":  # their velocity's targets fit another first layer
                     weight = weight * (~swap).float()[:, None]

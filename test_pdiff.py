@@ -2327,6 +2327,8 @@ def test_neuron_exposure_re_makes_every_layer_before_the_one_learnt():
     ema = lambda m: torch.cat([v.flatten() for v in m.ema.state_dict().values()])
     assert not torch.equal(ema(deep), ema(gen))  # the same fit, other exposure cases
     assert deep.sample(2, torch.Generator().manual_seed(1), calibrate=False).isfinite().all()
+    with pytest.raises(ValueError, match="exposure_layers"):
+        nm.NeuronGenerator(layout, exposure_layers=0)
 
 
 def tiny_convnet() -> tuple:
@@ -2597,8 +2599,8 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "calibrated", "held-out layer 1"))
     assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
     diag = neurons_diag.main([str(run), str(tmp_path / "m.pt"), "--complete", "-n", "3"])  # held-out layers kept
-    assert [r["group"] for r in diag] == ["held-out originals"] + [f"{k} held-out layers, rest generated" for k in (0, 1)
-                                                                   ] + ["2 held-out layers, output layer generated"]
+    assert [r["group"] for r in diag] == ["held-out originals", "0 held-out layers, rest generated",
+                                          "1 held-out layers, rest generated", "2 held-out layers, output layer generated"]
     assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])

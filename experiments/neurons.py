@@ -377,6 +377,8 @@ class NeuronGenerator(Saved):
         net, in_shape: the network and one input's shape, which a convolutional network's forward needs (Graph)."""
         if exposure_target not in ("params", "function") or (exposure_target == "function" and not func):
             raise ValueError("exposure_target: params, or function (with func > 0)")
+        if exposure_layers < 1:
+            raise ValueError("exposure_layers: at least 1 (how many hidden layers the exposure steps re-make)")
         if learn not in ("all", "first", "later") or (learn != "all" and mode != "layers"):
             raise ValueError("learn: all, or first / later (with mode layers)")
         if mode not in ("joint", "layers"):

@@ -11,9 +11,10 @@ for the later layers generated for the held-out networks' layer 1.
 
     python experiments/neurons_diag.py RUN MODEL.pt [GUIDANCE]         # sdedit (MODEL.pt: neurons.py --save-model)
 complete: per k, the held-out networks' first k hidden layers kept and the rest generated for them (k 0: generated
-whole; k every hidden layer: the output layer alone generated, the last hidden layer's own parameters inpainted), accuracy as generated, with the data-free output-bias calibration, and with the output layer refitted to
-the training images' last hidden features (multinomial logistic regression; data-fitted, a diagnostic of how good
-the generated features are, not a result); the held-out networks' own row read the same ways.
+whole; k all: the output layer alone generated, the last hidden layer's own parameters inpainted), accuracy as
+generated, with the data-free output-bias calibration, and with the output layer refitted to the training images'
+last hidden features (multinomial logistic regression; data-fitted, a diagnostic of how good the generated features
+are, not a result); the held-out networks' own row read the same ways.
 
     python experiments/neurons_diag.py RUN MODEL.pt --scale 0,0.5,1 [-n N]
     python experiments/neurons_diag.py RUN MODEL.pt --complete [-n N]"""

@@ -2600,7 +2600,8 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
     assert diag[0]["accuracy"] > 80 and diag[1]["rms"] != diag[2]["rms"]  # guidance changes the networks' size
     diag = neurons_diag.main([str(run), str(tmp_path / "m.pt"), "--complete", "-n", "3"])  # held-out layers kept
     assert [r["group"] for r in diag] == ["held-out originals", "0 held-out layers, rest generated",
-                                          "1 held-out layers, rest generated", "2 held-out layers, output layer generated"]
+                                          "1 held-out layers, rest generated",
+                                          "2 held-out layers, output layer generated"]
     assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])

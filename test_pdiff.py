@@ -2603,6 +2603,16 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
                                           "1 held-out layers, rest generated",
                                           "2 held-out layers, output layer generated"]
     assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
+    import output_study  # where the output layer goes wrong: each study prints one line per group
+    for study in ("draws", "scale", "loss", "match"):
+        capsys.readouterr()
+        output_study.main([str(run), str(tmp_path / "m.pt"), study, "-n", "2", "-r", "2"])
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines if "size against" not in line] == \
+            ["held-out:", "generated:", "average"], study
+        numbers = [float(v) for line in lines if "size against" not in line
+                   for v in re.findall(r"(?<![\w.])\d+\.\d+", line)]
+        assert numbers and all(0 <= v <= 100 for v in numbers), study
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])
     assert rows["REPAIR'd average of 16, calibrated [data: 500 training images]"]["n"] == \

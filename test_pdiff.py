@@ -2613,6 +2613,8 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
         numbers = [float(v) for line in lines if "size against" not in line
                    for v in re.findall(r"(?<![\w.])\d+\.\d+", line)]
         assert numbers and all(0 <= v <= 100 for v in numbers), study
+        if study == "draws":  # the held-out networks' own output layer first, then the one drawn for them
+            assert float(re.search(r"own (\d+\.\d+)", lines[0])[1]) > 80
     # the saved model with its output layers refitted on the probes instead: every blend is given the same readout
     rows = nm.main(["--run", str(run), "--load-model", str(tmp_path / "m.pt"), "-n", "4", "--set", "calibrate=readout"])
     assert rows["REPAIR'd average of 16, calibrated [data: 500 training images]"]["n"] == \

@@ -926,10 +926,12 @@ class Probes:
     def apply(self, x: torch.Tensor, how: str) -> torch.Tensor:  # the calibration `how` names: bias or readout
         return self.readout(x) if how == "readout" else self.calibrate(x)
 
-    def readout(self, x: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    def readout(self, x: torch.Tensor, iters: int = 100, loss=None) -> torch.Tensor:
         """(B, D) raw -> the same networks with each one's output layer (weights and bias) refitted, from where it
         is, so that its predicted distribution on each probe input is the training networks' mean one (soft):
-        cross-entropy, L-BFGS, no penalty. The hidden layers are left as they are; a network with NaN stays so."""
+        cross-entropy, L-BFGS, no penalty. The hidden layers are left as they are; a network with NaN stays so.
+        loss(logits (N, out)) -> scalar: another loss to fit (output_study.py compares some)."""
+        loss = loss or (lambda z: F.cross_entropy(z, self.soft))
         p = self.layout.unflatten(x.clone())
         wn, bn = self.pairs[-1]
         with torch.no_grad():
@@ -938,13 +940,13 @@ class Probes:
             W, b = p[wn][i].clone().requires_grad_(True), p[bn][i].clone().requires_grad_(True)
             opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
 
-            def loss():
+            def step():
                 opt.zero_grad()
-                l = F.cross_entropy(feats[i] @ W.T + b, self.soft)
+                l = loss(feats[i] @ W.T + b)
                 l.backward()
                 return l
             with torch.enable_grad():
-                opt.step(loss)
+                opt.step(step)
             p[wn][i], p[bn][i] = W.detach(), b.detach()
         return self.layout.pack(p, batch=1)
 

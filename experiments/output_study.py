@@ -77,28 +77,12 @@ def loss(run, gen, pr, acc, sets):
     with torch.no_grad():
         tl = torch.cat([gen.graph.forward(c, pr.x) for c in run.snapshots[run.training].split(8)])
     tl = tl - tl.mean(-1, keepdim=True)
-    mean_logit, (wn, bn) = tl.mean(0), pr.pairs[-1]
+    mean_logit = tl.mean(0)
 
-    def readout(x, kind, T):
-        p = pr.layout.unflatten(x.clone())
-        with torch.no_grad():
-            feats = pr.graph.features(x, pr.x)
-        soft = (tl / T).softmax(-1).mean(0)
-        for i in range(len(x)):
-            W, b = p[wn][i].clone().requires_grad_(True), p[bn][i].clone().requires_grad_(True)
-            opt = torch.optim.LBFGS([W, b], max_iter=100, line_search_fn="strong_wolfe")
-
-            def step():
-                opt.zero_grad()
-                z = feats[i] @ W.T + b
-                l = ((z - z.mean(-1, keepdim=True) - mean_logit).square().mean() if kind == "mse" else
-                     F.cross_entropy(z / T, (mean_logit / T).softmax(-1) if kind == "ens" else soft))
-                l.backward()
-                return l
-            with torch.enable_grad():
-                opt.step(step)
-            p[wn][i], p[bn][i] = W.detach(), b.detach()
-        return pr.layout.pack(p, batch=1)
+    def readout(x, kind: str, T: float):  # the probe readout (Probes.readout) with another loss
+        want = (tl / T).softmax(-1).mean(0) if kind == "ce" else (mean_logit / T).softmax(-1)
+        return pr.readout(x, loss=(lambda z: (z - z.mean(-1, keepdim=True) - mean_logit).square().mean()) if
+                          kind == "mse" else lambda z: F.cross_entropy(z / T, want))
     for name, x in sets.items():
         print(f"{name}: " + " | ".join(f"{kind} T {T}: {acc(y, 'val')} / {acc(y)}" for kind, T in
                                        [("ce", 1.0), ("ce", 2.0), ("ce", 4.0), ("ens", 1.0), ("mse", 1.0)]

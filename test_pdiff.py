@@ -2415,6 +2415,10 @@ def test_neuron_fit_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, mo
     other = nm.NeuronGenerator(layout, width=16, edge_width=8, depth=2, heads=2, steps=9, batch=4, mode="layers")
     with pytest.raises(ValueError, match="another fit's checkpoint"):
         other.fit(x, checkpoint=ck)
+    saved = torch.load(ck, weights_only=False)  # a checkpoint from before a setting existed: read at its default
+    del saved["key"]["settings"]["exposure_layers"]
+    torch.save(saved, ck)
+    make().fit(x, checkpoint=ck)
 
 
 def test_neuron_functional_loss_is_zero_for_the_true_velocity():

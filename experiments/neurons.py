@@ -518,6 +518,7 @@ class NeuronGenerator(Saved):
                       "originals": hashlib.sha1(originals.contiguous().numpy().tobytes()).hexdigest()}
         if checkpoint and Path(checkpoint).exists():
             saved = torch.load(checkpoint, weights_only=False)
+            saved["key"]["settings"] = {**self.DEFAULTS, **saved["key"]["settings"]}  # (settings added since)
             if saved["key"] != key:
                 raise ValueError(f"{checkpoint} is another fit's checkpoint (other settings or networks)")
             for m, k in ((self.net, "net"), (self.ema, "ema"), (opt, "opt"), (sched, "sched")):

@@ -2625,7 +2625,9 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
         rows["average of 16, calibrated"]["n"] == rows["gaussian, calibrated"]["n"] == rows["generated (neurons)"]["n"] == 4
     assert rows["generated (neurons)"]["median"] != rows["generated, not calibrated"]["median"]
     # --min-accuracy: rounds of 10 until 10 reach it on the validation split, at most 20 rounds (pdiff's rule)
-    rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30"])
+    rows = nm.main(["--run", str(run), "--no-baselines", "--set", "calibrate=bias", "--min-accuracy", "30",
+                    "--no-ablations"])  # (without the not-calibrated and completed rows' draws)
+    assert set(rows) == {"held-out originals", "generated (neurons)"}
     kept, drawn = map(int, re.search(r"(\d+) of (\d+) drawn", rows["generated (neurons)"]["seconds"]).groups())
     assert kept == rows["generated (neurons)"]["n"] <= 10 and drawn % 10 == 0 and (kept == 10 or drawn == 200)
 

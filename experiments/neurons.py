@@ -1262,6 +1262,9 @@ def main(argv=None):
                     help="NeuronGenerator settings, e.g. steps=3000 width=64 lr=1e-3")
     ap.add_argument("--no-baselines", action="store_true", help="only the generated rows (the baselines' numbers "
                     "do not change between generators)")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the generated networks' ablation rows (not "
+                    "calibrated; held-out layer 1 completed): with --min-accuracy the first draws until n networks "
+                    "without the calibration reach it, at most 20 n")
     ap.add_argument("--save", type=Path, default=None, help="write the generated (aligned) sets here (.pt)")
     ap.add_argument("--save-model", type=Path, default=None, help="write the generator's state_dict here (.pt)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="the fit's state goes to this file every 250 "
@@ -1386,10 +1389,10 @@ def main(argv=None):
         torch.save(sets, args.save)
     chosen = f", {len(sets)} of {drawn} drawn" if args.min_accuracy is not None else ""
     rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s{chosen}"}
-    if gen.settings["calibrate"]:  # ablation: the same networks without the output-bias calibration
+    if gen.settings["calibrate"] and not args.no_ablations:  # ablation: the same networks without the output-bias calibration
         plain, _ = pick(lambda i: draws(i, calibrate=False))
         rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout, spec))
-    if gen.settings["mode"] == "layers":  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
+    if gen.settings["mode"] == "layers" and not args.no_ablations:  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
         done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
         rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout, spec))
     if args.save_model:

@@ -2608,7 +2608,7 @@ def test_neurons_quick_with_calibration(tmp_path, monkeypatch, capsys):
                                           "2 held-out layers, output layer generated"]
     assert diag[0]["refitted"] > 80 and all(0 <= r[k] <= 100 for r in diag[1:] for k in ("accuracy", "refitted"))
     import output_study  # where the output layer goes wrong: each study prints one line per group
-    for study in ("draws", "scale", "loss", "match"):
+    for study in ("draws", "scale", "loss", "match", "probes"):
         capsys.readouterr()
         output_study.main([str(run), str(tmp_path / "m.pt"), study, "-n", "2", "-r", "2"])
         lines = capsys.readouterr().out.splitlines()

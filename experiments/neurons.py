@@ -881,9 +881,12 @@ class Probes:
     readout distilled from the training networks on the synthesised inputs, for the network's own features."""
 
     def __init__(self, graph: Graph, *, m: int = 200, steps: int = 300, wd: float = 0.1, mixes: int = 2000,
-                 seed: int = 0):
+                 seed: int = 0, box: tuple = None, uniform: bool = False, tv: float = 0.0, image: tuple = None):
+        """Image priors (output_study.py probes; none helped, E44): box (lo, hi), the inputs clamped to it after each
+        step (uniform: drawn in it to start); tv, a total-variation penalty on the inputs seen as `image`."""
         self.graph, self.layout, self.pairs = graph, graph.layout, graph.pairs
         self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
+        self.box, self.uniform, self.tv, self.image = box, uniform, tv, image
         self.x = self.target = self.soft = None
 
     def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:  # (B, D) raw, (N, *in) -> (B, N, out)
@@ -892,16 +895,26 @@ class Probes:
     def fit(self, originals: torch.Tensor) -> "Probes":  # sets self.x (mixes) and self.classes (the m inputs)
         g = torch.Generator().manual_seed(self.seed + 13)
         n_out = self.graph.n_out
-        P = torch.randn(self.m, *self.graph.in_shape, generator=g).requires_grad_(True)
+        P = torch.rand if self.uniform else torch.randn
+        P = P(self.m, *self.graph.in_shape, generator=g)
+        if self.uniform:
+            P = self.box[0] + (self.box[1] - self.box[0]) * P
+        P.requires_grad_(True)
         y = torch.arange(self.m) % n_out
         opt = torch.optim.Adam([P], 0.05)
         for _ in range(self.steps):
             idx = torch.randint(0, len(originals), (16,), generator=g)
             lg = self.forward(originals[idx], P)
             loss = F.cross_entropy(lg.reshape(-1, n_out), y.repeat(len(idx))) + self.wd * P.square().mean()
+            if self.tv:
+                im = P.reshape(-1, *self.image)
+                loss = loss + self.tv * (im.diff(dim=-2).square().mean() + im.diff(dim=-1).square().mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if self.box:
+                with torch.no_grad():
+                    P.clamp_(*self.box)
         P = self.classes = P.detach()
         a = torch.rand(self.mixes, *[1] * (P.dim() - 1), generator=g)
         i, j = torch.randint(0, self.m, (2, self.mixes), generator=g)

@@ -10,8 +10,10 @@ loss:  the probe readout's loss: cross-entropy to the mean soft answer at temper
 match: an output layer read off the units' functions: each last hidden unit's column the mean of its k nearest
        training units' columns (by the correlation of their activations on 1,000 probes), scaled by the two units'
        activation sizes; the output bias the training networks' mean.
+probes: the probe readout on probes made with image priors (Probes seed 1): the inputs clamped to the range Prep gives
+       pixels 0-1, a total-variation penalty, a uniform start, no L2 (validation / test).
 
-    python experiments/output_study.py RUN MODEL.pt {draws,scale,loss,match} [-n 20] [-r 8]"""
+    python experiments/output_study.py RUN MODEL.pt {draws,scale,loss,match,probes} [-n 20] [-r 8]"""
 import argparse, statistics, sys
 from pathlib import Path
 import torch
@@ -116,11 +118,24 @@ def match(run, gen, pr, acc, sets):
             f"k {k}: {acc(y)} / {acc(pr.calibrate(y))}" for k in (1, 8, 32) for y in [matched(x, k)]), flush=True)
 
 
+def probes(run, gen, pr, acc, sets):
+    lo, hi = (-run.prep.mean / run.prep.std).min().item(), ((1 - run.prep.mean) / run.prep.std).max().item()
+    kinds = {"default": {}, "clamped": dict(box=(lo, hi)), "clamped, no L2": dict(box=(lo, hi), wd=0.0),
+             "TV 0.1": dict(tv=0.1), "TV 1": dict(tv=1.0), "clamped, TV 0.3": dict(box=(lo, hi), tv=0.3),
+             "clamped, uniform start, no L2": dict(box=(lo, hi), uniform=True, wd=0.0),
+             "clamped, TV 1, no L2": dict(box=(lo, hi), tv=1.0, wd=0.0)}
+    made = {k: N.Probes(gen.graph, seed=1, image=run.prep.shape, **kw).fit(run.snapshots[run.training])
+            for k, kw in kinds.items()}
+    for name, x in sets.items():
+        print(f"{name}: " + " | ".join(f"{k}: {acc(y, 'val')} / {acc(y)}" for k, p in made.items()
+                                       for y in [p.readout(x)]), flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("model", type=Path)
-    ap.add_argument("study", choices=["draws", "scale", "loss", "match"])
+    ap.add_argument("study", choices=["draws", "scale", "loss", "match", "probes"])
     ap.add_argument("-n", type=int, default=20, help="networks per group")
     ap.add_argument("-r", type=int, default=8, help="output layers drawn per network (draws)")
     args = ap.parse_args(argv)
@@ -132,7 +147,8 @@ def main(argv=None):
         run.net, run.prep, run.layout, x, *data[split])).tolist()), 2)
     sets = groups(run, gen, args.n)
     study = {"draws": lambda: draws(run, gen, pr, acc, sets, args.r), "scale": lambda: scale(run, gen, pr, acc, sets),
-             "loss": lambda: loss(run, gen, pr, acc, sets), "match": lambda: match(run, gen, pr, acc, sets)}
+             "loss": lambda: loss(run, gen, pr, acc, sets), "match": lambda: match(run, gen, pr, acc, sets),
+             "probes": lambda: probes(run, gen, pr, acc, sets)}
     study[args.study]()
 
 

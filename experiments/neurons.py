@@ -1402,10 +1402,10 @@ def main(argv=None):
         torch.save(sets, args.save)
     chosen = f", {len(sets)} of {drawn} drawn" if args.min_accuracy is not None else ""
     rows["generated (neurons)"] = judge(sets) | {"seconds": f"fit {fit_s:.0f} s, sample {sample_s:.1f} s{chosen}"}
-    if gen.settings["calibrate"] and not args.no_ablations:  # ablation: the same networks without the output-bias calibration
+    if gen.settings["calibrate"] and not args.no_ablations:  # ablation: the same networks, not calibrated
         plain, _ = pick(lambda i: draws(i, calibrate=False))
         rows["generated, not calibrated"] = judge(pdiff.align_to(plain, ref_vec, run.layout, spec))
-    if gen.settings["mode"] == "layers" and not args.no_ablations:  # diagnostic: the held-out networks' own hidden layer 1, the rest generated
+    if gen.settings["mode"] == "layers" and not args.no_ablations:  # diagnostic: held-out layer 1, the rest made
         done = gen.sample(len(held), torch.Generator().manual_seed(args.seed + 3), given=run.snapshots[held], start=1)
         rows["diagnostic: held-out layer 1, rest generated"] = judge(pdiff.align_to(done, ref_vec, run.layout, spec))
     if args.save_model:

@@ -884,6 +884,8 @@ class Probes:
                  seed: int = 0, box: tuple = None, uniform: bool = False, tv: float = 0.0, image: tuple = None):
         """Image priors (output_study.py probes; none helped, E44): box (lo, hi), the inputs clamped to it after each
         step (uniform: drawn in it to start); tv, a total-variation penalty on the inputs seen as `image`."""
+        if uniform and not box:
+            raise ValueError("Probes: a uniform start is drawn in box (lo, hi): give box")
         self.graph, self.layout, self.pairs = graph, graph.layout, graph.pairs
         self.m, self.steps, self.wd, self.mixes, self.seed = m, steps, wd, mixes, seed
         self.box, self.uniform, self.tv, self.image = box, uniform, tv, image
